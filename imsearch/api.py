@@ -1,0 +1,228 @@
+"""The library API that the CLI and the web page both stand on: open a database, ingest, find."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from . import pixels, search
+from .embed import Embedder, get_embedder
+from .errors import ImsearchError, UnknownClass
+from .files import sha256_bytes
+from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, ingest
+from .pixels import PREPROCESSING
+from .search import Match
+from .settings import Settings, libpq_url
+from .store import Store
+
+Query = Union[str, Path, bytes, Image.Image]
+
+
+@dataclass(frozen=True)
+class FindResult:
+    """The ranked matches for one query in one mode."""
+
+    query: str
+    query_class: str | None
+    mode: str
+    matches: tuple[Match, ...]
+    exact: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "query_class": self.query_class,
+            "mode": self.mode,
+            "matches": [
+                {"rank": m.rank, "id": m.id, "path": m.path, "class": m.cls, "distance": round(m.distance, 6)}
+                for m in self.matches
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A query turned into a vector, with what identifies its content and suggests its class."""
+
+    name: str
+    vector: np.ndarray
+    sha256: str | None
+    folder: str | None
+
+
+class Imsearch:
+    """One database and one model. Opens both lazily; safe to share between threads for `find`."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        weights: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        preprocess: str = "recipe",
+    ) -> None:
+        self.settings = Settings.from_env(database_url=database_url, weights=weights)
+        self.device = device
+        self.precision = precision
+        if preprocess not in PREPROCESSING:
+            raise ImsearchError(f"unknown preprocessing {preprocess!r}; use one of {', '.join(PREPROCESSING)}")
+        self.prep = PREPROCESSING[preprocess]
+        self._store: Store | None = None
+        self._lock = threading.RLock()
+
+    # -- resources -----------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return libpq_url(self.settings)
+
+    @property
+    def store(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = Store(self.url)
+            return self._store
+
+    @property
+    def embedder(self) -> Embedder:
+        return get_embedder(self.settings.weights, device=self.device, precision=self.precision, prep=self.prep)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def __enter__(self) -> Imsearch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- ingest --------------------------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        root: str | Path,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        workers: int | None = None,
+        prune: bool = False,
+        reembed: bool = False,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> IngestResult:
+        """Store every image under root; see `imsearch.ingest.ingest`."""
+        with self._lock:
+            return ingest(self.store, self.embedder, Path(root), batch_size=batch_size, workers=workers,
+                          prune=prune, reembed=reembed, progress=progress, stop=stop)
+
+    # -- find ----------------------------------------------------------------------------------------------
+
+    def embed(self, queries: Sequence[Query], *, names: Sequence[str] | None = None) -> list[Embedded]:
+        """Queries (paths, bytes or PIL images) -> vectors, in one batch through the model."""
+        loaded: list[tuple[str, np.ndarray, str | None, str | None]] = []
+        for i, q in enumerate(queries):
+            name = names[i] if names else None
+            if isinstance(q, Image.Image):
+                arr = pixels.prepare(pixels.to_rgb(q), self.prep)
+                loaded.append((name or "<image>", arr, None, None))
+                continue
+            if isinstance(q, (str, Path)):
+                path = Path(q).expanduser()
+                data = pixels.read_file(path)
+                name = name or str(path)
+                folder = path.resolve().parent.name
+            else:
+                data, name, folder = q, name or "<upload>", None
+            arr = pixels.load(data, name, self.prep).pixels
+            loaded.append((name, arr, sha256_bytes(data), folder))
+        if not loaded:
+            return []
+        vectors = self.embedder.embed(np.stack([a for _, a, _, _ in loaded]))
+        return [Embedded(n, v, s, f) for (n, _, s, f), v in zip(loaded, vectors)]
+
+    def query_class(self, query: Embedded, given: str | None = None) -> str | None:
+        """The query's class: as given, else a stored image with the same bytes, else its folder if stored."""
+        if given:
+            return given
+        store = self.store
+        if query.sha256:
+            cls = store.class_of_content(query.sha256)
+            if cls is not None:
+                return cls
+        if query.folder and store.count(query.folder) > 0:
+            return query.folder
+        return None
+
+    def search(
+        self,
+        query: Embedded,
+        mode: str = "all",
+        *,
+        k: int = 5,
+        query_class: str | None = None,
+        include_self: bool = False,
+        exact: bool = False,
+        class_counts: dict[str, int] | None = None,
+    ) -> FindResult:
+        """Rank the stored images against one embedded query in one mode."""
+        if k < 1:
+            raise ImsearchError("k must be at least 1")
+        store = self.store
+        with self._lock:
+            store.check_model(self.embedder.identity, action="search")
+            cls = self.query_class(query, query_class)
+            counts = class_counts if class_counts is not None else dict(store.classes())
+            filtered: int | None = None
+            if mode in ("same", "other"):
+                if cls is None:
+                    known = ", ".join(sorted(counts)) or "none stored"
+                    raise UnknownClass(
+                        f"{query.name}: cannot tell the query's class for mode {mode!r}; "
+                        f"pass --class NAME (stored classes: {known})"
+                    )
+                if cls not in counts:
+                    known = ", ".join(sorted(counts)) or "none stored"
+                    raise UnknownClass(f"{query.name}: class {cls!r} is not stored (stored classes: {known})")
+                filtered = counts[cls] if mode == "same" else sum(n for c, n in counts.items() if c != cls)
+            elif mode != "all":
+                raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
+            query_plan = search.plan(mode, k=k, filtered_rows=filtered, pgvector=store.pgvector, exact=exact)
+            matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
+                                 skip_sha=None if include_self else query.sha256, query_plan=query_plan)
+        return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact)
+
+    def find(
+        self,
+        queries: Query | Sequence[Query],
+        mode: str = "all",
+        *,
+        k: int = 5,
+        query_class: str | None = None,
+        include_self: bool = False,
+        exact: bool = False,
+        names: Sequence[str] | None = None,
+    ) -> list[FindResult]:
+        """The k closest stored images for each query (path, bytes or PIL image), in one mode."""
+        if isinstance(queries, (str, Path, bytes, Image.Image)):
+            queries = [queries]
+        counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model loads
+        embedded = self.embed(list(queries), names=names)
+        return [
+            self.search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
+                        class_counts=counts)
+            for e in embedded
+        ]
+
+    def classes(self) -> list[tuple[str, int]]:
+        """Stored classes and their image counts."""
+        return self.store.classes()
+
+

@@ -1,0 +1,195 @@
+"""Vectors: ResNet-50 without its classification layer, run in batches, with a stable model identity.
+
+The identity string (architecture, weights, preprocessing, and precision where it changes the vectors) is
+stored on every row, so vectors from different models are never compared with each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ImsearchError, WeightsUnavailable
+from .pixels import DEFAULT_PREPROCESS, MEAN, STD, Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+DIMENSIONS = 2048
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def weights_label(weights: str) -> str:
+    """The weights part of the identity: the torchvision name, or `file-<sha256 prefix>` for a local file."""
+    path = Path(weights).expanduser()
+    if path.suffix in (".pth", ".pt") or path.exists():
+        if not path.is_file():
+            raise WeightsUnavailable(f"{weights}: weights file not found")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return "file-" + h.hexdigest()[:16]
+    return weights.removeprefix("ResNet50_Weights.")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise ImsearchError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ImsearchError("--device cuda: no CUDA device is available (use --device cpu)")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` is fp32: reduced precision is opt-in until it is shown to keep the vectors (docs/scaling.md)."""
+    if precision not in PRECISIONS:
+        raise ImsearchError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise ImsearchError("--precision fp16 needs --device cuda; on the CPU use bf16 or fp32")
+    return precision
+
+
+def model_identity(weights: str, prep: Preprocess = DEFAULT_PREPROCESS, precision: str = "fp32") -> str:
+    """The string stored per row. Reduced precision is recorded: its vectors differ from fp32's."""
+    ident = f"resnet50:{weights_label(weights)}:{prep.id}"
+    return ident if precision == "fp32" else f"{ident}:{precision}"
+
+
+def _load_network(weights: str) -> torch.nn.Module:
+    import torch
+    import torchvision
+
+    path = Path(weights).expanduser()
+    if path.suffix in (".pth", ".pt") or path.exists():
+        model = torchvision.models.resnet50()
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise WeightsUnavailable(f"{weights}: weights file not found") from None
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds for a broken file
+            raise WeightsUnavailable(f"{weights}: not a readable PyTorch checkpoint ({exc})") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise WeightsUnavailable(f"{weights}: not a ResNet-50 state_dict ({first})") from None
+        return model
+    name = weights.removeprefix("ResNet50_Weights.")
+    try:
+        enum = torchvision.models.ResNet50_Weights[name]
+    except KeyError:
+        choices = ", ".join(w.name for w in torchvision.models.ResNet50_Weights)
+        raise WeightsUnavailable(
+            f"unknown weights {weights!r}: use one of {choices}, or a local .pth file"
+        ) from None
+    try:
+        # torch.hub announces downloads on stdout, which belongs to results (--json): send it to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            return torchvision.models.resnet50(weights=enum, progress=sys.stderr.isatty())
+    except Exception as exc:  # noqa: BLE001 - download failures surface as URLError, OSError, RuntimeError...
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+        raise WeightsUnavailable(
+            f"cannot download ResNet-50 weights {name} ({type(exc).__name__}: {str(exc)[:120]}); "
+            f"put {Path(enum.url).name} at {hub} or pass --weights FILE.pth"
+        ) from None
+
+
+class Embedder:
+    """ResNet-50 with fc removed: uint8 HxWx3 batches in, 2048-d float32 vectors out."""
+
+    def __init__(
+        self,
+        weights: str,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        prep: Preprocess = DEFAULT_PREPROCESS,
+    ) -> None:
+        import torch
+
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.prep = prep
+        self.weights = weights
+        self.identity = model_identity(weights, prep, self.precision)
+        model = _load_network(weights)
+        model.fc = torch.nn.Identity()
+        model.eval()
+        model = model.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model = model
+        self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._lock = threading.Lock()
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 array N x H x W x 3 -> float32 N x 2048 (not normalised: cosine distance ignores length)."""
+        import torch
+
+        if batch.ndim == 3:
+            batch = batch[None]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with self._lock, torch.inference_mode():
+            writable = np.array(batch, copy=not batch.flags.writeable, order="C")
+            x = torch.from_numpy(writable).to(self.device, non_blocking=True)
+            # NHWC -> NCHW view: already channels-last in memory, as the model wants.
+            x = x.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
+            x = x.contiguous(memory_format=torch.channels_last)
+            if dtype is None:
+                out = self.model(x)
+            else:
+                with torch.autocast(device_type=self.device, dtype=dtype):
+                    out = self.model(x)
+            return out.float().cpu().numpy()
+
+
+_cache: dict[tuple[str, str, str, str], Embedder] = {}
+_cache_lock = threading.Lock()
+
+
+def get_embedder(
+    weights: str, *, device: str = "auto", precision: str = "auto", prep: Preprocess = DEFAULT_PREPROCESS
+) -> Embedder:
+    """One Embedder per (weights, device, precision, preprocessing) per process: the model loads once."""
+    key = (str(weights), device, precision, prep.name)
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = Embedder(weights, device=device, precision=precision, prep=prep)
+        return _cache[key]
+
+
+def set_threads(n: int | None) -> None:
+    """Limit torch's intra-op threads (the model) so decoding workers keep a share of the CPU."""
+    import torch
+
+    if n:
+        torch.set_num_threads(max(1, n))
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def as_vector(values: Any) -> np.ndarray:
+    """Any sequence of 2048 numbers -> float32 numpy: the one place vectors change type."""
+    arr = np.asarray(values, dtype=np.float32).reshape(-1)
+    if arr.shape[0] != DIMENSIONS:
+        raise ImsearchError(f"expected a {DIMENSIONS}-d vector, got {arr.shape[0]} dimensions")
+    return arr

@@ -1,0 +1,36 @@
+"""The errors imsearch raises; the CLI and the web page turn each into one line for a person."""
+
+from __future__ import annotations
+
+
+class ImsearchError(Exception):
+    """Base class: anything imsearch can explain in one line."""
+
+
+class BadImage(ImsearchError):
+    """A file that cannot be read as an image (empty, corrupt, truncated, too large, not an image)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class ModelMismatch(ImsearchError):
+    """The stored rows were embedded by another model or preprocessing than the one in use."""
+
+
+class WeightsUnavailable(ImsearchError):
+    """The model weights cannot be loaded (no network, missing or broken file)."""
+
+
+class DatabaseUnavailable(ImsearchError):
+    """The database cannot be reached, or refuses the connection."""
+
+
+class SchemaOutdated(ImsearchError):
+    """The database schema is older (or newer) than this imsearch; `imsearch db upgrade` fixes the former."""
+
+
+class UnknownClass(ImsearchError):
+    """A class mode was asked for, but the query's class is unknown or not stored."""

@@ -1,0 +1,292 @@
+"""Rows: connect to PostgreSQL, check pgvector and the schema revision, write and read image rows."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import psycopg
+from pgvector import HalfVector
+from pgvector.psycopg import register_vector
+
+from .errors import DatabaseUnavailable, ModelMismatch, SchemaOutdated
+
+log = logging.getLogger(__name__)
+
+# The Alembic head this code expects (tests check it equals migrations/versions' head).
+SCHEMA_REVISION = "0001"
+MIN_PGVECTOR = (0, 7, 0)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image row as written by ingest."""
+
+    path: str
+    cls: str | None
+    sha256: str
+    width: int
+    height: int
+    bytes: int
+    model: str
+    embedding: np.ndarray
+
+
+def redact(url: str) -> str:
+    """A URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def explain_connect_error(exc: Exception, url: str) -> str:
+    """One line for a failed connection: what went wrong and what to check."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "FATAL" in ln or "error" in ln.lower()), lines[0] if lines else repr(exc))
+    first = re.sub(r"^connection failed:\s*", "", first)
+    first = re.sub(r"^connection to server at [^,]+, port \d+ failed:\s*", "", first)
+    if "password authentication failed" in text:
+        hint = "wrong user or password"
+    elif re.search(r'database "[^"]+" does not exist', text):
+        hint = "the database does not exist (create it, or fix the name in DATABASE_URL)"
+    elif "Connection refused" in text or "could not connect" in text or "No such file" in text:
+        hint = "no server answers there (is it running? check host and port in DATABASE_URL)"
+    elif "timeout" in text.lower():
+        hint = "the server did not answer in time"
+    else:
+        hint = "check DATABASE_URL"
+    return f"cannot connect to {redact(url)}: {first} ({hint})"
+
+
+def connect(url: str, *, register: bool = True) -> psycopg.Connection[Any]:
+    """A psycopg connection in autocommit mode, with pgvector's types registered when the extension exists."""
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(explain_connect_error(exc, url)) from None
+    if register:
+        try:
+            register_vector(conn)
+        except psycopg.ProgrammingError:
+            pass  # no vector extension yet: the first migration creates it
+    return conn
+
+
+def scalar(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] = ()) -> Any:
+    """The first column of the first row of a query that always returns one row."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None, sql
+    return row[0]
+
+
+def pgvector_version(conn: psycopg.Connection[Any]) -> tuple[int, ...] | None:
+    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if row is None:
+        return None
+    return tuple(int(p) for p in re.findall(r"\d+", row[0])[:3])
+
+
+def schema_revision(conn: psycopg.Connection[Any]) -> str | None:
+    if scalar(conn, "SELECT to_regclass('public.alembic_version')") is None:
+        return None
+    row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    return row[0] if row else None
+
+
+def upgrade(url: str) -> str:
+    """Run the Alembic migrations to head on the database at url; returns the revision reached."""
+    from alembic import command
+    from alembic.config import Config
+
+    from .settings import sqlalchemy_url
+
+    conn = connect(url, register=False)
+    try:
+        available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone()
+        if available is None:
+            raise DatabaseUnavailable(
+                f"{redact(url)}: the pgvector extension is not installed on this server "
+                "(use an image such as pgvector/pgvector, or install postgresql-NN-pgvector)"
+            )
+    finally:
+        conn.close()
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_folder()))
+    cfg.attributes["url"] = sqlalchemy_url(url)
+    try:
+        command.upgrade(cfg, "head")
+    except Exception as exc:  # noqa: BLE001 - Alembic/SQLAlchemy wrap driver errors in many types
+        raise DatabaseUnavailable(f"migrating {redact(url)} failed: {str(exc).splitlines()[0]}") from None
+    return SCHEMA_REVISION
+
+
+def migrations_folder() -> Path:
+    """The Alembic scripts, whether imsearch runs from a checkout or from an installed wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("imsearch_migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+class Store:
+    """A connection to one imsearch database, checked for pgvector and the schema revision."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        conn = connect(url, register=False)
+        try:
+            revision = schema_revision(conn)
+            has_images = scalar(conn, "SELECT to_regclass('public.images')") is not None
+        finally:
+            conn.close()
+        if revision is None and not has_images and migrate:
+            upgrade(url)  # first use of an empty database
+            revision = SCHEMA_REVISION
+        if revision != SCHEMA_REVISION:
+            if revision is None:
+                raise SchemaOutdated(f"{redact(url)}: no imsearch schema here; run `imsearch db upgrade`")
+            raise SchemaOutdated(
+                f"{redact(url)}: schema revision {revision}, this imsearch needs {SCHEMA_REVISION}; "
+                "run `imsearch db upgrade`"
+            )
+        self.conn = connect(url)
+        version = pgvector_version(self.conn)
+        if version is None:
+            raise DatabaseUnavailable(f"{redact(url)}: the vector extension is missing; run `imsearch db upgrade`")
+        if version < MIN_PGVECTOR:
+            raise DatabaseUnavailable(
+                f"{redact(url)}: pgvector {'.'.join(map(str, version))} is too old; imsearch needs 0.7 or newer"
+            )
+        self.pgvector = version
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reconnect(self) -> None:
+        """Replace a broken connection (server restart, network blip)."""
+        try:
+            self.conn.close()
+        finally:
+            self.conn = connect(self.url)
+
+    # -- model identity ------------------------------------------------------------------------------------
+
+    def stored_models(self, limit: int = 3) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT DISTINCT model FROM images ORDER BY model LIMIT %s", (limit,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def check_model(self, identity: str, *, action: str) -> None:
+        """Refuse to mix vectors: every stored row must come from `identity`."""
+        row = self.conn.execute("SELECT model, count(*) FROM images WHERE model <> %s GROUP BY model LIMIT 1",
+                                (identity,)).fetchone()
+        if row is not None:
+            raise ModelMismatch(
+                f"the database holds {row[1]} image(s) embedded with {row[0]}, but this {action} uses {identity}; "
+                "pass the same --weights as when they were stored, or run `imsearch ingest DIR --reembed` "
+                "to re-embed every stored image with the new model"
+            )
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    def known(self, root: Path) -> dict[str, tuple[str, str]]:
+        """path -> (sha256, model) for every stored image under root."""
+        prefix = str(root).rstrip("/") + "/"
+        rows = self.conn.execute(
+            "SELECT path, sha256, model FROM images WHERE starts_with(path, %s)", (prefix,)
+        ).fetchall()
+        return {p: (s, m) for p, s, m in rows}
+
+    def other_model_rows(self, identity: str) -> list[tuple[str, str | None]]:
+        """(path, class) of rows embedded with another model: what --reembed redoes."""
+        rows = self.conn.execute("SELECT path, class FROM images WHERE model <> %s ORDER BY path", (identity,))
+        return [(p, c) for p, c in rows.fetchall()]
+
+    def classes(self) -> list[tuple[str, int]]:
+        """Stored classes with their row counts, largest first (NULL class left out)."""
+        rows = self.conn.execute(
+            "SELECT class, count(*) FROM images WHERE class IS NOT NULL GROUP BY class ORDER BY count(*) DESC, class"
+        ).fetchall()
+        return [(c, n) for c, n in rows]
+
+    def count(self, cls: str | None = None) -> int:
+        if cls is None:
+            return int(scalar(self.conn, "SELECT count(*) FROM images"))
+        return int(scalar(self.conn, "SELECT count(*) FROM images WHERE class = %s", (cls,)))
+
+    def class_of_content(self, sha256: str) -> str | None:
+        """The class of a stored image with these exact bytes, if any."""
+        row = self.conn.execute(
+            "SELECT class FROM images WHERE sha256 = %s AND class IS NOT NULL ORDER BY id LIMIT 1", (sha256,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def get(self, image_id: int) -> dict[str, Any] | None:
+        cur = self.conn.execute(
+            "SELECT id, path, class, sha256, width, height, bytes, model, ingested_at FROM images WHERE id = %s",
+            (image_id,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d.name for d in cur.description or []], row))
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    UPSERT = """
+        INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (path) DO UPDATE SET
+            class = EXCLUDED.class, sha256 = EXCLUDED.sha256, width = EXCLUDED.width,
+            height = EXCLUDED.height, bytes = EXCLUDED.bytes, model = EXCLUDED.model,
+            embedding = EXCLUDED.embedding, ingested_at = now()
+        RETURNING (xmax = 0) AS inserted
+    """
+
+    def upsert(self, rows: Sequence[Row], *, retries: int = 3) -> tuple[int, int]:
+        """Write a batch in one transaction; returns (added, updated). Retried after a dropped connection."""
+        params = [
+            (r.path, r.cls, r.sha256, r.width, r.height, r.bytes, r.model, HalfVector(r.embedding))
+            for r in rows
+        ]
+        for attempt in range(retries + 1):
+            try:
+                added = updated = 0
+                with self.conn.transaction(), self.conn.cursor() as cur:
+                    cur.executemany(self.UPSERT, params, returning=True)
+                    while True:
+                        for (inserted,) in cur.fetchall():
+                            added += int(inserted)
+                            updated += int(not inserted)
+                        if not cur.nextset():
+                            break
+                return added, updated
+            except psycopg.OperationalError as exc:
+                if attempt == retries or not self.conn.closed and not _is_disconnect(exc):
+                    raise DatabaseUnavailable(f"writing to {redact(self.url)} failed: {exc}") from None
+                log.warning("database connection lost (%s); reconnecting", str(exc).splitlines()[0])
+                time.sleep(min(2**attempt, 10))
+                self.reconnect()
+        raise AssertionError("unreachable")
+
+    def delete_paths(self, paths: Iterable[str]) -> int:
+        with self.conn.transaction():
+            cur = self.conn.execute("DELETE FROM images WHERE path = ANY(%s)", (list(paths),))
+            return cur.rowcount
+
+
+def _is_disconnect(exc: psycopg.OperationalError) -> bool:
+    return exc.sqlstate is None or exc.sqlstate.startswith("08") or exc.sqlstate in ("57P01", "57P02", "57P03")

@@ -1,0 +1,45 @@
+"""Alembic environment: the URL comes from imsearch's settings; migrations run under an advisory lock."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, text
+
+from imsearch.settings import Settings, libpq_url, sqlalchemy_url
+from imsearch.tables import metadata
+
+# Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
+MIGRATION_LOCK = 7_284_519_311
+
+config = context.config
+target_metadata = metadata
+
+
+def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
+    """Compare only imsearch's own tables; views and functions are managed in migrations by hand."""
+    return not (type_ == "table" and reflected and compare_to is None and name != "images")
+
+
+def run_migrations_online() -> None:
+    url = config.attributes.get("url") or sqlalchemy_url(libpq_url(Settings.from_env()))
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
+        connection.commit()
+        try:
+            context.configure(connection=connection, target_metadata=target_metadata, include_object=include_object)
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
+            connection.commit()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    context.configure(url=config.attributes.get("url", "postgresql+psycopg://"), target_metadata=target_metadata,
+                      literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    run_migrations_online()

@@ -1,0 +1,134 @@
+"""Fixtures: a real PostgreSQL with pgvector (testcontainers, else the embedded server), stand-in weights, photos.
+
+Set IMSEARCH_TEST_DATABASE_URL to run the suite against a server of your own (a superuser connection: each test
+creates and drops its own database).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("IMSEARCH_SHARED", ROOT.parent / "shared"))
+ROOMS = SHARED / "datasets" / "rooms"
+CLASSES = ("bathroom", "bedroom", "dining_room", "kitchen", "living_room")
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URI with another database name."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception:  # noqa: BLE001 - any failure means: no usable Docker engine here
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def server_url():
+    """An admin URI of a real PostgreSQL server with pgvector, for the whole session."""
+    given = os.environ.get("IMSEARCH_TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    if _docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("pgvector/pgvector:pg17", driver=None) as pg:
+            yield pg.get_connection_url()
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        tmp = Path(tempfile.mkdtemp(prefix="imsearch-test-pg-"))
+        server = pgserver.get_server(tmp / "pgdata", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def database_url(server_url):
+    """A fresh, empty database on the test server; dropped afterwards."""
+    name = f"imsearch_test_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield with_database(server_url, name)
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> str:
+    """The stand-in ResNet-50 checkpoint (random weights, calibrated batch norm): matches mean nothing."""
+    out = tmp_path_factory.mktemp("weights") / "standin.pth"
+    subprocess.run([sys.executable, str(SHARED / "tools" / "make_test_weights.py"), str(out)], check=True,
+                   capture_output=True)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def other_weights(weights, tmp_path_factory) -> str:
+    """A second checkpoint that differs from `weights`: another model as far as imsearch is concerned."""
+    import torch
+
+    state = torch.load(weights, weights_only=True)
+    state["layer4.2.bn3.bias"] = state["layer4.2.bn3.bias"] + 0.5
+    out = tmp_path_factory.mktemp("weights") / "other.pth"
+    torch.save(state, out)
+    return str(out)
+
+
+def copy_photos(dest: Path, per_class: int, split: str = "base", start: int = 0) -> Path:
+    """Copy `per_class` shared room photos of each class into dest/<class>/."""
+    for cls in CLASSES:
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOMS / split / cls).glob("*.jpg"))[start:start + per_class]:
+            shutil.copy2(src, dest / cls / src.name)
+    return dest
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A small base folder: 4 room photos in each of the 5 classes."""
+    return copy_photos(tmp_path / "photos", 4)
+
+
+@pytest.fixture
+def app(database_url, weights):
+    from imsearch import Imsearch
+
+    with Imsearch(database_url, weights=weights, device="cpu") as a:
+        yield a
+
+
+@pytest.fixture
+def stored(app, photos):
+    """`app` with `photos` ingested."""
+    result = app.ingest(photos)
+    assert result.added == 20 and not result.failed
+    return app

@@ -1,0 +1,115 @@
+"""The command line: exit codes, output shapes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from imsearch.cli import cli
+from imsearch.report import RANK_COLUMNS
+
+
+@pytest.fixture
+def run(database_url, weights):
+    def invoke(*args: str):
+        runner = CliRunner()
+        return runner.invoke(cli, ["--database-url", database_url, *args],
+                             env={"IMSEARCH_WEIGHTS": weights}, catch_exceptions=False)
+    return invoke
+
+
+def test_ingest_json_summary_and_exit_status(run, photos):
+    (photos / "kitchen" / "zero.jpg").write_bytes(b"")
+    result = run("ingest", str(photos), "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert set(summary) >= {"added", "updated", "skipped", "failed", "seconds"}
+    assert summary["added"] == 20 and summary["updated"] == 0 and summary["skipped"] == 0
+    assert summary["failed"] == [{"path": str((photos / "kitchen" / "zero.jpg").resolve()),
+                                  "error": "empty file (0 bytes)"}]
+    assert f"{(photos / 'kitchen' / 'zero.jpg').resolve()}: empty file (0 bytes)" in result.stderr
+    (photos / "kitchen" / "zero.jpg").unlink()
+    again = run("ingest", str(photos))
+    assert again.exit_code == 0
+    assert again.stdout.startswith("0 added, 0 updated, 20 skipped, 0 failed")
+
+
+def test_find_prints_the_rank_table(run, photos):
+    run("ingest", str(photos))
+    query = sorted(photos.glob("kitchen/*.jpg"))[0]
+    result = run("find", str(query), "--same-class")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split("  ")[0] == "rank"
+    for column in RANK_COLUMNS:
+        assert column in lines[0]
+    body = lines[2:]
+    assert len(body) == 3  # 4 kitchen photos stored, the query itself left out
+    assert all(" kitchen " in line for line in body)
+
+
+def test_find_json_shape_for_several_queries(run, photos):
+    run("ingest", str(photos))
+    queries = [str(sorted(photos.glob(f"{c}/*.jpg"))[0]) for c in ("bedroom", "bathroom")]
+    result = run("find", *queries, "--exclude-class", "--json", "-k", "3")
+    assert result.exit_code == 0, result.output
+    items = json.loads(result.stdout)
+    assert [i["query"] for i in items] == queries
+    for item in items:
+        assert item["mode"] == "other"
+        assert [m["rank"] for m in item["matches"]] == [1, 2, 3]
+        assert set(item["matches"][0]) >= {"rank", "path", "class", "distance"}
+        assert all(m["class"] != item["query_class"] for m in item["matches"])
+
+
+def test_usage_errors_exit_2(run):
+    assert run("find").exit_code == 2
+    assert run("find", "x.jpg", "-k", "0").exit_code == 2
+
+
+def test_library_errors_are_one_line_without_traceback(run, photos, tmp_path):
+    missing = run("find", str(tmp_path / "missing.jpg"))
+    assert missing.exit_code == 1
+    assert missing.stderr.strip() == f"Error: {tmp_path / 'missing.jpg'}: cannot read (No such file or directory)"
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    bad = run("find", str(text))
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert bad.stderr.strip() == f"Error: {text}: not an image (unknown or unsupported format)"
+
+
+def test_unreachable_database_is_one_line(weights, tmp_path):
+    result = CliRunner().invoke(cli, ["--database-url", "postgresql://nobody:secret@127.0.0.1:9/none",
+                                      "find", "x.jpg"], env={"IMSEARCH_WEIGHTS": weights})
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "cannot connect to postgresql://nobody:***@127.0.0.1:9/none" in line
+    assert "secret" not in line
+
+
+def test_weights_that_cannot_be_downloaded_say_how_to_fix_it(run, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    result = CliRunner().invoke(cli, ["find", str(sorted(photos.glob("*/*.jpg"))[0]), "--weights", "IMAGENET1K_V1"])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert "cannot download ResNet-50 weights IMAGENET1K_V1" in line
+    assert "resnet50-0676ba61.pth" in line and "--weights FILE.pth" in line
+
+
+def test_db_url_prints_the_connection_uri(run, database_url):
+    result = run("db", "url")
+    assert result.stdout.strip() == database_url
+
+
+def test_db_upgrade_reports_the_revision(run):
+    result = run("db", "upgrade")
+    assert result.exit_code == 0 and "schema at revision 0001" in result.stdout

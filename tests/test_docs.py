@@ -1,0 +1,34 @@
+"""Docs that cannot drift: every command has help text and a place in the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from imsearch.cli import cli
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def commands(group: click.Group, prefix: str = ""):
+    for name, cmd in group.commands.items():
+        yield prefix + name, cmd
+        if isinstance(cmd, click.Group):
+            yield from commands(cmd, prefix + name + " ")
+
+
+def test_every_command_and_option_has_help():
+    for name, cmd in commands(cli):
+        assert cmd.help, f"imsearch {name} has no help text"
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"imsearch {name} {param.opts[0]} has no help text"
+
+
+def test_every_command_is_in_the_readme():
+    for name, cmd in commands(cli):
+        if isinstance(cmd, click.Group):
+            continue
+        assert re.search(rf"imsearch {re.escape(name)}\b", README), f"README does not show `imsearch {name}`"

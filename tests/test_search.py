@@ -1,0 +1,108 @@
+"""find: the three modes, self-exclusion, index against exact scan, and distances as pgvector computes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+
+from imsearch import UnknownClass
+from imsearch import search as search_mod
+from tests.conftest import ROOMS, copy_photos
+
+
+@pytest.fixture
+def queries(tmp_path):
+    """Unseen room photos, 2 per class, in test/<class>/ folders."""
+    return sorted(copy_photos(tmp_path / "queries", 2, split="test").glob("*/*.jpg"))
+
+
+def test_stored_photo_comes_back_first_at_distance_zero_with_include_self(stored, photos):
+    query = sorted(photos.glob("dining_room/*.jpg"))[1]
+    [result] = stored.find(query, include_self=True, exact=True)
+    assert result.matches[0].path == str(query.resolve())
+    assert result.matches[0].distance < 0.001
+    [without] = stored.find(query, exact=True)
+    assert str(query.resolve()) not in [m.path for m in without.matches]
+    assert len(without.matches) == 5
+
+
+def test_same_class_returns_only_the_query_class(stored, queries):
+    for result in stored.find(queries, "same"):
+        assert result.query_class == result.query.split("/")[-2]
+        assert len(result.matches) == 4  # 4 stored photos per class
+        assert {m.cls for m in result.matches} == {result.query_class}
+
+
+def test_other_classes_returns_none_of_the_query_class(stored, queries):
+    for result in stored.find(queries, "other"):
+        assert len(result.matches) == 5
+        assert result.query_class not in {m.cls for m in result.matches}
+
+
+def test_all_mode_ranks_by_distance(stored, queries):
+    for result in stored.find(queries, "all", k=7):
+        assert [m.rank for m in result.matches] == list(range(1, 8))
+        distances = [m.distance for m in result.matches]
+        assert distances == sorted(distances)
+
+
+def test_index_and_exact_scan_agree_on_a_small_set(stored, queries):
+    for mode in ("all", "same", "other"):
+        approx = stored.find(queries, mode)
+        exact = stored.find(queries, mode, exact=True)
+        for a, e in zip(approx, exact):
+            assert [m.path for m in a.matches] == [m.path for m in e.matches]
+
+
+def test_distances_equal_pgvector_on_the_stored_vectors(stored, photos, database_url):
+    query = sorted(photos.glob("kitchen/*.jpg"))[0]
+    [result] = stored.find(query, include_self=True, exact=True)
+    with psycopg.connect(database_url) as conn:
+        for m in result.matches:
+            (d,) = conn.execute(
+                "SELECT a.embedding <=> b.embedding FROM images a, images b WHERE a.path = %s AND b.id = %s",
+                (str(query.resolve()), m.id)).fetchone()
+            assert m.distance == pytest.approx(d, abs=1e-5)
+
+
+def test_class_modes_need_a_known_class(stored, tmp_path):
+    odd = tmp_path / "nowhere" / "photo.jpg"
+    odd.parent.mkdir()
+    odd.write_bytes(sorted((ROOMS / "test" / "kitchen").glob("*.jpg"))[0].read_bytes())
+    with pytest.raises(UnknownClass, match="pass --class NAME"):
+        stored.find(odd, "same")
+    [result] = stored.find(odd, "same", query_class="kitchen")
+    assert {m.cls for m in result.matches} == {"kitchen"}
+    with pytest.raises(UnknownClass, match="'garage' is not stored"):
+        stored.find(odd, "other", query_class="garage")
+
+
+def test_stored_copy_gives_the_query_its_class(stored, photos, tmp_path):
+    copy = tmp_path / "elsewhere.jpg"
+    copy.write_bytes(sorted(photos.glob("bedroom/*.jpg"))[0].read_bytes())
+    [result] = stored.find(copy, "same")
+    assert result.query_class == "bedroom"
+
+
+def test_mode_sql_is_one_query_with_a_where_clause():
+    assert "class = %(cls)s" in search_mod.mode_sql("same")
+    assert "class <> %(cls)s" in search_mod.mode_sql("other")
+    assert "class" not in search_mod.mode_sql("all").split("WHERE")[1].split("ORDER")[0]
+
+
+def test_unfiltered_query_uses_the_hnsw_index(stored):
+    plan = search_mod.plan("all", k=5, filtered_rows=None, pgvector=stored.store.pgvector)
+    with stored.store.conn.transaction():
+        stored.store.conn.execute("SET LOCAL enable_seqscan = off")  # 20 rows: make the planner show its choice
+        text = search_mod.explain(stored.store.conn, np.ones(2048, np.float32), "all", k=5, cls=None,
+                                  query_plan=plan)
+    assert "images_embedding_hnsw" in text
+
+
+def test_small_filtered_set_is_scanned_exactly_and_large_one_iteratively():
+    small = search_mod.plan("same", k=5, filtered_rows=400, pgvector=(0, 8, 2))
+    large = search_mod.plan("same", k=5, filtered_rows=50_000, pgvector=(0, 8, 2))
+    old = search_mod.plan("same", k=5, filtered_rows=50_000, pgvector=(0, 7, 4))
+    assert small.exact and old.exact and not large.exact
+    assert ("hnsw.iterative_scan", "relaxed_order") in large.settings
