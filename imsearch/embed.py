@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import sys
@@ -103,8 +104,8 @@ def _load_network(weights: str) -> torch.nn.Module:
             f"unknown weights {weights!r}: use one of {choices}, or a local .pth file"
         ) from None
     try:
-        # torch.hub announces downloads on stdout, which belongs to results (--json): send it to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        # torch.hub announces downloads on stdout, which belongs to results (--json); a terminal gets a bar.
+        with contextlib.redirect_stdout(io.StringIO()):
             return torchvision.models.resnet50(weights=enum, progress=sys.stderr.isatty())
     except Exception as exc:  # noqa: BLE001 - download failures surface as URLError, OSError, RuntimeError...
         hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name

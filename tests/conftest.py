@@ -68,6 +68,17 @@ def server_url():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory):
+    """Tests never touch the user's own imsearch data or DATABASE_URL."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("IMSEARCH_HOME", str(tmp_path_factory.mktemp("imsearch-home")))
+    mp.delenv("DATABASE_URL", raising=False)
+    mp.delenv("IMSEARCH_WEIGHTS", raising=False)
+    yield
+    mp.undo()
+
+
 _counter = itertools.count()
 
 

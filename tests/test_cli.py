@@ -14,9 +14,8 @@ from imsearch.report import RANK_COLUMNS
 @pytest.fixture
 def run(database_url, weights):
     def invoke(*args: str):
-        runner = CliRunner()
-        return runner.invoke(cli, ["--database-url", database_url, *args],
-                             env={"IMSEARCH_WEIGHTS": weights}, catch_exceptions=False)
+        return CliRunner().invoke(cli, ["--database-url", database_url, *args],
+                                  env={"IMSEARCH_WEIGHTS": weights}, catch_exceptions=False)
     return invoke
 
 
@@ -91,13 +90,13 @@ def test_unreachable_database_is_one_line(weights, tmp_path):
 
 def test_weights_that_cannot_be_downloaded_say_how_to_fix_it(run, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    import torch.hub
+    import torchvision.models._api
 
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
+    def offline(url, *args, **kwargs):
+        raise OSError(f"<urlopen error [Errno -2] Name or service not known> ({url})")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    result = CliRunner().invoke(cli, ["find", str(sorted(photos.glob("*/*.jpg"))[0]), "--weights", "IMAGENET1K_V1"])
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    result = run("find", str(sorted(photos.glob("*/*.jpg"))[0]), "--weights", "IMAGENET1K_V1")
     assert result.exit_code == 1
     line = result.stderr.strip()
     assert "\n" not in line
