@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,22 +28,41 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIMENSIONS = 2048
+
+
+@dataclass(frozen=True)
+class NamedWeights:
+    """A torchvision ResNet50_Weights entry: where it downloads from and the resize/crop of its recipe."""
+
+    url: str
+    resize: int
+    crop: int
+
+
+# torchvision.models.ResNet50_Weights (checked against torchvision by tests/test_embed.py): known here so that a
+# search needs no torchvision import, which costs about a second.
+WEIGHTS = {
+    "IMAGENET1K_V1": NamedWeights("https://download.pytorch.org/models/resnet50-0676ba61.pth", 256, 224),
+    "IMAGENET1K_V2": NamedWeights("https://download.pytorch.org/models/resnet50-11ad3fa6.pth", 232, 224),
+}
+WEIGHTS_ALIASES = {"DEFAULT": "IMAGENET1K_V2"}
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def weights_label(weights: str) -> str:
     """The weights part of the identity: the torchvision name, or `file-<sha256 prefix>` for a local file."""
+    named = named_weights(weights)
+    if named is not None:
+        return named[0]
     path = Path(weights).expanduser()
-    if path.suffix in (".pth", ".pt") or path.exists():
-        if not path.is_file():
-            raise WeightsUnavailable(f"{weights}: weights file not found")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        return "file-" + h.hexdigest()[:16]
-    return weights.removeprefix("ResNet50_Weights.")
+    if not path.is_file():
+        raise WeightsUnavailable(f"{weights}: weights file not found")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "file-" + h.hexdigest()[:16]
 
 
 def resolve_device(device: str) -> str:
@@ -74,45 +94,68 @@ def model_identity(weights: str, prep: Preprocess = DEFAULT_PREPROCESS, precisio
     return ident if precision == "fp32" else f"{ident}:{precision}"
 
 
-def _load_network(weights: str) -> torch.nn.Module:
-    import torch
-    import torchvision
-
+def named_weights(weights: str) -> tuple[str, NamedWeights] | None:
+    """(canonical name, entry) for a torchvision weights name, None for a file path."""
     path = Path(weights).expanduser()
     if path.suffix in (".pth", ".pt") or path.exists():
-        model = torchvision.models.resnet50()
+        return None
+    name = weights.removeprefix("ResNet50_Weights.")
+    name = WEIGHTS_ALIASES.get(name, name)
+    if name not in WEIGHTS:
+        choices = ", ".join([*WEIGHTS, *WEIGHTS_ALIASES])
+        raise WeightsUnavailable(f"unknown weights {weights!r}: use one of {choices}, or a local .pth file")
+    return name, WEIGHTS[name]
+
+
+def recipe(weights: str) -> Preprocess:
+    """The weights' own preprocessing (torchvision's `weights.transforms()`): resize, centre crop."""
+    named = named_weights(weights)
+    if named is None:
+        return DEFAULT_PREPROCESS
+    return Preprocess("recipe", named[1].resize, named[1].crop)
+
+
+def _load_state(weights: str) -> Any:
+    import torch
+
+    named = named_weights(weights)
+    if named is None:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise WeightsUnavailable(f"{weights}: weights file not found") from None
         except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds for a broken file
             raise WeightsUnavailable(f"{weights}: not a readable PyTorch checkpoint ({exc})") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise WeightsUnavailable(f"{weights}: not a ResNet-50 state_dict ({first})") from None
-        return model
-    name = weights.removeprefix("ResNet50_Weights.")
-    try:
-        enum = torchvision.models.ResNet50_Weights[name]
-    except KeyError:
-        choices = ", ".join(w.name for w in torchvision.models.ResNet50_Weights)
-        raise WeightsUnavailable(
-            f"unknown weights {weights!r}: use one of {choices}, or a local .pth file"
-        ) from None
+        return state
+    name, entry = named
+    filename = Path(entry.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     try:
         # torch.hub announces downloads on stdout, which belongs to results (--json); a terminal gets a bar.
         with contextlib.redirect_stdout(io.StringIO()):
-            return torchvision.models.resnet50(weights=enum, progress=sys.stderr.isatty())
+            return torch.hub.load_state_dict_from_url(
+                entry.url, map_location="cpu", progress=sys.stderr.isatty(), check_hash=True, weights_only=True
+            )
     except Exception as exc:  # noqa: BLE001 - download failures surface as URLError, OSError, RuntimeError...
-        hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
         raise WeightsUnavailable(
             f"cannot download ResNet-50 weights {name} ({type(exc).__name__}: {str(exc)[:120]}); "
-            f"put {Path(enum.url).name} at {hub} or pass --weights FILE.pth"
+            f"put {filename} at {cached} or pass --weights FILE.pth"
         ) from None
+
+
+def _load_network(weights: str) -> torch.nn.Module:
+    from .resnet import ResNet50
+
+    state = _load_state(weights)
+    model = ResNet50()
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise WeightsUnavailable(f"{weights}: not a ResNet-50 state_dict ({first})") from None
+    return model
 
 
 class Embedder:
@@ -130,9 +173,9 @@ class Embedder:
 
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.prep = prep
+        self.prep = recipe(weights) if prep.name == "recipe" else prep
         self.weights = weights
-        self.identity = model_identity(weights, prep, self.precision)
+        self.identity = model_identity(weights, self.prep, self.precision)
         model = _load_network(weights)
         model.fc = torch.nn.Identity()
         model.eval()

@@ -90,12 +90,12 @@ def test_unreachable_database_is_one_line(weights, tmp_path):
 
 def test_weights_that_cannot_be_downloaded_say_how_to_fix_it(run, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    import torchvision.models._api
+    import torch.hub
 
     def offline(url, *args, **kwargs):
         raise OSError(f"<urlopen error [Errno -2] Name or service not known> ({url})")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     result = run("find", str(sorted(photos.glob("*/*.jpg"))[0]), "--weights", "IMAGENET1K_V1")
     assert result.exit_code == 1
     line = result.stderr.strip()

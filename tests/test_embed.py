@@ -53,6 +53,30 @@ def test_draft_decoding_of_a_large_jpeg_keeps_the_vector(weights, reference):
     assert cosine(fast, reference(Image.open(io.BytesIO(buf.getvalue())))) >= 0.99
 
 
+def test_network_is_torchvisions_resnet50(weights):
+    from imsearch.resnet import ResNet50
+
+    state = torch.load(weights, weights_only=True)
+    ours, theirs = ResNet50(), torchvision.models.resnet50()
+    ours.load_state_dict(state)
+    theirs.load_state_dict(state)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(ours.eval()(x), theirs.eval()(x), atol=1e-5)
+
+
+def test_weights_table_matches_torchvision():
+    from imsearch.embed import WEIGHTS, WEIGHTS_ALIASES
+
+    for name, entry in WEIGHTS.items():
+        tv = torchvision.models.ResNet50_Weights[name]
+        transforms = tv.transforms()
+        assert (entry.url, [entry.resize], [entry.crop]) == (tv.url, transforms.resize_size, transforms.crop_size)
+    for alias, name in WEIGHTS_ALIASES.items():
+        assert torchvision.models.ResNet50_Weights[alias] is torchvision.models.ResNet50_Weights[name]
+
+
 def test_identity_names_weights_file_and_preprocessing(weights, other_weights):
     ident = model_identity(weights)
     assert ident.startswith("resnet50:file-") and ident.endswith(":resize256-crop224")
