@@ -1,8 +1,17 @@
-"""Matches: the three search modes as one SQL query each, and how each query is planned.
+"""Matches: the three search modes as SQL, and how each query is planned.
 
-Every mode is the same ordered query; a mode only adds a WHERE clause. Filtered HNSW scans can come back
-short (the index yields ef_search candidates, then the filter drops most of them), so a filtered query either
-scans the index iteratively (pgvector >= 0.8) or, when the filtered set is small, scans it exactly.
+Every mode orders the same rows by `embedding <=> query`; a mode only adds a WHERE clause. A filtered HNSW scan
+over the whole table loses results when the filter drops the query's own neighbourhood (`class <> X` for a query
+of class X: the greedy search spends itself inside X), so filtered queries are planned per class:
+
+- a class of at most EXACT_MAX_ROWS rows is scanned exactly through the btree on `class` (a few ms);
+- a larger class has its own partial HNSW index (`imsearch_index_class`, made after ingest), which a query
+  `WHERE class = c` searches like an unfiltered index;
+- mode *other* is the union of the *same* query over every other class, each branch planned as above, merged by
+  distance in SQL.
+
+Where a large class has no index yet, or there are more than MAX_BRANCHES classes, the whole-table index is
+scanned iteratively (pgvector >= 0.8), and exactly on older pgvector. docs/scaling.md has the measurements.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["all", "same", "other"]
 MODES: tuple[Mode, ...] = ("all", "same", "other")
 
-# A mode's filter lives here and nowhere else (the web page and the CLI both come through `search`).
+# A mode's filter lives here and nowhere else (the web page and the CLI both come through `run`).
 MODE_FILTERS: dict[str, str] = {
     "all": "",
     "same": "AND class = %(cls)s",
@@ -35,10 +44,35 @@ ORDER BY embedding <=> %(q)s
 LIMIT %(k)s
 """
 
-# Filtered sets up to this many rows are scanned exactly: cheaper than an iterative index scan, and exact.
-EXACT_MAX_ROWS = 5_000
-EF_SEARCH = 64
+# A class with its own index (migration 0003) is searched through it: it indexes the unit-length embedding by
+# inner product, which orders rows as cosine distance does; the distance reported is still `<=>`.
+CLASS_QUERY = """
+SELECT id, path, class, embedding <=> %(q)s AS distance
+FROM images
+WHERE sha256 IS DISTINCT FROM %(skip_sha)s AND class = %({cls})s
+ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s
+LIMIT %(k)s
+"""
+
+# Mode other, per class: the same-class query for each other class, merged by distance. A small class is scanned
+# exactly (OFFSET 0 keeps the ORDER BY from reaching an index).
+BRANCH = "({query})".format(query=CLASS_QUERY.format(cls="c{i}").strip())
+EXACT_BRANCH = """(SELECT * FROM (
+    SELECT id, path, class, embedding <=> %(q)s AS distance FROM images
+    WHERE sha256 IS DISTINCT FROM %(skip_sha)s AND class = %(c{i})s OFFSET 0) AS small
+ ORDER BY distance LIMIT %(k)s)"""
+UNION_TAIL = "\nORDER BY distance\nLIMIT %(k)s"
+
+# Filtered sets up to this many rows are scanned exactly: cheaper than an index scan at that size, and exact.
+EXACT_MAX_ROWS = 1_000
+EF_SEARCH = 100
+# A query of class X searches the other classes' graphs from far outside them, where HNSW needs a wider beam:
+# with m = 32 class indexes, recall@5 0.9 at ef_search 200 and 1.0 at 400 (bench/search.py; docs/scaling.md).
+BRANCH_EF_SEARCH = 400
 MAX_SCAN_TUPLES = 50_000
+MAX_BRANCHES = 32
+
+EXACT_SETTINGS = (("enable_indexscan", "off"),)
 
 
 @dataclass(frozen=True)
@@ -54,38 +88,77 @@ class Match:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one query is run: index or exact scan, and the planner settings used."""
+    """How one query runs: the planner settings, and for mode other the classes whose queries are merged."""
 
     exact: bool
     settings: tuple[tuple[str, str], ...] = ()
+    branches: tuple[tuple[str, bool], ...] = ()  # (class, scanned exactly)
+    class_index: bool = False  # mode same through the class's own index
 
 
-def mode_sql(mode: str) -> str:
+def mode_sql(mode: str, branches: tuple[tuple[str, bool], ...] = (), class_index: bool = False) -> str:
+    """The SQL of a mode; with `branches`, mode other as a union of per-class queries."""
     if mode not in MODE_FILTERS:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if class_index:
+        return CLASS_QUERY.format(cls="cls")
+    if branches:
+        parts = [(EXACT_BRANCH if exact else BRANCH).format(i=i) for i, (_, exact) in enumerate(branches)]
+        return "\nUNION ALL\n".join(parts) + UNION_TAIL
     return QUERY.format(filter=MODE_FILTERS[mode])
 
 
 def plan(
-    mode: str, *, k: int, filtered_rows: int | None, pgvector: tuple[int, ...], exact: bool = False
+    mode: str,
+    *,
+    k: int,
+    cls: str | None = None,
+    counts: dict[str, int] | None = None,
+    indexed: frozenset[str] | set[str] = frozenset(),
+    pgvector: tuple[int, ...] = (0, 8, 0),
+    exact: bool = False,
 ) -> Plan:
-    """Choose index or exact scan for one query.
-
-    `filtered_rows` is how many rows pass the mode's filter (None for mode all).
-    """
+    """Choose how to run one query from the stored class sizes (`counts`) and which classes have an index."""
+    counts = counts or {}
     if exact:
-        return Plan(True, (("enable_indexscan", "off"),))
-    if filtered_rows is not None and filtered_rows <= EXACT_MAX_ROWS:
-        return Plan(True, (("enable_indexscan", "off"),))
-    ef = max(EF_SEARCH, 2 * k)
-    settings: list[tuple[str, str]] = [("hnsw.ef_search", str(min(ef, 1000)))]
-    if filtered_rows is not None:
-        if pgvector < (0, 8, 0):
-            log.warning("pgvector %s has no iterative index scans: filtered search scans exactly "
-                        "(upgrade pgvector to 0.8+ for fast filtered search)", ".".join(map(str, pgvector)))
-            return Plan(True, (("enable_indexscan", "off"),))
-        settings += [("hnsw.iterative_scan", "relaxed_order"), ("hnsw.max_scan_tuples", str(MAX_SCAN_TUPLES))]
-    return Plan(False, tuple(settings))
+        return Plan(True, EXACT_SETTINGS)
+    index = (("hnsw.ef_search", str(min(max(EF_SEARCH, 2 * k), 1000))), ("plan_cache_mode", "force_custom_plan"))
+    # With a class index at hand the planner still prefers the btree on class plus a sort; forbid the sort.
+    class_index = index + (("enable_sort", "off"),)
+    if mode == "all":
+        return Plan(False, index)
+    if mode == "same":
+        rows = counts.get(cls or "", 0)
+        if rows <= EXACT_MAX_ROWS:
+            return Plan(True, EXACT_SETTINGS)
+        if cls in indexed:
+            return Plan(False, class_index, class_index=True)
+        return _iterative(index, pgvector)
+    others = sorted(c for c in counts if c != cls)
+    big_unindexed = [c for c in others if counts[c] > EXACT_MAX_ROWS and c not in indexed]
+    if others and len(others) <= MAX_BRANCHES and not big_unindexed:
+        branches = tuple((c, counts[c] <= EXACT_MAX_ROWS) for c in others)
+        wide = (("hnsw.ef_search", str(max(BRANCH_EF_SEARCH, 2 * k))),) + class_index[1:]
+        return Plan(all(e for _, e in branches), wide, branches)
+    return _iterative(index, pgvector)
+
+
+def _iterative(index: tuple[tuple[str, str], ...], pgvector: tuple[int, ...]) -> Plan:
+    if pgvector < (0, 8, 0):
+        log.warning("pgvector %s has no iterative index scans: this filtered search scans exactly "
+                    "(upgrade pgvector to 0.8+ for fast filtered search)", ".".join(map(str, pgvector)))
+        return Plan(True, EXACT_SETTINGS)
+    return Plan(False, index + (("hnsw.iterative_scan", "relaxed_order"),
+                                ("hnsw.max_scan_tuples", str(MAX_SCAN_TUPLES))))
+
+
+def _statement(mode: str, vector: np.ndarray, k: int, cls: str | None, skip_sha: str | None,
+               query_plan: Plan) -> tuple[str, dict[str, Any]]:
+    params: dict[str, Any] = {"q": HalfVector(vector), "k": k, "cls": cls, "skip_sha": skip_sha}
+    if query_plan.class_index or query_plan.branches:
+        params["unit"] = HalfVector(vector / (np.linalg.norm(vector) or 1.0))
+    params.update({f"c{i}": c for i, (c, _) in enumerate(query_plan.branches)})
+    return mode_sql(mode, query_plan.branches, query_plan.class_index), params
 
 
 def run(
@@ -99,8 +172,7 @@ def run(
     query_plan: Plan,
 ) -> list[Match]:
     """Run one mode's query with its plan's settings (SET LOCAL: they end with the transaction)."""
-    sql = mode_sql(mode)
-    params = {"q": HalfVector(vector), "k": k, "cls": cls, "skip_sha": skip_sha}
+    sql, params = _statement(mode, vector, k, cls, skip_sha, query_plan)
     with conn.transaction():
         for name, value in query_plan.settings:
             conn.execute("SELECT set_config(%s, %s, true)", (name, value))
@@ -113,9 +185,9 @@ def run(
 def explain(conn: psycopg.Connection[Any], vector: np.ndarray, mode: str, *, k: int, cls: str | None,
             query_plan: Plan) -> str:
     """The server's EXPLAIN for a query as `run` would send it (docs and tests check the index is used)."""
-    params = {"q": HalfVector(vector), "k": k, "cls": cls, "skip_sha": None}
+    sql, params = _statement(mode, vector, k, cls, None, query_plan)
     with conn.transaction():
         for name, value in query_plan.settings:
             conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-        rows = conn.execute("EXPLAIN " + mode_sql(mode), params).fetchall()
+        rows = conn.execute("EXPLAIN " + sql, params).fetchall()
     return "\n".join(r[0] for r in rows)

@@ -14,13 +14,23 @@ import psycopg
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 
+from .embed import DIMENSIONS
 from .errors import DatabaseUnavailable, ModelMismatch, SchemaOutdated
 
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0003"
 MIN_PGVECTOR = (0, 7, 0)
+# Per-class partial HNSW indexes (migration 0003) are named from an md5 of the class, which may be any text.
+CLASS_INDEX_PREFIX = "images_embedding_hnsw_c_"
+
+
+def class_index_name(cls: str) -> str:
+    """The partial index name `imsearch_index_class(cls)` gives (md5 of the UTF-8 class name, as PostgreSQL's)."""
+    import hashlib
+
+    return CLASS_INDEX_PREFIX + hashlib.md5(cls.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -43,20 +53,27 @@ def redact(url: str) -> str:
 
 
 def explain_connect_error(exc: Exception, url: str) -> str:
-    """One line for a failed connection: what went wrong and what to check."""
-    text = str(exc).strip()
+    """One line for a failed connection: what went wrong and what to check (never the password)."""
+    text = str(exc).strip().replace(url, redact(url))
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = next((ln for ln in lines if "FATAL" in ln or "error" in ln.lower()), lines[0] if lines else repr(exc))
-    first = re.sub(r"^connection failed:\s*", "", first)
-    first = re.sub(r"^connection to server at [^,]+, port \d+ failed:\s*", "", first)
-    if "password authentication failed" in text:
-        hint = "wrong user or password"
+    first = re.sub(r"^(connection failed|connection is bad):\s*", "", first)
+    first = re.sub(r'^connection to server (at [^,]+, port \d+|on socket "[^"]+") failed:\s*', "", first)
+    first = re.sub(r"^FATAL:\s*", "", first)
+    if "password authentication failed" in text or "no password supplied" in text:
+        hint = "wrong user or password: check them in DATABASE_URL"
     elif re.search(r'database "[^"]+" does not exist', text):
-        hint = "the database does not exist (create it, or fix the name in DATABASE_URL)"
+        hint = "create it, or fix the database name in DATABASE_URL"
+    elif re.search(r'role "[^"]+" does not exist', text):
+        hint = "no such user on that server: fix the user name in DATABASE_URL"
+    elif "resolve host" in text or "Name or service not known" in text:
+        hint = "unknown host name: fix the host in DATABASE_URL"
     elif "Connection refused" in text or "could not connect" in text or "No such file" in text:
-        hint = "no server answers there (is it running? check host and port in DATABASE_URL)"
+        hint = "no server answers there: is it running? check host and port in DATABASE_URL"
     elif "timeout" in text.lower():
         hint = "the server did not answer in time"
+    elif isinstance(exc, psycopg.ProgrammingError):
+        hint = "not a valid PostgreSQL URL: postgresql://user:password@host:5432/dbname"
     else:
         hint = "check DATABASE_URL"
     return f"cannot connect to {redact(url)}: {first} ({hint})"
@@ -66,7 +83,7 @@ def connect(url: str, *, register: bool = True) -> psycopg.Connection[Any]:
     """A psycopg connection in autocommit mode, with pgvector's types registered when the extension exists."""
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
-    except psycopg.OperationalError as exc:
+    except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # refused, or a malformed URL
         raise DatabaseUnavailable(explain_connect_error(exc, url)) from None
     if register:
         try:
@@ -124,6 +141,28 @@ def upgrade(url: str) -> str:
     return SCHEMA_REVISION
 
 
+def schema_mismatch(where: str, revision: str | None, has_images: bool) -> str:
+    """Why this database's schema does not fit this imsearch, and what fixes it."""
+    if revision is None and has_images:
+        return (f"{where}: an `images` table exists but no imsearch schema revision is recorded (alembic_version "
+                "is missing or empty), so it was not made by imsearch; use another database or rename that table")
+    if revision is None:
+        return f"{where}: no imsearch schema here; run `imsearch db upgrade`"
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_folder()))
+    try:
+        ScriptDirectory.from_config(cfg).get_revision(revision)
+    except CommandError:
+        return (f"{where}: schema revision {revision} is unknown to this imsearch (which needs {SCHEMA_REVISION}): "
+                "a newer imsearch migrated it; upgrade imsearch")
+    return (f"{where}: schema revision {revision}, this imsearch needs {SCHEMA_REVISION}; "
+            "run `imsearch db upgrade`")
+
+
 def migrations_folder() -> Path:
     """The Alembic scripts, whether imsearch runs from a checkout or from an installed wheel."""
     import importlib.util
@@ -149,12 +188,7 @@ class Store:
             upgrade(url)  # first use of an empty database
             revision = SCHEMA_REVISION
         if revision != SCHEMA_REVISION:
-            if revision is None:
-                raise SchemaOutdated(f"{redact(url)}: no imsearch schema here; run `imsearch db upgrade`")
-            raise SchemaOutdated(
-                f"{redact(url)}: schema revision {revision}, this imsearch needs {SCHEMA_REVISION}; "
-                "run `imsearch db upgrade`"
-            )
+            raise SchemaOutdated(schema_mismatch(redact(url), revision, has_images))
         self.conn = connect(url)
         version = pgvector_version(self.conn)
         if version is None:
@@ -164,6 +198,14 @@ class Store:
                 f"{redact(url)}: pgvector {'.'.join(map(str, version))} is too old; imsearch needs 0.7 or newer"
             )
         self.pgvector = version
+        column = scalar(self.conn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                                   "WHERE attrelid = 'public.images'::regclass AND attname = 'embedding'")
+        if column != f"halfvec({DIMENSIONS})":
+            self.conn.close()
+            raise ModelMismatch(
+                f"{redact(url)}: images.embedding is {column}, but this imsearch stores halfvec({DIMENSIONS}) "
+                "(ResNet-50 features); use another database for these vectors"
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -222,6 +264,25 @@ class Store:
         ).fetchall()
         return [(c, n) for c, n in rows]
 
+    def indexed_classes(self, classes: Iterable[str]) -> set[str]:
+        """Which of these classes have their own partial HNSW index."""
+        rows = self.conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'images' AND starts_with(indexname, %s)",
+            (CLASS_INDEX_PREFIX,),
+        ).fetchall()
+        names = {r[0] for r in rows}
+        return {c for c in classes if class_index_name(c) in names}
+
+    def ensure_class_indexes(self, min_rows: int) -> list[str]:
+        """Give every class with more than min_rows rows its own HNSW index; returns the classes indexed now."""
+        counts = dict(self.classes())
+        big = [c for c, n in counts.items() if n > min_rows]
+        missing = sorted(set(big) - self.indexed_classes(big))
+        for cls in missing:
+            log.info("building the HNSW index of class %r (%d rows)", cls, counts[cls])
+            self.conn.execute("SELECT imsearch_index_class(%s)", (cls,))
+        return missing
+
     def count(self, cls: str | None = None) -> int:
         if cls is None:
             return int(scalar(self.conn, "SELECT count(*) FROM images"))
@@ -276,7 +337,8 @@ class Store:
                 return added, updated
             except psycopg.OperationalError as exc:
                 if attempt == retries or not self.conn.closed and not _is_disconnect(exc):
-                    raise DatabaseUnavailable(f"writing to {redact(self.url)} failed: {exc}") from None
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise DatabaseUnavailable(f"writing to {redact(self.url)} failed: {first}") from None
                 log.warning("database connection lost (%s); reconnecting", str(exc).splitlines()[0])
                 time.sleep(min(2**attempt, 10))
                 self.reconnect()

@@ -92,17 +92,38 @@ def test_mode_sql_is_one_query_with_a_where_clause():
 
 
 def test_unfiltered_query_uses_the_hnsw_index(stored):
-    plan = search_mod.plan("all", k=5, filtered_rows=None, pgvector=stored.store.pgvector)
+    plan = search_mod.plan("all", k=5, pgvector=stored.store.pgvector)
     with stored.store.conn.transaction():
         stored.store.conn.execute("SET LOCAL enable_seqscan = off")  # 20 rows: make the planner show its choice
         text = search_mod.explain(stored.store.conn, np.ones(2048, np.float32), "all", k=5, cls=None,
                                   query_plan=plan)
-    assert "images_embedding_hnsw" in text
+    assert "Index Scan using images_embedding_hnsw" in text
 
 
-def test_small_filtered_set_is_scanned_exactly_and_large_one_iteratively():
-    small = search_mod.plan("same", k=5, filtered_rows=400, pgvector=(0, 8, 2))
-    large = search_mod.plan("same", k=5, filtered_rows=50_000, pgvector=(0, 8, 2))
-    old = search_mod.plan("same", k=5, filtered_rows=50_000, pgvector=(0, 7, 4))
-    assert small.exact and old.exact and not large.exact
-    assert ("hnsw.iterative_scan", "relaxed_order") in large.settings
+def test_plan_scans_small_classes_exactly_and_large_ones_through_their_own_index():
+    counts = {"small": 400, "big": 50_000, "huge": 60_000}
+    small = search_mod.plan("same", k=5, cls="small", counts=counts, indexed={"big", "huge"})
+    big = search_mod.plan("same", k=5, cls="big", counts=counts, indexed={"big", "huge"})
+    unindexed = search_mod.plan("same", k=5, cls="big", counts=counts, indexed=set(), pgvector=(0, 8, 2))
+    old = search_mod.plan("same", k=5, cls="big", counts=counts, indexed=set(), pgvector=(0, 7, 4))
+    other = search_mod.plan("other", k=5, cls="huge", counts=counts, indexed={"big", "huge"})
+    assert small.exact and old.exact and not big.exact
+    assert ("enable_sort", "off") in big.settings
+    assert ("hnsw.iterative_scan", "relaxed_order") in unindexed.settings
+    assert other.branches == (("big", False), ("small", True))
+
+
+def test_large_classes_get_their_own_index_and_the_filtered_modes_use_it(app, photos, monkeypatch):
+    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)  # every class of 4 photos counts as large
+    app.ingest(photos)
+    counts = dict(app.classes())
+    assert app.store.indexed_classes(counts) == set(counts)
+    query = sorted(photos.glob("bedroom/*.jpg"))[0]
+    vector = app.embed([query])[0].vector
+    for mode in ("same", "other"):
+        plan = search_mod.plan(mode, k=5, cls="bedroom", counts=counts, indexed=set(counts))
+        text = search_mod.explain(app.store.conn, vector, mode, k=5, cls="bedroom", query_plan=plan)
+        assert "Index Scan using images_embedding_hnsw_c_" in text
+        [indexed] = app.find(query, mode)
+        [exact] = app.find(query, mode, exact=True)
+        assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
