@@ -62,7 +62,11 @@ def start_embedded(pgdata: Path | None = None) -> str:
             f"cannot start the embedded PostgreSQL in {pgdata}: {exc} "
             "(set DATABASE_URL to use another server)"
         ) from exc
-    return str(server.get_uri())
+    uri = str(server.get_uri())
+    info = server.get_postmaster_info()
+    if info.socket_dir is not None and info.port not in (None, 5432):
+        uri += f"&port={info.port}"  # `imsearch db serve --port N` runs it with the socket .s.PGSQL.N
+    return uri
 
 
 def libpq_url(settings: Settings) -> str:

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from imsearch.cli import cli
 from imsearch.report import RANK_COLUMNS
+from imsearch.store import SCHEMA_REVISION
 
 
 @pytest.fixture
@@ -111,4 +112,4 @@ def test_db_url_prints_the_connection_uri(run, database_url):
 
 def test_db_upgrade_reports_the_revision(run):
     result = run("db", "upgrade")
-    assert result.exit_code == 0 and "schema at revision 0001" in result.stdout
+    assert result.exit_code == 0 and f"schema at revision {SCHEMA_REVISION}" in result.stdout

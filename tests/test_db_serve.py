@@ -1,0 +1,134 @@
+"""`imsearch db serve`: the embedded PostgreSQL over TCP with password auth, tried from real processes."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from imsearch.cli import cli
+from imsearch.server import Endpoint, is_loopback, shutdown
+from tests.conftest import copy_photos
+
+IMSEARCH = [sys.executable, "-c", "from imsearch.cli import main; main()"]
+ROLE, PASSWORD = "bi_reader", "correct horse battery"
+
+
+@pytest.fixture
+def home(tmp_path, weights):
+    """Environment for imsearch processes with their own embedded server; it is stopped whatever happens."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(IMSEARCH_HOME=str(tmp_path / "home"), IMSEARCH_WEIGHTS=weights)
+    yield env
+    shutdown(tmp_path / "home" / "pgdata")
+
+
+def imsearch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*IMSEARCH, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_until(lines: queue.Queue[str | None], prefix: str, timeout: float = 120) -> list[str]:
+    """Lines of a process's stdout up to the first that starts with prefix."""
+    seen: list[str] = []
+    while True:
+        line = lines.get(timeout=timeout)
+        if line is None:
+            raise AssertionError(f"the process ended before printing {prefix!r}: {seen}")
+        seen.append(line.rstrip("\n"))
+        if line.startswith(prefix):
+            return seen
+
+
+def test_db_serve_accepts_password_logins_over_tcp_until_stopped(home, tmp_path):
+    photos = copy_photos(tmp_path / "photos", 1)
+    assert imsearch(home, "ingest", str(photos)).returncode == 0
+    granted = imsearch(home, "db", "grant-reader", ROLE, "--password", PASSWORD)
+    assert granted.returncode == 0, granted.stderr
+    port = free_port()
+    proc = subprocess.Popen([*IMSEARCH, "db", "serve", "--port", str(port)], env=home, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=lambda: [*map(lines.put, proc.stdout or []), lines.put(None)], daemon=True).start()
+        printed = read_until(lines, "  psql")
+        url = f"postgresql://{ROLE}@127.0.0.1:{port}/postgres"
+        assert printed[1:5] == ["  host      127.0.0.1", f"  port      {port}", "  database  postgres",
+                                f"  user      {ROLE} (read-only)"]
+        assert f"  url       {url}" in printed
+
+        with psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user=ROLE, password=PASSWORD,
+                             autocommit=True) as c:
+            assert len(c.execute("SELECT * FROM class_summary").fetchall()) == 5
+            some_id = c.execute("SELECT min(id) FROM image_catalog").fetchone()[0]
+            assert len(c.execute("SELECT * FROM imsearch_nearest(%s, 2, 'other')", (some_id,)).fetchall()) == 2
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                c.execute("DELETE FROM images")
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user=ROLE, password="wrong")
+        with pytest.raises(psycopg.OperationalError):  # the superuser has no password: no TCP login
+            psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user="postgres", password="")
+        if shutil.which("psql"):
+            out = subprocess.run(["psql", url, "-At", "-c", "SELECT count(*) FROM image_catalog"], text=True,
+                                 capture_output=True, env={**os.environ, "PGPASSWORD": PASSWORD}, timeout=30)
+            assert out.stdout.strip() == "5", out.stderr
+
+        shown = imsearch(home, "db", "url")
+        assert shown.returncode == 0
+        assert shown.stdout.strip().endswith(f"&port={port}")  # imsearch's own processes keep the socket
+        assert f"  port      {port}" in shown.stderr and f"  url       {url}" in shown.stderr
+        assert imsearch(home, "db", "url", "--tcp").stdout.strip() == url
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in (proc.stderr.read() if proc.stderr else "")
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user=ROLE, password=PASSWORD,
+                            connect_timeout=5)
+        assert not (Path(home["IMSEARCH_HOME"]) / "pgdata" / "postmaster.pid").exists()
+        assert imsearch(home, "db", "url", "--tcp").returncode == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_db_serve_refuses_a_port_in_use(home):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = imsearch(home, "db", "serve", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"Error: cannot listen on 127.0.0.1:{port}")
+    assert "--port" in result.stderr
+
+
+def test_db_serve_is_for_the_embedded_server_only(database_url):
+    result = CliRunner().invoke(cli, ["--database-url", database_url, "db", "serve"])
+    assert result.exit_code == 2
+    assert "serves the embedded PostgreSQL" in result.stderr
+
+
+def test_only_loopback_addresses_count_as_local():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost,::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("*") and not is_loopback("127.0.0.1,192.168.1.5")
+    wide = Endpoint("0.0.0.0", 5433, "postgres", (), 1)
+    assert wide.url("bi") == "postgresql://bi@127.0.0.1:5433/postgres"
+    assert any("other machines can reach it" in line for line in wide.describe())
+    assert any("grant-reader NAME" in line for line in wide.describe())
