@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -12,11 +13,12 @@ from PIL import Image
 
 from . import pixels, search
 from .embed import Embedder, get_embedder
-from .errors import ImsearchError, UnknownClass
-from .files import sha256_bytes
+from .errors import BadImage, ImsearchError, UnknownClass
+from .evaluate import Evaluation, score
+from .files import ImageFile, WalkProblem, sha256_bytes, walk
 from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, ingest
 from .pixels import PREPROCESSING
-from .search import Match
+from .search import MODES, Match
 from .settings import Settings, libpq_url
 from .store import Store
 
@@ -120,8 +122,12 @@ class Imsearch:
     ) -> IngestResult:
         """Store every image under root; see `imsearch.ingest.ingest`."""
         with self._lock:
-            return ingest(self.store, self.embedder, Path(root), batch_size=batch_size, workers=workers,
-                          prune=prune, reembed=reembed, progress=progress, stop=stop)
+            result = ingest(self.store, self.embedder, Path(root), batch_size=batch_size, workers=workers,
+                            prune=prune, reembed=reembed, progress=progress, stop=stop)
+            if not result.interrupted:
+                # A class past the exact-scan size gets its own HNSW index (see imsearch/search.py).
+                self.store.ensure_class_indexes(search.EXACT_MAX_ROWS)
+            return result
 
     # -- find ----------------------------------------------------------------------------------------------
 
@@ -171,8 +177,13 @@ class Imsearch:
         include_self: bool = False,
         exact: bool = False,
         class_counts: dict[str, int] | None = None,
+        indexed: set[str] | None = None,
     ) -> FindResult:
-        """Rank the stored images against one embedded query in one mode."""
+        """Rank the stored images against one embedded query in one mode.
+
+        `class_counts` and `indexed` (classes with their own index) may be passed in to save two small queries
+        per search when many queries run together.
+        """
         if k < 1:
             raise ImsearchError("k must be at least 1")
         store = self.store
@@ -180,7 +191,6 @@ class Imsearch:
             store.check_model(self.embedder.identity, action="search")
             cls = self.query_class(query, query_class)
             counts = class_counts if class_counts is not None else dict(store.classes())
-            filtered: int | None = None
             if mode in ("same", "other"):
                 if cls is None:
                     known = ", ".join(sorted(counts)) or "none stored"
@@ -191,10 +201,12 @@ class Imsearch:
                 if cls not in counts:
                     known = ", ".join(sorted(counts)) or "none stored"
                     raise UnknownClass(f"{query.name}: class {cls!r} is not stored (stored classes: {known})")
-                filtered = counts[cls] if mode == "same" else sum(n for c, n in counts.items() if c != cls)
             elif mode != "all":
                 raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
-            query_plan = search.plan(mode, k=k, filtered_rows=filtered, pgvector=store.pgvector, exact=exact)
+            if indexed is None:
+                indexed = store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
+            query_plan = search.plan(mode, k=k, cls=cls, counts=counts, indexed=indexed, pgvector=store.pgvector,
+                                     exact=exact)
             matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
                                  skip_sha=None if include_self else query.sha256, query_plan=query_plan)
         return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact)
@@ -214,15 +226,97 @@ class Imsearch:
         if isinstance(queries, (str, Path, bytes, Image.Image)):
             queries = [queries]
         counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model loads
+        indexed = self.store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
         embedded = self.embed(list(queries), names=names)
         return [
             self.search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                        class_counts=counts)
+                        class_counts=counts, indexed=indexed)
             for e in embedded
         ]
 
     def classes(self) -> list[tuple[str, int]]:
         """Stored classes and their image counts."""
-        return self.store.classes()
+        with self._lock:
+            return self.store.classes()
+
+    def count(self) -> int:
+        """How many images are stored."""
+        with self._lock:
+            return self.store.count()
+
+    def image(self, image_id: int) -> dict[str, Any] | None:
+        """One stored row by id (path, class, sha256, size), None when no such row: what the web page may serve."""
+        with self._lock:
+            return self.store.get(image_id)
+
+    # -- evaluate ------------------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        testdir: str | Path,
+        modes: Sequence[str] = MODES,
+        *,
+        k: int = 5,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        exact: bool = False,
+        progress: Progress | None = None,
+    ) -> Evaluation:
+        """Search every image under testdir (class = its first-level sub-folder) in each mode, and score it.
+
+        The model loads once and the queries are embedded in batches. Images of a class that is not stored are
+        counted in `unstored` and left out of the figures; unreadable files and files outside a class folder are
+        listed in `skipped`.
+        """
+        started = time.perf_counter()
+        for mode in modes:
+            if mode not in search.MODES:
+                raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
+        root = Path(testdir).expanduser()
+        if not root.is_dir():
+            raise ImsearchError(f"{testdir}: not a folder")
+        counts = dict(self.store.classes())
+        problems: list[WalkProblem] = []
+        skipped: list[tuple[str, str]] = []
+        unstored: dict[str, int] = {}
+        queries: list[ImageFile] = []
+        for f in walk(root, problems):
+            if f.cls is None:
+                skipped.append((str(f.path), "not in a class folder"))
+            elif f.cls not in counts:
+                unstored[f.cls] = unstored.get(f.cls, 0) + 1
+            else:
+                queries.append(f)
+        skipped += [(p.path, p.reason) for p in problems]
+        if not counts:
+            raise ImsearchError("no classes are stored yet: run `imsearch ingest FOLDER` first")
+        if not queries:
+            raise ImsearchError(f"{testdir}: no images in a sub-folder named after a stored class "
+                                f"(stored classes: {', '.join(sorted(counts))})")
+        results: list[FindResult] = []
+        for start in range(0, len(queries), batch_size):
+            batch = queries[start:start + batch_size]
+            for f, e in zip(batch, self._embed_each([f.path for f in batch], skipped)):
+                if e is not None:
+                    results += [self.search(e, mode, k=k, query_class=f.cls, exact=exact, class_counts=counts)
+                                for mode in modes]
+            if progress:
+                progress(start + len(batch), len(queries))
+        return score(results, k=k, stored=counts, model=self.embedder.identity, unstored=unstored,
+                     skipped=skipped, seconds=time.perf_counter() - started)
+
+    def _embed_each(self, paths: Sequence[Path], failed: list[tuple[str, str]]) -> list[Embedded | None]:
+        """Embed a batch; when a file in it is bad, embed one by one so the others still count."""
+        try:
+            return list(self.embed(list(paths)))
+        except BadImage:
+            pass
+        out: list[Embedded | None] = []
+        for path in paths:
+            try:
+                out.append(self.embed([path])[0])
+            except BadImage as exc:
+                failed.append((exc.path, exc.reason))
+                out.append(None)
+        return out
 
 
