@@ -1,0 +1,323 @@
+"""The search page and its JSON API: a thin layer over `Imsearch`, as the CLI is.
+
+One `Imsearch` (one model, one database connection) is built before the app and shared by every request;
+decoding, the model and the database run in worker threads, off the event loop. Uploads stay in memory
+(Starlette spools a part over 1 MB to an unnamed temporary file that goes with the request); nothing else is
+written. Images are served only for stored rows, by id, and only while the file holds the bytes that were stored.
+"""
+
+import io
+import re
+import string
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import psycopg
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import pixels
+from ..api import Imsearch
+from ..errors import (
+    BadImage,
+    DatabaseUnavailable,
+    ImsearchError,
+    ModelMismatch,
+    SchemaOutdated,
+    UnknownClass,
+    WeightsUnavailable,
+)
+from ..files import sha256_bytes
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_K = 100
+# Multipart boundaries, part headers and the small form fields around the file.
+FORM_OVERHEAD_BYTES = 64 * 1024
+THUMBNAIL_SIZE = 320
+# A JPEG is decoded at the smallest DCT scale whose short side is at least twice THUMBNAIL_SIZE / 2.
+THUMBNAIL_DRAFT = pixels.Preprocess("thumbnail", THUMBNAIL_SIZE // 2, None)
+THUMBNAIL_CACHE_ITEMS = 2048
+
+# Everything the page loads comes from this server (the query preview is a blob: URL of the chosen file).
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def megabytes(n: int) -> str:
+    return f"{n / (1024 * 1024):.3g} MB"
+
+
+def status_of(exc: ImsearchError) -> int:
+    """The HTTP status for a library error: the client's fault is 4xx, the server's set-up 503."""
+    if isinstance(exc, BadImage):
+        if exc.reason.startswith("not an image"):
+            return 415
+        if exc.reason.startswith("too many pixels"):
+            return 413
+        return 400
+    if isinstance(exc, (DatabaseUnavailable, SchemaOutdated, ModelMismatch, WeightsUnavailable)):
+        return 503
+    return 400
+
+
+def upload_name(filename: str | None) -> str:
+    """The uploaded file's base name, printable and short: it only ever appears in messages and JSON."""
+    name = re.split(r"[/\\]", filename or "")[-1]
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name).strip()[:120]
+    return name or "upload"
+
+
+class UploadLimit:
+    """Refuses a request body over the limit before it is parsed or spooled: 413 with a one-line message."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, message: str) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = message
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, self.message)  # FastAPI passes it on from the form parser
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class Thumbnails:
+    """Small JPEGs of stored images, kept in memory by (id, sha256): a changed file gets a new entry."""
+
+    def __init__(self, max_items: int = THUMBNAIL_CACHE_ITEMS) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[tuple[int, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, str]) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[int, str], data: bytes) -> None:
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+
+def make_thumbnail(data: bytes, name: str) -> bytes:
+    """An upright RGB JPEG at most THUMBNAIL_SIZE on its long side."""
+    img, _ = pixels.open_image(data, name, prep=THUMBNAIL_DRAFT)
+    img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=82, optimize=True)
+    return out.getvalue()
+
+
+def media_type(data: bytes) -> str:
+    """The image's MIME type from its own bytes (not from a file name)."""
+    try:
+        fmt = Image.open(io.BytesIO(data)).format
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "application/octet-stream"
+    return Image.MIME.get(fmt or "", "application/octet-stream")
+
+
+def stored_file(imsearch: Imsearch, image_id: int) -> tuple[dict[str, Any], bytes]:
+    """A stored row and its file's bytes; 404 unless the row exists and its file still has the stored bytes."""
+    row = imsearch.image(image_id)
+    if row is None:
+        raise HTTPException(404, f"no stored image has id {image_id}")
+    try:
+        data = Path(row["path"]).read_bytes()
+    except OSError as exc:
+        raise HTTPException(404, f"image {image_id} is stored, but its file cannot be read "
+                                 f"({exc.strerror or exc}); run `imsearch ingest --prune` on its folder") from None
+    if sha256_bytes(data) != row["sha256"]:
+        raise HTTPException(404, f"image {image_id}: its file changed since it was stored; "
+                                 "run `imsearch ingest` on its folder again")
+    return row, data
+
+
+def search_upload(
+    imsearch: Imsearch, data: bytes, name: str, mode: str, k: int, given: str | None
+) -> dict[str, Any]:
+    """Embed one upload and rank the stored images, as `imsearch find --json` does for one file.
+
+    The class modes need the query's class: as given, else a stored copy's, else the class of the top match
+    over all images (the page says which, and lets a person pick another).
+    """
+    started = time.perf_counter()
+    counts = dict(imsearch.classes())
+    [query] = imsearch.embed([data], names=[name])
+    embedded = time.perf_counter()
+    cls = imsearch.query_class(query, given)
+    source = "given" if given else "stored copy" if cls else None
+    if cls is None and mode != "all":
+        top = imsearch.search(query, "all", k=1, class_counts=counts)
+        if top.matches and top.matches[0].cls is not None:
+            cls, source = top.matches[0].cls, "top match"
+        else:
+            known = ", ".join(sorted(counts)) or "none stored"
+            raise UnknownClass(f"{name}: cannot tell the query's class for mode {mode!r}; "
+                               f"choose one (stored classes: {known})")
+    result = imsearch.search(query, mode, k=k, query_class=cls, class_counts=counts)
+    done = time.perf_counter()
+    item = result.to_json()
+    item["class_source"] = source
+    item["seconds"] = {"total": round(done - started, 4), "embed": round(embedded - started, 4),
+                       "search": round(done - embedded, 4)}
+    return item
+
+
+def create_app(imsearch: Imsearch, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+    """The ASGI app over one shared `Imsearch`. Connects and loads the model now, so errors come before serving."""
+    imsearch.count()  # the database first: a wrong URL fails before the model loads
+    identity = imsearch.embedder.identity
+    too_large = f"the upload is larger than the {megabytes(max_upload_bytes)} limit"
+    thumbnails = Thumbnails()
+    page = string.Template((STATIC / "index.html").read_text(encoding="utf-8")).substitute(
+        max_upload_bytes=max_upload_bytes, max_upload=megabytes(max_upload_bytes), max_k=MAX_K, model=identity,
+    )
+
+    app = FastAPI(
+        title="imsearch",
+        summary="Content-based image search on PostgreSQL + pgvector (ResNet-50 features, cosine distance).",
+        version="1",
+        docs_url=None,  # the interactive docs load their scripts from a CDN; the schema is at /openapi.json
+        redoc_url=None,
+    )
+    app.add_middleware(UploadLimit, max_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES, message=too_large)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(ImsearchError)
+    async def library_error(request: Request, exc: ImsearchError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status_of(exc))
+
+    @app.exception_handler(psycopg.Error)
+    async def database_error(request: Request, exc: psycopg.Error) -> JSONResponse:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return JSONResponse({"detail": f"database error: {first}"}, status_code=503)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "form"))
+            parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.post("/api/find", tags=["search"], responses={
+        400: {"description": "Empty or unreadable image, or a class that is not stored"},
+        413: {"description": "Upload over the size limit, or too many pixels"},
+        415: {"description": "Not an image"},
+        422: {"description": "Invalid mode or k"},
+    })
+    async def find(
+        request: Request,
+        file: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, BMP, TIFF or GIF).")],
+        mode: Annotated[Literal["all", "same", "other"], Form(
+            description="all: every stored image; same: the query's class only; other: every other class.")] = "all",
+        k: Annotated[int, Form(ge=1, le=MAX_K, description="How many matches.")] = 5,
+        query_class: Annotated[str | None, Form(
+            alias="class",
+            description="The query's class for the class modes [default: a stored copy's, else the top match's].",
+        )] = None,
+    ) -> list[dict[str, Any]]:
+        """The k stored images closest to the uploaded one: the JSON of `imsearch find --json` (a list with one
+        item), each match with its image and thumbnail URL, plus where the query class came from and timings."""
+        name = upload_name(file.filename)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await file.read(1 << 20):
+            size += len(chunk)
+            if size > max_upload_bytes:
+                raise HTTPException(413, f"{name}: larger than the {megabytes(max_upload_bytes)} upload limit")
+            chunks.append(chunk)
+        item = await run_in_threadpool(search_upload, imsearch, b"".join(chunks), name, mode, k,
+                                       query_class or None)
+        for match in item["matches"]:
+            match["image"] = str(request.url_for("image", image_id=match["id"]))
+            match["thumbnail"] = str(request.url_for("thumbnail", image_id=match["id"]))
+        return [item]
+
+    @app.get("/api/classes", tags=["search"])
+    async def classes() -> list[dict[str, Any]]:
+        """The stored classes with their image counts, largest first."""
+        rows = await run_in_threadpool(imsearch.classes)
+        return [{"class": cls, "images": n} for cls, n in rows]
+
+    @app.get("/api/health", tags=["server"])
+    async def health() -> dict[str, Any]:
+        """Answers while the database does: how many images are stored, and the model in use."""
+        count = await run_in_threadpool(imsearch.count)
+        return {"status": "ok", "images": count, "model": identity, "max_upload_bytes": max_upload_bytes}
+
+    def image_response(data: bytes, media: str, etag: str, request: Request) -> Response:
+        headers = {"ETag": etag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type=media, headers=headers)
+
+    image_id_param = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="The stored row's id.")]
+
+    @app.get("/images/{image_id}", name="image", tags=["images"], response_class=Response,
+             responses={200: {"content": {"image/*": {}}}, 404: {"description": "Not stored, or its file changed"}})
+    async def image(image_id: image_id_param, request: Request) -> Response:
+        """The stored image's file, as stored (only rows in the database, by id)."""
+        row, data = await run_in_threadpool(stored_file, imsearch, image_id)
+        return image_response(data, media_type(data), f'"{row["sha256"][:32]}"', request)
+
+    @app.get("/images/{image_id}/thumbnail", name="thumbnail", tags=["images"], response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "Not stored, or its file changed"}})
+    async def thumbnail(image_id: image_id_param, request: Request) -> Response:
+        """A JPEG of the stored image at most 320 pixels on its long side, cached in memory."""
+
+        def load() -> tuple[str, bytes]:
+            row = imsearch.image(image_id)
+            cached = thumbnails.get((image_id, row["sha256"])) if row else None
+            if row is not None and cached is not None:
+                return row["sha256"], cached
+            row, data = stored_file(imsearch, image_id)
+            thumb = make_thumbnail(data, f"image {image_id}")
+            thumbnails.put((image_id, row["sha256"]), thumb)
+            return row["sha256"], thumb
+
+        sha, thumb = await run_in_threadpool(load)
+        return image_response(thumb, "image/jpeg", f'"{sha[:32]}-t{THUMBNAIL_SIZE}"', request)
+
+    return app
