@@ -20,7 +20,7 @@ from typing import Callable
 from . import pixels
 from .embed import Embedder
 from .errors import BadImage, ImsearchError
-from .files import ImageFile, sha256_bytes, walk
+from .files import ImageFile, sha256_bytes, vanished, walk
 from .store import Row, Store
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def ingest(
     pruned = 0
     if not interrupted:
         present = {str(f.path) for f in files}
-        missing = tuple(sorted(p for p in known if p not in present and not os.path.exists(p)))
+        missing = tuple(sorted(p for p in known if p not in present and vanished(p)))
         if prune and missing:
             pruned = store.delete_paths(missing)
     return IngestResult(

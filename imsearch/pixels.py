@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,15 @@ from .errors import BadImage
 
 # Refuse images above this many pixels before decoding them (decompression bombs); 12 MP photos are far below.
 MAX_PIXELS = 100_000_000
+# Refuse files above this many bytes before reading them whole: a 100 MP 16-bit RGBA TIFF is 800 MB.
+MAX_BYTES = 1 << 30
+# A long strip is resized only where the centre crop keeps it beyond this aspect ratio (see `prepare`).
+MAX_FULL_ASPECT = 8
+
+# Pillow warns about damaged metadata in files it still decodes, and about large images, which MAX_PIXELS
+# handles. A global filter, because `warnings.catch_warnings` is not thread-safe and files decode in threads.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -80,29 +91,29 @@ def open_image(
     if not data:
         raise BadImage(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise BadImage(path, f"too many pixels ({width}x{height} > {max_pixels:,}; decompression bomb?)")
-            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                width, height = height, width
-            if prep is not None and img.format == "JPEG":
-                img.draft("RGB", prep.draft_size(*img.size))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img), (width, height)
+        img: Image.Image = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise BadImage(path, f"too many pixels ({width}x{height} > {max_pixels:,}; decompression bomb?)")
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            width, height = height, width
+        if prep is not None and img.format == "JPEG":
+            img.draft("RGB", prep.draft_size(*img.size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img), (width, height)
     except BadImage:
         raise
-    except Image.DecompressionBombError:
-        raise BadImage(path, f"too many pixels (over {max_pixels:,}; decompression bomb?)") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own check, at twice its limit, fires inside open()
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,}" if found else "too many"
+        raise BadImage(path, f"too many pixels ({size} > {max_pixels:,}; decompression bomb?)") from None
     except UnidentifiedImageError:
         raise BadImage(path, "not an image (unknown or unsupported format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = str(exc) or type(exc).__name__
-        if "truncated" in reason:
-            reason = "truncated image (" + reason + ")"
+        if "truncated" in reason.lower():
+            raise BadImage(path, f"truncated: the file ends before the image does ({reason})") from None
         raise BadImage(path, f"cannot decode: {reason}") from None
 
 
@@ -136,6 +147,10 @@ def prepare(img: Image.Image, prep: Preprocess = DEFAULT_PREPROCESS) -> np.ndarr
         short, long_ = (w, h) if w <= h else (h, w)
         new_short, new_long = prep.resize, int(prep.resize * long_ / short)
         size = (new_short, new_long) if w <= h else (new_long, new_short)
+        if prep.crop and new_long > MAX_FULL_ASPECT * new_short:
+            # A strip such as 1x20000 pixels would first become a 256x5,120,000 frame (gigabytes) to keep 224x224
+            # of it: resize only the box the centre crop keeps (the same pixels to within one level).
+            return np.asarray(center_crop_resized(img, size, prep.crop), dtype=np.uint8)
         out = img.resize(size, Image.Resampling.BILINEAR)
         if prep.crop:
             out = center_crop(out, prep.crop)
@@ -150,16 +165,31 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def center_crop_resized(img: Image.Image, size: tuple[int, int], crop: int) -> Image.Image:
+    """`center_crop(img.resize(size), crop)` without making the whole resized frame."""
+    w, h = img.size
+    top = int(round((size[1] - crop) / 2.0))
+    left = int(round((size[0] - crop) / 2.0))
+    sx, sy = w / size[0], h / size[1]
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return img.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
+
+
 def load(data: bytes, path: str, prep: Preprocess = DEFAULT_PREPROCESS, *, max_pixels: int = MAX_PIXELS) -> Loaded:
     """Bytes of one file -> model input, decoding a JPEG only at the scale the resize needs."""
     img, (width, height) = open_image(data, path, max_pixels=max_pixels, prep=prep)
     return Loaded(prepare(img, prep), width, height)
 
 
-def read_file(path: Path) -> bytes:
-    """Read a whole file, turning OS errors into a BadImage naming the reason."""
+def read_file(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
+    """Read a whole file, turning OS errors into a BadImage naming the reason; refuse one over max_bytes."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(max_bytes + 1) if size <= max_bytes else b""
     except OSError as exc:
         raise BadImage(str(path), f"cannot read ({exc.strerror or exc})") from None
+    if size > max_bytes or len(data) > max_bytes:
+        raise BadImage(str(path), f"file too large ({max(size, len(data)):,} bytes > {max_bytes:,})")
+    return data
 
