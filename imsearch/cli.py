@@ -26,21 +26,28 @@ class Group(click.Group):
         except ImsearchError as exc:
             if ctx.meta.get("imsearch.debug"):
                 raise
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(str(exc))) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the last net: one line instead of a traceback
             if ctx.meta.get("imsearch.debug"):
                 raise
             raise click.ClickException(
-                f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+                f"unexpected {type(exc).__name__}: {one_line(str(exc))} (run with --debug for the traceback)"
             ) from None
 
 
-def _app(ctx: click.Context, weights: str | None = None, device: str = "auto", precision: str = "auto") -> Any:
+def one_line(text: str) -> str:
+    """A message on one line: drivers put details on further lines."""
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def _app(ctx: click.Context, weights: str | None = None, device: str = "auto", precision: str = "auto",
+         preprocess: str = "recipe") -> Any:
     from .api import Imsearch
 
-    app = Imsearch(ctx.obj["database_url"], weights=weights, device=device, precision=precision)
+    app = Imsearch(ctx.obj["database_url"], weights=weights, device=device, precision=precision,
+                   preprocess=preprocess)
     ctx.call_on_close(app.close)
     return app
 
@@ -53,6 +60,11 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
                              show_default=True, help="Where the model runs; auto picks CUDA when available.")
 precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                                 show_default=True, help="Model precision; auto is fp32 (see docs/scaling.md).")
+preprocess_option = click.option(
+    "--preprocess", type=click.Choice(["recipe", "square224", "seed1028x768"]), default="recipe", show_default=True,
+    help="How photos are cut for the model: torchvision's recipe (resize 256, centre-crop 224), the whole frame "
+         "at 224x224, or the seed study's whole frame at 1028x768 (see docs/evaluation.md).",
+)
 
 
 @click.group(cls=Group)
@@ -74,6 +86,7 @@ def cli(ctx: click.Context, database_url: str | None, debug: bool) -> None:
 @weights_option
 @device_option
 @precision_option
+@preprocess_option
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Images per model batch and per database transaction.")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
@@ -82,15 +95,21 @@ def cli(ctx: click.Context, database_url: str | None, debug: bool) -> None:
 @click.option("--reembed", is_flag=True, help="Re-embed rows stored with another model, in place.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-def ingest(ctx: click.Context, folder: Path, weights: str | None, device: str, precision: str, batch_size: int,
-           workers: int | None, prune: bool, reembed: bool, as_json: bool) -> None:
+def ingest(ctx: click.Context, folder: Path, weights: str | None, device: str, precision: str, preprocess: str,
+           batch_size: int, workers: int | None, prune: bool, reembed: bool, as_json: bool) -> None:
     """Embed and store every image under FOLDER (class = first-level sub-folder).
 
     Unchanged files are skipped, changed ones re-embedded. Exit 1 when some files could not be stored.
     """
-    app = _app(ctx, weights, device, precision)
+    app = _app(ctx, weights, device, precision, preprocess)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def interrupt(*_: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once; committed batches stay stored
+        stop.set()  # the first lets the current batch finish and prints the summary
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     bar = None
     try:
         if sys.stderr.isatty() and not as_json:
@@ -109,8 +128,10 @@ def ingest(ctx: click.Context, folder: Path, weights: str | None, device: str, p
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
             bar.close()
+    from .files import printable
+
     for failure in result.failed:
-        click.echo(f"{failure.path}: {failure.error}", err=True)
+        click.echo(f"{printable(failure.path)}: {failure.error}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -142,17 +163,31 @@ def ingest(ctx: click.Context, folder: Path, weights: str | None, device: str, p
 @click.option("--include-self", is_flag=True, help="Keep stored images with the query's exact content.")
 @click.option("--exact", is_flag=True, help="Exact scan instead of the HNSW index.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one item per query.")
+@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Also write a picture of the query beside its ranked matches (one IMAGE only).")
 @weights_option
 @device_option
 @precision_option
+@preprocess_option
 @click.pass_context
 def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_class: str | None,
-         include_self: bool, exact: bool, as_json: bool, weights: str | None, device: str, precision: str) -> None:
+         include_self: bool, exact: bool, as_json: bool, grid: Path | None, weights: str | None, device: str,
+         precision: str, preprocess: str) -> None:
     """Print the K stored images closest to each IMAGE by cosine distance."""
     from .report import RANK_COLUMNS, rank_rows, table
 
-    app = _app(ctx, weights, device, precision)
+    if grid is not None and len(images) != 1:
+        raise click.UsageError("--grid draws one query: give exactly one IMAGE")
+    app = _app(ctx, weights, device, precision, preprocess)
     results = app.find(list(images), mode, k=k, query_class=query_class, include_self=include_self, exact=exact)
+    if grid is not None:
+        from .pictures import grid as draw_grid
+
+        r = results[0]
+        try:
+            draw_grid(images[0], r.query_class, r.matches, mode=r.mode).save(grid, format="PNG")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {grid}: {exc.strerror or exc}") from None
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=2))
         return
@@ -161,6 +196,119 @@ def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_
     for r in results:
         if len(r.matches) < k:
             click.echo(f"{r.query}: only {len(r.matches)} stored image(s) match mode {r.mode}", err=True)
+
+
+@cli.command()
+@click.argument("testdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["all", "same", "other"]),
+              help="A mode to evaluate; repeat for several [default: all three].")
+@click.option("-k", "--top", "k", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="How many matches per query are scored.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("imsearch-report"),
+              show_default=True, help="Folder for summary.json, the CSVs, the grids and report.html.")
+@click.option("--no-grids", is_flag=True, help="Skip the grid pictures (faster on large test folders).")
+@click.option("--brief", is_flag=True, help="Print only the figures, not the rank table of every query.")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout instead of the tables.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="Query images per model batch.")
+@click.option("--exact", is_flag=True, help="Exact scans instead of the HNSW index.")
+@weights_option
+@device_option
+@precision_option
+@preprocess_option
+@click.pass_context
+def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, out: Path, no_grids: bool,
+             brief: bool, as_json: bool, batch_size: int, exact: bool, weights: str | None, device: str,
+             precision: str, preprocess: str) -> None:
+    """Search every image under TESTDIR (class = sub-folder) in each mode, score the matches, write a report.
+
+    Prints the rank table per class and the figures: precision@k, precision@1, average precision@k and the
+    correspondence share in mode all, the mean distance in mode same, the class correspondence in mode other.
+    """
+    from .evalreport import text, write
+
+    app = _app(ctx, weights, device, precision, preprocess)
+    bar = None
+    try:
+        if sys.stderr.isatty() and not as_json:
+            from tqdm import tqdm
+
+            bar = tqdm(total=0, unit="img", desc="evaluate", file=sys.stderr, dynamic_ncols=True)
+
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+        evaluation = app.evaluate(testdir, modes or ("all", "same", "other"), k=k, batch_size=batch_size,
+                                  exact=exact, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    try:
+        written = write(evaluation, out, grids=not no_grids)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the report in {out}: {exc.strerror or exc}") from None
+    for cls, n in sorted(evaluation.unstored.items()):
+        click.echo(f"{testdir / cls}: class {cls!r} is not stored; its {n} image(s) are left out", err=True)
+    for path, reason in evaluation.skipped:
+        click.echo(f"{path}: {reason}", err=True)
+    if as_json:
+        click.echo(json.dumps(evaluation.to_json(), indent=2))
+        return
+    click.echo(text(evaluation, ranks=not brief))
+    click.echo(f"\nreport: {out / 'report.html'} ({len(written.grids)} grids; "
+               f"{evaluation.seconds:.1f} s to embed and search)")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--max-upload-mb", type=click.IntRange(1, 1024), default=20, show_default=True,
+              help="Largest upload accepted, in MB (larger ones get 413).")
+@weights_option
+@device_option
+@precision_option
+@preprocess_option
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, weights: str | None, device: str,
+          precision: str, preprocess: str) -> None:
+    """Serve the search page and its JSON API (model loaded once, shared by every request)."""
+    try:
+        import uvicorn
+
+        from .web import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"the web page needs the web extra ({exc}); pip install 'imsearch[web]'") from None
+
+    app = _app(ctx, weights, device, precision, preprocess)
+    web = create_app(app, max_upload_bytes=max_upload_mb * 1024 * 1024)
+    click.echo(f"imsearch: serving {app.count()} images on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    uvicorn.run(web, host=host, port=port, log_level="info" if ctx.meta.get("imsearch.debug") else "warning")
+
+
+@cli.command()
+@click.option("--threshold", type=click.FloatRange(0, 2, max_open=True), metavar="D",
+              help="Largest cosine distance between duplicates [default: 0.008, measured in docs/sql.md].")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of groups.")
+@click.pass_context
+def duplicates(ctx: click.Context, threshold: float | None, as_json: bool) -> None:
+    """Print groups of near-duplicate stored images (cosine distance at most D), found in SQL with the index."""
+    from .report import table
+    from .sqlaccess import DEFAULT_DUPLICATE_DISTANCE
+    from .sqlaccess import duplicates as duplicate_groups
+
+    threshold = DEFAULT_DUPLICATE_DISTANCE if threshold is None else threshold
+    groups = duplicate_groups(_app(ctx).store, threshold)
+    if as_json:
+        click.echo(json.dumps([g.to_json() for g in groups], indent=2))
+        return
+    if groups:
+        rows = [(g.number, i.id, i.cls, f"{i.nearest:.4f}", i.path) for g in groups for i in g.images]
+        click.echo(table(("group", "id", "class", "nearest", "path"), rows))
+    images = sum(len(g.images) for g in groups)
+    click.echo(f"{len(groups)} group(s) of near-duplicates, {images} image(s), at cosine distance <= {threshold}")
 
 
 @cli.group()
@@ -181,12 +329,74 @@ def db_upgrade(ctx: click.Context) -> None:
 
 
 @db.command("url")
+@click.option("--tcp", is_flag=True, help="Print the TCP URI of the running `imsearch db serve` instead.")
 @click.pass_context
-def db_url(ctx: click.Context) -> None:
-    """Print the libpq connection URI imsearch uses (psql "$(imsearch db url)")."""
+def db_url(ctx: click.Context, tcp: bool) -> None:
+    """Print the libpq connection URI imsearch uses (psql "$(imsearch db url)").
+
+    While `imsearch db serve` runs, its TCP connection details follow on stderr.
+    """
     from .settings import Settings, libpq_url
 
-    click.echo(libpq_url(Settings.from_env(ctx.obj["database_url"])))
+    url = libpq_url(Settings.from_env(ctx.obj["database_url"]))
+    endpoint = None
+    if not ctx.obj["database_url"]:
+        from .server import serving
+
+        endpoint = serving()
+    if tcp:
+        if endpoint is None:
+            raise ImsearchError("no `imsearch db serve` is running on the embedded PostgreSQL")
+        click.echo(endpoint.url())
+        return
+    click.echo(url)
+    if endpoint is not None:
+        click.echo("served over TCP by `imsearch db serve`:", err=True)
+        for line in endpoint.describe():
+            click.echo(line, err=True)
+
+
+@db.command("grant-reader")
+@click.argument("name")
+@click.option("--password", envvar="IMSEARCH_READER_PASSWORD",
+              help="The role's password [env IMSEARCH_READER_PASSWORD]; default: a new random one, printed once.")
+@click.pass_context
+def db_grant_reader(ctx: click.Context, name: str, password: str | None) -> None:
+    """Create or update NAME: a login role that can only read imsearch's SQL views and functions (BI tools)."""
+    from .sqlaccess import grant_reader
+
+    reader = grant_reader(_app(ctx).store, name, password)
+    click.echo(f"{'created' if reader.created else 'updated'} read-only role {reader.name} "
+               f"on database {reader.database}")
+    if reader.password is not None:
+        click.echo(f"password: {reader.password}  (shown once; run this again to set a new one)")
+
+
+@db.command("serve")
+@click.option("--port", type=click.IntRange(1, 65535), default=5432, show_default=True,
+              help="TCP port to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address(es) to listen on, comma-separated; anything but loopback lets other machines in.")
+@click.pass_context
+def db_serve(ctx: click.Context, port: int, host: str) -> None:
+    """Keep the embedded PostgreSQL running and reachable over TCP (password auth) until Ctrl-C or SIGTERM."""
+    from .server import serve, wait
+
+    if ctx.obj["database_url"]:
+        raise click.UsageError("db serve serves the embedded PostgreSQL; the server in DATABASE_URL is reached "
+                               "directly")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with serve(host, port) as endpoint:
+            click.echo("serving the embedded PostgreSQL over TCP until Ctrl-C (or SIGTERM):")
+            for line in endpoint.describe():
+                click.echo(line)
+            wait(endpoint, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    click.echo("stopped: the embedded PostgreSQL no longer listens on TCP", err=True)
 
 
 def main() -> None:
