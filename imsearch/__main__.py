@@ -1,0 +1,5 @@
+"""`python -m imsearch`: the same as the `imsearch` command."""
+
+from .cli import main
+
+main()
