@@ -6,6 +6,7 @@ creates and drops its own database).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -82,15 +83,36 @@ def isolated_home(tmp_path_factory):
 _counter = itertools.count()
 
 
+@contextlib.contextmanager
+def scratch_database(server_url: str, name: str):
+    """A database of its own on the test server, dropped afterwards."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def database_url(server_url):
     """A fresh, empty database on the test server; dropped afterwards."""
-    name = f"imsearch_test_{os.getpid()}_{next(_counter)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield with_database(server_url, name)
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(server_url, f"imsearch_test_{os.getpid()}_{next(_counter)}") as url:
+        yield url
+
+
+@pytest.fixture
+def run(database_url, weights):
+    """Run the `imsearch` command in-process on the test database with the stand-in weights."""
+    from click.testing import CliRunner
+
+    from imsearch.cli import cli
+
+    def invoke(*args: str):
+        return CliRunner().invoke(cli, ["--database-url", database_url, *args],
+                                  env={"IMSEARCH_WEIGHTS": weights}, catch_exceptions=False)
+    return invoke
 
 
 @pytest.fixture(scope="session")

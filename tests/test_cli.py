@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from imsearch.cli import cli
 from imsearch.report import RANK_COLUMNS
 from imsearch.store import SCHEMA_REVISION
-
-
-@pytest.fixture
-def run(database_url, weights):
-    def invoke(*args: str):
-        return CliRunner().invoke(cli, ["--database-url", database_url, *args],
-                                  env={"IMSEARCH_WEIGHTS": weights}, catch_exceptions=False)
-    return invoke
 
 
 def test_ingest_json_summary_and_exit_status(run, photos):

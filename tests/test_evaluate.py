@@ -12,14 +12,12 @@ from urllib.parse import unquote
 import numpy as np
 import psycopg
 import pytest
-from click.testing import CliRunner
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 from PIL import Image
 
 from imsearch import pictures
 from imsearch.api import Embedded, FindResult
-from imsearch.cli import cli
 from imsearch.evaluate import (
     AVERAGE_PRECISION,
     CORRESPONDENCE,
@@ -155,14 +153,6 @@ def test_metrics_on_hand_made_vectors_stored_in_postgres(app, database_url):
 
 
 # -- imsearch evaluate end to end ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def run(database_url, weights):
-    def invoke(*args: str):
-        return CliRunner().invoke(cli, ["--database-url", database_url, *args],
-                                  env={"IMSEARCH_WEIGHTS": weights}, catch_exceptions=False)
-    return invoke
 
 
 @pytest.fixture

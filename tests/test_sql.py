@@ -23,7 +23,7 @@ from imsearch.sqlaccess import (
     duplicates,
     grant_reader,
 )
-from tests.conftest import copy_photos, with_database
+from tests.conftest import copy_photos, scratch_database
 
 _roles = itertools.count()
 
@@ -33,18 +33,11 @@ def shared(server_url, weights, tmp_path_factory):
     """One database holding 20 photos (4 per class), for the tests that only read: ingesting is the slow part."""
     from imsearch import Imsearch
 
-    name = f"imsearch_test_sql_{os.getpid()}"
-    with psycopg.connect(server_url, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(server_url, name)
     photos = copy_photos(tmp_path_factory.mktemp("sql") / "photos", 4)
-    try:
+    with scratch_database(server_url, f"imsearch_test_sql_{os.getpid()}") as url:
         with Imsearch(url, weights=weights, device="cpu") as app:
             assert app.ingest(photos).added == 20
             yield app, photos, url
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

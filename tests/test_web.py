@@ -12,7 +12,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
@@ -20,7 +19,7 @@ from PIL import Image
 
 from imsearch.cli import cli
 from imsearch.web import create_app
-from tests.conftest import ROOMS, copy_photos, with_database
+from tests.conftest import ROOMS, copy_photos, scratch_database
 
 PER_CLASS = 5
 
@@ -48,17 +47,12 @@ def library(server_url, weights, tmp_path_factory):
     """One database with 5 shared base photos per class, shared by the read-only tests of this module."""
     from imsearch import Imsearch
 
-    name = f"imsearch_test_web_{os.getpid()}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(server_url, name)
     photos = copy_photos(tmp_path_factory.mktemp("web") / "photos", PER_CLASS)
-    with Imsearch(url, weights=weights, device="cpu") as app:
-        result = app.ingest(photos)
-        assert result.added == 5 * PER_CLASS and not result.failed
-        yield app, url, photos
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(server_url, f"imsearch_test_web_{os.getpid()}") as url:
+        with Imsearch(url, weights=weights, device="cpu") as app:
+            result = app.ingest(photos)
+            assert result.added == 5 * PER_CLASS and not result.failed
+            yield app, url, photos
 
 
 @pytest.fixture(scope="module")
