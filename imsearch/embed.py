@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -219,21 +218,3 @@ def get_embedder(
         if key not in _cache:
             _cache[key] = Embedder(weights, device=device, precision=precision, prep=prep)
         return _cache[key]
-
-
-def set_threads(n: int | None) -> None:
-    """Limit torch's intra-op threads (the model) so decoding workers keep a share of the CPU."""
-    import torch
-
-    if n:
-        torch.set_num_threads(max(1, n))
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
-
-
-def as_vector(values: Any) -> np.ndarray:
-    """Any sequence of 2048 numbers -> float32 numpy: the one place vectors change type."""
-    arr = np.asarray(values, dtype=np.float32).reshape(-1)
-    if arr.shape[0] != DIMENSIONS:
-        raise ImsearchError(f"expected a {DIMENSIONS}-d vector, got {arr.shape[0]} dimensions")
-    return arr

@@ -225,12 +225,6 @@ class Store:
 
     # -- model identity ------------------------------------------------------------------------------------
 
-    def stored_models(self, limit: int = 3) -> list[str]:
-        rows = self.conn.execute(
-            "SELECT DISTINCT model FROM images ORDER BY model LIMIT %s", (limit,)
-        ).fetchall()
-        return [r[0] for r in rows]
-
     def check_model(self, identity: str, *, action: str) -> None:
         """Refuse to mix vectors: every stored row must come from `identity`."""
         row = self.conn.execute("SELECT model, count(*) FROM images WHERE model <> %s GROUP BY model LIMIT 1",
