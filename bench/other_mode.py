@@ -1,0 +1,152 @@
+"""Mode other (`class <> X`) at scale: imsearch's plan against the designs it did not take, on one database.
+
+    .venv/bin/python bench/other_mode.py                        # 100k scene-like rows (about 15 minutes here)
+    .venv/bin/python bench/other_mode.py --data noise --rows 20000
+
+Fills a fresh database as bench/search.py does (same generators, same indexes), then for queries of a common class
+and of the rare class, each against an exact scan of `class <> X`:
+
+- union: imsearch's plan (one branch per other class, each through its class index) at several ef_search;
+- complement: one extra partial index `WHERE class <> X` (as the class indexes, m = 32, ef_construction = 200),
+  searched as a single index: one graph search instead of one per class, for (classes - 1)x the index storage;
+- iterative: the whole-table index with `hnsw.iterative_scan = relaxed_order`;
+- overfetch (rare X only): the whole-table index's nearest |X| + k rows, filtered afterwards; at most |X| rows of X
+  can come first, so the answer is complete whenever the index search is.
+
+The SQL of the designs not taken lives here only; imsearch's own goes through imsearch.search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from pgvector import HalfVector
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from search import COMMON, GENERATORS, RARE, bench_server, drop_database, fill, fresh_database  # noqa: E402
+
+from imsearch import search  # noqa: E402
+from imsearch.store import Store, upgrade  # noqa: E402
+
+COMPLEMENT = """
+SELECT id FROM images WHERE class <> %(cls)s
+ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s LIMIT %(k)s
+"""
+OVERFETCH = """
+SELECT id FROM (SELECT id, class, embedding <=> %(q)s AS distance FROM images
+                ORDER BY embedding <=> %(q)s LIMIT %(n)s) AS near
+WHERE class <> %(cls)s ORDER BY distance LIMIT %(k)s
+"""
+EFS = (40, 100, 200, 400)
+
+
+def timed(conn: Any, settings: dict[str, str], queries: np.ndarray,
+          answer: Callable[[np.ndarray], list[int]]) -> tuple[list[list[int]], list[float]]:
+    """Answers and seconds per query, after a warm-up pass over the same number of other queries."""
+    out, seconds = [], []
+    with conn.transaction():
+        for name, value in settings.items():
+            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        for q in queries[len(queries) // 2:]:
+            answer(q)
+        for q in queries[:len(queries) // 2]:
+            t = time.perf_counter()
+            out.append(answer(q))
+            seconds.append(time.perf_counter() - t)
+    return out, seconds
+
+
+def report(label: str, got: list[list[int]], truth: list[set[int]], seconds: list[float], k: int) -> None:
+    recall = [len(set(g) & t) / len(t) for g, t in zip(got, truth)]
+    short = sum(len(g) < k for g in got)
+    print(f"  {label:<34} recall@{k} {statistics.mean(recall):.3f}  min {min(recall):.2f}  short {short:>2}  "
+          f"p50 {np.percentile(seconds, 50) * 1000:6.1f} ms  p95 {np.percentile(seconds, 95) * 1000:6.1f} ms")
+
+
+def compare(store: Store, gen: Any, cls: str, queries: int, k: int, complement: bool) -> None:
+    conn = store.conn
+    counts = dict(store.classes())
+    indexed = store.indexed_classes(counts)
+    qs = gen.vectors(cls, 2 * queries)
+    exact = search.plan("other", k=k, cls=cls, counts=counts, exact=True)
+    truth = [{m.id for m in search.run(conn, q, "other", k=k, cls=cls, skip_sha=None, query_plan=exact)}
+             for q in qs[:queries]]
+    print(f"\nother {cls}: {sum(n for c, n in counts.items() if c != cls):,} rows pass the filter")
+
+    def imsearch_plan(query_plan: search.Plan) -> Callable[[np.ndarray], list[int]]:
+        return lambda q: [m.id for m in search.run(conn, q, "other", k=k, cls=cls, skip_sha=None,
+                                                    query_plan=query_plan)]
+
+    default = search.BRANCH_EF_SEARCH
+    try:
+        for ef in EFS:
+            search.BRANCH_EF_SEARCH = ef
+            plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed, pgvector=store.pgvector)
+            got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
+            report(f"union, ef_search {ef}" + (" (imsearch)" if ef == default else ""), got, truth, seconds, k)
+    finally:
+        search.BRANCH_EF_SEARCH = default
+
+    iterative = search.plan("other", k=k, cls=cls, counts=counts, pgvector=store.pgvector)  # as with no class index
+    got, seconds = timed(conn, {}, qs, imsearch_plan(iterative))
+    node = search.explain(conn, qs[0], "other", k=k, cls=cls, query_plan=iterative)
+    how = "whole-table index" if "Index Scan using images_embedding_hnsw" in node else "planner chose exact"
+    report(f"iterative scan ({how})", got, truth, seconds, k)
+
+    if counts[cls] <= search.EXACT_MAX_ROWS:
+        n = counts[cls] + k
+        got, seconds = timed(conn, {"hnsw.ef_search": str(min(max(n, 40), 1000))}, qs, lambda q: [
+            r[0] for r in conn.execute(OVERFETCH, {"q": HalfVector(q), "n": n, "cls": cls, "k": k})])
+        report(f"overfetch {n} from the whole-table index", got, truth, seconds, k)
+
+    if complement:
+        conn.execute("SET maintenance_work_mem = '4GB'")
+        conn.execute("SET max_parallel_maintenance_workers = 1")
+        t = time.perf_counter()
+        conn.execute("CREATE INDEX bench_complement ON images USING hnsw ((l2_normalize(embedding)::halfvec(2048)) "
+                     f"halfvec_ip_ops) WITH (m = 32, ef_construction = 200) WHERE class <> '{cls}'")
+        size = conn.execute("SELECT pg_relation_size('bench_complement')").fetchone()[0]
+        print(f"  complement index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
+        def one_search(q: np.ndarray) -> list[int]:
+            params = {"unit": HalfVector(q / np.linalg.norm(q)), "cls": cls, "k": k}
+            return [r[0] for r in conn.execute(COMPLEMENT, params)]
+
+        for ef in EFS:
+            got, seconds = timed(conn, {"hnsw.ef_search": str(ef), "enable_sort": "off"}, qs, one_search)
+            report(f"complement index, ef_search {ef}", got, truth, seconds, k)
+        conn.execute("DROP INDEX bench_complement")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--data", choices=GENERATORS, default="scenes")
+    ap.add_argument("--queries", type=int, default=40, help="queries per case")
+    ap.add_argument("-k", type=int, default=5)
+    args = ap.parse_args()
+    print(f"imsearch mode-other bench: {args.rows:,} {args.data} rows, k={args.k}, {args.queries} queries per case")
+    with bench_server() as admin:
+        name = f"imsearch_other_{args.data}_{args.rows}"
+        url = fresh_database(admin, name)
+        try:
+            upgrade(url)
+            gen = GENERATORS[args.data](seed=args.rows)
+            fill(url, gen, args.rows)
+            with Store(url) as store:
+                print("shared_buffers", store.conn.execute("SHOW shared_buffers").fetchone()[0])
+                compare(store, gen, COMMON[1], args.queries, args.k, complement=True)
+                compare(store, gen, RARE, args.queries, args.k, complement=False)
+        finally:
+            drop_database(admin, name)
+
+
+if __name__ == "__main__":
+    main()
