@@ -66,9 +66,10 @@ UNION_TAIL = "\nORDER BY distance\nLIMIT %(k)s"
 # Filtered sets up to this many rows are scanned exactly: cheaper than an index scan at that size, and exact.
 EXACT_MAX_ROWS = 1_000
 EF_SEARCH = 100
-# A query of class X searches the other classes' graphs from far outside them, where HNSW needs a wider beam:
-# with m = 32 class indexes, recall@5 0.9 at ef_search 200 and 1.0 at 400 (bench/search.py; docs/scaling.md).
-BRANCH_EF_SEARCH = 400
+# A query of class X searches the other classes' graphs from outside them, where HNSW needs a wider beam. At 100k
+# scene-like rows mode other's recall@5 was 0.995-1.0 / 1.0 / 1.0 at ef_search 100 / 200 / 400, p50 20-23 / 31-37 /
+# 46-58 ms (bench/other_mode.py; docs/scaling.md has the noise data's too). Migration 0004 mirrors it in SQL.
+BRANCH_EF_SEARCH = 200
 MAX_SCAN_TUPLES = 50_000
 MAX_BRANCHES = 32
 

@@ -20,7 +20,7 @@ from .errors import DatabaseUnavailable, ModelMismatch, SchemaOutdated
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 MIN_PGVECTOR = (0, 7, 0)
 # Per-class partial HNSW indexes (migration 0003) are named from an md5 of the class, which may be any text.
 CLASS_INDEX_PREFIX = "images_embedding_hnsw_c_"

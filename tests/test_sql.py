@@ -116,6 +116,14 @@ def test_nearest_equals_find_through_the_per_class_indexes(shared, conn, monkeyp
             conn.execute(f'DROP INDEX "{index}"')
 
 
+def test_functions_search_other_classes_with_finds_beam(conn):
+    """The functions mirror find's planning in SQL; a beam changed in imsearch.search needs a migration too."""
+    for function in ("imsearch_nearest(bigint, integer, text)", "imsearch_class_correspondence(integer, text)"):
+        definition = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)", (function,)).fetchone()[0]
+        assert f"greatest({search.BRANCH_EF_SEARCH}, 2 * k)" in definition, function
+        assert f"greatest({search.EF_SEARCH}, 2 * k)" in definition, function
+
+
 def test_nearest_defaults_to_five_in_mode_all_and_takes_k(conn):
     some_id = conn.execute("SELECT min(id) FROM images").fetchone()[0]
     assert len(conn.execute("SELECT * FROM imsearch_nearest(%s)", (some_id,)).fetchall()) == 5
