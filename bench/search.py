@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imsearch import search  # noqa: E402
 from imsearch.settings import start_embedded  # noqa: E402
-from imsearch.store import CLASS_INDEX_PREFIX, Store, upgrade  # noqa: E402
+from imsearch.store import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX, Store, upgrade  # noqa: E402
 
 DIMS = 2048
 COMMON = ["bathroom", "bedroom", "dining_room", "kitchen", "living_room"]
@@ -166,7 +166,11 @@ def fill(url: str, gen: Generator, rows: int) -> tuple[float, float, int, int, f
     return load_s, build_s, size, len(classes), class_s, class_size
 
 
-def measure(store: Store, gen: Generator, queries: int, k: int) -> list[tuple]:
+CASES = (("all", None), ("same", COMMON[1]), ("same", RARE), ("other", COMMON[1]), ("other", RARE))
+
+
+def measure(store: Store, gen: Generator, queries: int, k: int,
+            cases: tuple[tuple[str, str | None], ...] = CASES) -> list[tuple]:
     """Per mode and class: recall@k against an exact scan, short answers, p50/p95 of index and exact SQL.
 
     The index queries run in one pass and the exact scans in another, after a warm-up pass on other queries:
@@ -174,8 +178,9 @@ def measure(store: Store, gen: Generator, queries: int, k: int) -> list[tuple]:
     """
     counts = dict(store.classes())
     indexed = store.indexed_classes(counts)
-    cases = [("all", None), ("same", COMMON[1]), ("same", RARE), ("other", COMMON[1]), ("other", RARE)]
-    plans = {case: search.plan(case[0], k=k, cls=case[1], counts=counts, indexed=indexed, pgvector=store.pgvector)
+    others_indexed = store.indexed_classes(counts, OTHER_INDEX_PREFIX)
+    plans = {case: search.plan(case[0], k=k, cls=case[1], counts=counts, indexed=indexed,
+                               others_indexed=others_indexed, pgvector=store.pgvector)
              for case in cases}
     draws = {case: gen.vectors(case[1] or COMMON[2], 2 * queries) for case in cases}
 
@@ -203,7 +208,7 @@ def measure(store: Store, gen: Generator, queries: int, k: int) -> list[tuple]:
         filtered = None if mode == "all" else (counts[cls] if mode == "same" else
                                                sum(n for c, n in counts.items() if c != cls))
         node = search.explain(store.conn, draws[case][0], mode, k=k, cls=cls, query_plan=plans[case])
-        scan = ("class" if "images_embedding_hnsw_c_" in node else
+        scan = ("class" if "images_embedding_hnsw_c_" in node else "other-class" if OTHER_INDEX_PREFIX in node else
                 "hnsw" if "Index Scan using images_embedding_hnsw" in node else "exact")
         if plans[case].branches:
             exact_branches = sum(e for _, e in plans[case].branches)
@@ -229,6 +234,15 @@ def lid(answers: list[list[search.Match]]) -> float:
 
 def pct(values: list[float], p: int) -> float:
     return float(np.percentile(values, p)) * 1000
+
+
+def table(rows: list[tuple], k: int, head: bool = True) -> None:
+    if head:
+        print(f"{'mode':<32} {'scan':<30} {'LID':>4} {'recall@' + str(k):>9} {'min':>5} {'short':>5} "
+              f"{'p50 ms':>7} {'p95 ms':>7} {'exact p50 ms':>13}")
+    for label, scan, dim, recall, rmin, short, p50, p95, exact50 in rows:
+        print(f"{label:<32} {scan:<30} {dim:>4.0f} {recall:>9.3f} {rmin:>5.2f} {short:>5} {p50:>7.1f} "
+              f"{p95:>7.1f} {exact50:>13.1f}")
 
 
 def fresh_database(admin_url: str, name: str) -> str:
@@ -285,13 +299,19 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
             for _ in range(3):  # warm the cache
                 search.run(store.conn, gen.vectors(COMMON[0], 1)[0], "all", k=args.k, cls=None, skip_sha=None,
                            query_plan=search.plan("all", k=args.k, pgvector=store.pgvector))
-            rows_out = measure(store, gen, args.queries, args.k)
-        head = f"{'mode':<32} {'scan':<30} {'LID':>4} {'recall@' + str(args.k):>9} {'min':>5} {'short':>5} " \
-               f"{'p50 ms':>7} {'p95 ms':>7} {'exact p50 ms':>13}"
-        print(head)
-        for label, scan, dim, recall, rmin, short, p50, p95, exact50 in rows_out:
-            print(f"{label:<32} {scan:<30} {dim:>4.0f} {recall:>9.3f} {rmin:>5.2f} {short:>5} {p50:>7.1f} "
-                  f"{p95:>7.1f} {exact50:>13.1f}")
+            table(measure(store, gen, args.queries, args.k), args.k)
+            if args.index_other:
+                # -- what `imsearch db index-other` changes: mode other through one index per query class
+                store.conn.execute("SET maintenance_work_mem = '4GB'")
+                store.conn.execute("SET max_parallel_maintenance_workers = 1")
+                t = time.perf_counter()
+                built = store.ensure_other_indexes(search.EXACT_MAX_ROWS)
+                seconds = time.perf_counter() - t
+                size = sum(n for _, n in store.other_indexes())
+                print(f"imsearch db index-other: {len(built)} other-class indexes {seconds:.1f} s, "
+                      f"{size / 2**20:,.0f} MiB")
+                again = tuple(c for c in CASES if c[0] == "other" or c == ("same", COMMON[1]))  # same: still its own
+                table(measure(store, gen, args.queries, args.k, again), args.k, head=False)
     finally:
         if not args.keep:
             drop_database(admin_url, name)
@@ -305,6 +325,8 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--data", choices=GENERATORS, default="scenes",
                     help="synthetic vectors: scenes (shared scene elements; default) or noise (the hard case)")
+    ap.add_argument("--index-other", action="store_true",
+                    help="then build the other-class indexes (imsearch db index-other) and measure mode other again")
     ap.add_argument("--keep", action="store_true", help="keep the bench databases")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] + ([1_000_000] if args.full else [])

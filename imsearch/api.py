@@ -20,7 +20,7 @@ from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, ingest
 from .pixels import PREPROCESSING
 from .search import MODES, Match
 from .settings import Settings, libpq_url
-from .store import Store
+from .store import OTHER_INDEX_PREFIX, Store
 
 Query = Union[str, Path, bytes, Image.Image]
 
@@ -129,6 +129,16 @@ class Imsearch:
                 self.store.ensure_class_indexes(search.EXACT_MAX_ROWS)
             return result
 
+    def index_other_classes(self, drop: bool = False) -> list[str]:
+        """Give every class an HNSW index over all the other classes, so that mode other is one index search
+        rather than one per class (migration 0005; its cost is in docs/scaling.md); returns the classes indexed
+        now. Ingest keeps them complete from then on. With `drop`, remove them all instead."""
+        with self._lock:
+            if drop:
+                self.store.drop_other_indexes()
+                return []
+            return self.store.ensure_other_indexes(search.EXACT_MAX_ROWS)
+
     # -- find ----------------------------------------------------------------------------------------------
 
     def embed(self, queries: Sequence[Query], *, names: Sequence[str] | None = None) -> list[Embedded]:
@@ -178,11 +188,12 @@ class Imsearch:
         exact: bool = False,
         class_counts: dict[str, int] | None = None,
         indexed: set[str] | None = None,
+        others_indexed: set[str] | None = None,
     ) -> FindResult:
         """Rank the stored images against one embedded query in one mode.
 
-        `class_counts` and `indexed` (classes with their own index) may be passed in to save two small queries
-        per search when many queries run together.
+        `class_counts`, `indexed` (classes with their own index) and `others_indexed` (classes with an other-class
+        index) may be passed in to save small queries per search when many queries run together.
         """
         if k < 1:
             raise ImsearchError("k must be at least 1")
@@ -205,8 +216,10 @@ class Imsearch:
                 raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
             if indexed is None:
                 indexed = store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
-            query_plan = search.plan(mode, k=k, cls=cls, counts=counts, indexed=indexed, pgvector=store.pgvector,
-                                     exact=exact)
+            if others_indexed is None:
+                others_indexed = store.indexed_classes(counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
+            query_plan = search.plan(mode, k=k, cls=cls, counts=counts, indexed=indexed,
+                                     others_indexed=others_indexed, pgvector=store.pgvector, exact=exact)
             matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
                                  skip_sha=None if include_self else query.sha256, query_plan=query_plan)
         return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact)
@@ -227,10 +240,11 @@ class Imsearch:
             queries = [queries]
         counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model loads
         indexed = self.store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
+        others_indexed = self.store.indexed_classes(counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
         embedded = self.embed(list(queries), names=names)
         return [
             self.search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                        class_counts=counts, indexed=indexed)
+                        class_counts=counts, indexed=indexed, others_indexed=others_indexed)
             for e in embedded
         ]
 

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +371,25 @@ def db_grant_reader(ctx: click.Context, name: str, password: str | None) -> None
                f"on database {reader.database}")
     if reader.password is not None:
         click.echo(f"password: {reader.password}  (shown once; run this again to set a new one)")
+
+
+@db.command("index-other")
+@click.option("--drop", is_flag=True, help="Remove the other-class indexes: mode other searches class by class again.")
+@click.pass_context
+def db_index_other(ctx: click.Context, drop: bool) -> None:
+    """Give every class an HNSW index over all other classes: mode other in one search, for more storage.
+
+    Each row then sits in (classes - 1) such indexes; docs/scaling.md measures what that buys and costs.
+    """
+    app = _app(ctx)
+    started = time.perf_counter()
+    built = app.index_other_classes(drop=drop)
+    indexes = app.store.other_indexes()
+    if not drop:
+        click.echo(f"built {len(built)} other-class index{'es' if len(built) != 1 else ''} "
+                   f"in {time.perf_counter() - started:.1f} s")
+    size = sum(n for _, n in indexes) / 2**20
+    click.echo(f"{len(indexes)} other-class index{'es' if len(indexes) != 1 else ''}, {size:,.0f} MiB")
 
 
 @db.command("serve")

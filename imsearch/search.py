@@ -54,6 +54,16 @@ ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s
 LIMIT %(k)s
 """
 
+# Mode other through the query class's other-class index (migration 0005, `imsearch db index-other`): one search
+# of a graph that holds every row of every other class.
+OTHER_QUERY = """
+SELECT id, path, class, embedding <=> %(q)s AS distance
+FROM images
+WHERE sha256 IS DISTINCT FROM %(skip_sha)s AND class <> %(cls)s
+ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s
+LIMIT %(k)s
+"""
+
 # Mode other, per class: the same-class query for each other class, merged by distance. A small class is scanned
 # exactly (OFFSET 0 keeps the ORDER BY from reaching an index).
 BRANCH = "({query})".format(query=CLASS_QUERY.format(cls="c{i}").strip())
@@ -70,6 +80,8 @@ EF_SEARCH = 100
 # scene-like rows mode other's recall@5 was 0.995-1.0 / 1.0 / 1.0 at ef_search 100 / 200 / 400, p50 20-23 / 31-37 /
 # 46-58 ms (bench/other_mode.py; docs/scaling.md has the noise data's too). Migration 0004 mirrors it in SQL.
 BRANCH_EF_SEARCH = 200
+# One graph of every other class, searched from outside it: see migration 0005 and docs/scaling.md.
+OTHER_EF_SEARCH = 200
 MAX_SCAN_TUPLES = 50_000
 MAX_BRANCHES = 32
 
@@ -94,7 +106,7 @@ class Plan:
     exact: bool
     settings: tuple[tuple[str, str], ...] = ()
     branches: tuple[tuple[str, bool], ...] = ()  # (class, scanned exactly)
-    class_index: bool = False  # mode same through the class's own index
+    class_index: bool = False  # mode same through the class's own index, mode other through its other-class index
 
 
 def mode_sql(mode: str, branches: tuple[tuple[str, bool], ...] = (), class_index: bool = False) -> str:
@@ -102,7 +114,7 @@ def mode_sql(mode: str, branches: tuple[tuple[str, bool], ...] = (), class_index
     if mode not in MODE_FILTERS:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if class_index:
-        return CLASS_QUERY.format(cls="cls")
+        return OTHER_QUERY if mode == "other" else CLASS_QUERY.format(cls="cls")
     if branches:
         parts = [(EXACT_BRANCH if exact else BRANCH).format(i=i) for i, (_, exact) in enumerate(branches)]
         return "\nUNION ALL\n".join(parts) + UNION_TAIL
@@ -116,10 +128,12 @@ def plan(
     cls: str | None = None,
     counts: dict[str, int] | None = None,
     indexed: frozenset[str] | set[str] = frozenset(),
+    others_indexed: frozenset[str] | set[str] = frozenset(),
     pgvector: tuple[int, ...] = (0, 8, 0),
     exact: bool = False,
 ) -> Plan:
-    """Choose how to run one query from the stored class sizes (`counts`) and which classes have an index."""
+    """Choose how to run one query from the stored class sizes (`counts`) and which classes have an index
+    (`indexed`: their own; `others_indexed`: one over every other class)."""
     counts = counts or {}
     if exact:
         return Plan(True, EXACT_SETTINGS)
@@ -136,6 +150,9 @@ def plan(
             return Plan(False, class_index, class_index=True)
         return _iterative(index, pgvector)
     others = sorted(c for c in counts if c != cls)
+    if cls in others_indexed and sum(counts[c] for c in others) > EXACT_MAX_ROWS:
+        beam = (("hnsw.ef_search", str(max(OTHER_EF_SEARCH, 2 * k))),) + class_index[1:]
+        return Plan(False, beam, class_index=True)
     big_unindexed = [c for c in others if counts[c] > EXACT_MAX_ROWS and c not in indexed]
     if others and len(others) <= MAX_BRANCHES and not big_unindexed:
         branches = tuple((c, counts[c] <= EXACT_MAX_ROWS) for c in others)

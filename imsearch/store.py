@@ -20,17 +20,20 @@ from .errors import DatabaseUnavailable, ModelMismatch, SchemaOutdated
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 MIN_PGVECTOR = (0, 7, 0)
-# Per-class partial HNSW indexes (migration 0003) are named from an md5 of the class, which may be any text.
+# Per-class partial HNSW indexes are named from an md5 of the class, which may be any text: a class's own
+# (migration 0003) and, where `imsearch db index-other` made them, one over every other class (migration 0005).
 CLASS_INDEX_PREFIX = "images_embedding_hnsw_c_"
+OTHER_INDEX_PREFIX = "images_embedding_hnsw_o_"
 
 
-def class_index_name(cls: str) -> str:
-    """The partial index name `imsearch_index_class(cls)` gives (md5 of the UTF-8 class name, as PostgreSQL's)."""
+def class_index_name(cls: str, prefix: str = CLASS_INDEX_PREFIX) -> str:
+    """The partial index name `imsearch_index_class(cls)` (or with OTHER_INDEX_PREFIX, `imsearch_index_other`)
+    gives: md5 of the UTF-8 class name, as PostgreSQL's."""
     import hashlib
 
-    return CLASS_INDEX_PREFIX + hashlib.md5(cls.encode()).hexdigest()[:16]
+    return prefix + hashlib.md5(cls.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -258,24 +261,54 @@ class Store:
         ).fetchall()
         return [(c, n) for c, n in rows]
 
-    def indexed_classes(self, classes: Iterable[str]) -> set[str]:
-        """Which of these classes have their own partial HNSW index."""
+    def indexed_classes(self, classes: Iterable[str], prefix: str = CLASS_INDEX_PREFIX) -> set[str]:
+        """Which of these classes have their own partial HNSW index (with OTHER_INDEX_PREFIX: an other-class one)."""
         rows = self.conn.execute(
             "SELECT indexname FROM pg_indexes WHERE tablename = 'images' AND starts_with(indexname, %s)",
-            (CLASS_INDEX_PREFIX,),
+            (prefix,),
         ).fetchall()
         names = {r[0] for r in rows}
-        return {c for c in classes if class_index_name(c) in names}
+        return {c for c in classes if class_index_name(c, prefix) in names}
 
     def ensure_class_indexes(self, min_rows: int) -> list[str]:
-        """Give every class with more than min_rows rows its own HNSW index; returns the classes indexed now."""
+        """Give every class with more than min_rows rows its own HNSW index, and where other-class indexes exist,
+        every class that lacks one its other-class index; returns the classes indexed now."""
         counts = dict(self.classes())
         big = [c for c, n in counts.items() if n > min_rows]
         missing = sorted(set(big) - self.indexed_classes(big))
         for cls in missing:
             log.info("building the HNSW index of class %r (%d rows)", cls, counts[cls])
             self.conn.execute("SELECT imsearch_index_class(%s)", (cls,))
+        if self.other_indexes():
+            missing += self.ensure_other_indexes(min_rows)
         return missing
+
+    def ensure_other_indexes(self, min_rows: int) -> list[str]:
+        """Give every class whose other classes hold more than min_rows rows an HNSW index over them (migration
+        0005); returns the classes indexed now."""
+        counts = dict(self.classes())
+        total = sum(counts.values())
+        wide = [c for c, n in counts.items() if total - n > min_rows]
+        missing = sorted(set(wide) - self.indexed_classes(wide, OTHER_INDEX_PREFIX))
+        for cls in missing:
+            log.info("building the other-class HNSW index of class %r (%d rows)", cls, total - counts[cls])
+            self.conn.execute("SELECT imsearch_index_other(%s)", (cls,))
+        return missing
+
+    def other_indexes(self) -> list[tuple[str, int]]:
+        """The other-class indexes (`imsearch db index-other`) with their sizes in bytes."""
+        return self.conn.execute(
+            "SELECT c.relname::text, pg_relation_size(indexrelid) FROM pg_index "
+            "JOIN pg_class c ON c.oid = indexrelid WHERE starts_with(c.relname, %s) ORDER BY 1",
+            (OTHER_INDEX_PREFIX,),
+        ).fetchall()
+
+    def drop_other_indexes(self) -> int:
+        """Drop every other-class index; mode other goes back to one search per class. Returns how many."""
+        names = [name for name, _ in self.other_indexes()]
+        for name in names:
+            self.conn.execute(f'DROP INDEX "{name}"')
+        return len(names)
 
     def count(self, cls: str | None = None) -> int:
         if cls is None:

@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, text
 
 from imsearch.settings import Settings, libpq_url, sqlalchemy_url
-from imsearch.store import CLASS_INDEX_PREFIX
+from imsearch.store import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
 from imsearch.tables import metadata
 
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
@@ -18,7 +18,7 @@ target_metadata = metadata
 
 def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
     """Compare only imsearch's own tables; views, functions and per-class indexes are managed by hand."""
-    if type_ == "index" and reflected and name and name.startswith(CLASS_INDEX_PREFIX):
+    if type_ == "index" and reflected and name and name.startswith((CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX)):
         return False
     return not (type_ == "table" and reflected and compare_to is None and name != "images")
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import psycopg
 import pytest
 
 from imsearch import UnknownClass
 from imsearch import search as search_mod
+from imsearch.store import OTHER_INDEX_PREFIX
 from tests.conftest import ROOMS, copy_photos
 
 
@@ -111,6 +114,10 @@ def test_plan_scans_small_classes_exactly_and_large_ones_through_their_own_index
     assert ("enable_sort", "off") in big.settings
     assert ("hnsw.iterative_scan", "relaxed_order") in unindexed.settings
     assert other.branches == (("big", False), ("small", True))
+    one = search_mod.plan("other", k=5, cls="huge", counts=counts, indexed={"big", "huge"}, others_indexed={"huge"})
+    assert one.class_index and not one.branches and ("hnsw.ef_search", str(search_mod.OTHER_EF_SEARCH)) in one.settings
+    few = search_mod.plan("other", k=5, cls="big", counts={"big": 50_000, "small": 400}, others_indexed={"big"})
+    assert few.exact  # 400 rows to read: exactly, index or not
 
 
 def test_large_classes_get_their_own_index_and_the_filtered_modes_use_it(app, photos, monkeypatch):
@@ -127,3 +134,31 @@ def test_large_classes_get_their_own_index_and_the_filtered_modes_use_it(app, ph
         [indexed] = app.find(query, mode)
         [exact] = app.find(query, mode, exact=True)
         assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
+
+
+def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_them(app, photos, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)  # every class of 4 photos counts as large
+    app.ingest(photos)
+    counts = dict(app.classes())
+    assert sorted(app.index_other_classes()) == sorted(counts)
+    assert app.store.indexed_classes(counts, OTHER_INDEX_PREFIX) == set(counts)
+    query = sorted(photos.glob("bedroom/*.jpg"))[0]
+    vector = app.embed([query])[0].vector
+    others = app.store.indexed_classes(counts, OTHER_INDEX_PREFIX)
+    for mode, index in (("other", "images_embedding_hnsw_o_"), ("same", "images_embedding_hnsw_c_")):
+        plan = search_mod.plan(mode, k=5, cls="bedroom", counts=counts, indexed=set(counts), others_indexed=others)
+        text = search_mod.explain(app.store.conn, vector, mode, k=5, cls="bedroom", query_plan=plan)
+        assert f"Index Scan using {index}" in text and text.count("Index Scan") == 1, mode
+        [indexed] = app.find(query, mode)
+        [exact] = app.find(query, mode, exact=True)
+        assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
+        assert all(m.cls != "bedroom" for m in indexed.matches) if mode == "other" else True
+    # a new class gets its other-class index at the end of the ingest that brings it
+    cellar = tmp_path / "more" / "wine_cellar"
+    cellar.mkdir(parents=True)
+    for src in sorted((ROOMS / "base" / "kitchen").glob("*.jpg"))[4:8]:
+        shutil.copy2(src, cellar / src.name)
+    assert app.ingest(cellar.parent).added == 4
+    assert "wine_cellar" in app.store.indexed_classes(["wine_cellar"], OTHER_INDEX_PREFIX)
+    assert app.index_other_classes(drop=True) == [] and app.store.other_indexes() == []

@@ -116,12 +116,36 @@ def test_nearest_equals_find_through_the_per_class_indexes(shared, conn, monkeyp
             conn.execute(f'DROP INDEX "{index}"')
 
 
+def test_nearest_equals_find_through_the_other_class_indexes(shared, conn, monkeypatch):
+    """With `imsearch db index-other`'s indexes, find's mode other is one index search; so is the function's."""
+    app, photos, _ = shared
+    monkeypatch.setattr(search, "EXACT_MAX_ROWS", 0)
+    conn.execute("SET imsearch.exact_max_rows = 0")
+    app.index_other_classes()
+    try:
+        ids = ids_by_path(conn)
+        queries = [sorted(photos.glob(f"{cls}/*.jpg"))[0] for cls in ("dining_room", "living_room")]
+        results = app.find(queries, "other")
+        app.store.conn.execute("SELECT pg_stat_force_next_flush()")
+        before = hnsw_scans(conn, "images_embedding_hnsw_o_%")
+        for query, result in zip(queries, results):
+            rows = conn.execute("SELECT id, distance FROM imsearch_nearest(%s, 5, 'other')",
+                                (ids[str(query.resolve())],)).fetchall()
+            assert [r[0] for r in rows] == [m.id for m in result.matches]
+            assert [r[1] for r in rows] == pytest.approx([m.distance for m in result.matches], abs=1e-4)
+        assert hnsw_scans(conn, "images_embedding_hnsw_o_%") - before == 2  # one search per query
+    finally:
+        app.index_other_classes(drop=True)
+
+
 def test_functions_search_other_classes_with_finds_beam(conn):
     """The functions mirror find's planning in SQL; a beam changed in imsearch.search needs a migration too."""
     for function in ("imsearch_nearest(bigint, integer, text)", "imsearch_class_correspondence(integer, text)"):
         definition = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)", (function,)).fetchone()[0]
         assert f"greatest({search.BRANCH_EF_SEARCH}, 2 * k)" in definition, function
         assert f"greatest({search.EF_SEARCH}, 2 * k)" in definition, function
+        if function.startswith("imsearch_nearest"):
+            assert f"greatest({search.OTHER_EF_SEARCH}, 2 * k)" in definition
 
 
 def test_nearest_defaults_to_five_in_mode_all_and_takes_k(conn):
