@@ -7,8 +7,8 @@ Fills a fresh database as bench/search.py does (same generators, same indexes), 
 and of the rare class, each against an exact scan of `class <> X`:
 
 - union: imsearch's plan (one branch per other class, each through its class index) at several ef_search;
-- complement: one extra partial index `WHERE class <> X` (as the class indexes, m = 32, ef_construction = 200),
-  searched as a single index: one graph search instead of one per class, for (classes - 1)x the index storage;
+- other-class index: the partial index `WHERE class <> X` that `imsearch db index-other` builds, searched as
+  imsearch searches it: one graph search instead of one per class, for (classes - 1)x the index storage;
 - iterative: the whole-table index with `hnsw.iterative_scan = relaxed_order`;
 - overfetch (rare X only): the whole-table index's nearest |X| + k rows, filtered afterwards; at most |X| rows of X
   can come first, so the answer is complete whenever the index search is.
@@ -36,10 +36,6 @@ from search import COMMON, GENERATORS, RARE, bench_server, drop_database, fill, 
 from imsearch import search  # noqa: E402
 from imsearch.store import Store, upgrade  # noqa: E402
 
-COMPLEMENT = """
-SELECT id FROM images WHERE class <> %(cls)s
-ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s LIMIT %(k)s
-"""
 OVERFETCH = """
 SELECT id FROM (SELECT id, class, embedding <=> %(q)s AS distance FROM images
                 ORDER BY embedding <=> %(q)s LIMIT %(n)s) AS near
@@ -111,18 +107,21 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int, complement: 
         conn.execute("SET maintenance_work_mem = '4GB'")
         conn.execute("SET max_parallel_maintenance_workers = 1")
         t = time.perf_counter()
-        conn.execute("CREATE INDEX bench_complement ON images USING hnsw ((l2_normalize(embedding)::halfvec(2048)) "
-                     f"halfvec_ip_ops) WITH (m = 32, ef_construction = 200) WHERE class <> '{cls}'")
-        size = conn.execute("SELECT pg_relation_size('bench_complement')").fetchone()[0]
-        print(f"  complement index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
-        def one_search(q: np.ndarray) -> list[int]:
-            params = {"unit": HalfVector(q / np.linalg.norm(q)), "cls": cls, "k": k}
-            return [r[0] for r in conn.execute(COMPLEMENT, params)]
-
-        for ef in EFS:
-            got, seconds = timed(conn, {"hnsw.ef_search": str(ef), "enable_sort": "off"}, qs, one_search)
-            report(f"complement index, ef_search {ef}", got, truth, seconds, k)
-        conn.execute("DROP INDEX bench_complement")
+        conn.execute("SELECT imsearch_index_other(%s)", (cls,))
+        size = sum(n for _, n in store.other_indexes())
+        print(f"  other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
+        default = search.OTHER_EF_SEARCH
+        try:
+            for ef in EFS:
+                search.OTHER_EF_SEARCH = ef
+                plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed, others_indexed={cls},
+                                   pgvector=store.pgvector)
+                got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
+                report(f"other-class index, ef_search {ef}" + (" (imsearch)" if ef == default else ""),
+                       got, truth, seconds, k)
+        finally:
+            search.OTHER_EF_SEARCH = default
+            store.drop_other_indexes()
 
 
 def main() -> None:

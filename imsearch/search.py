@@ -55,12 +55,14 @@ LIMIT %(k)s
 """
 
 # Mode other through the query class's other-class index (migration 0005, `imsearch db index-other`): one search
-# of a graph that holds every row of every other class.
+# of a graph that holds every row of every other class. These indexes order by cosine distance (`<=>`) where the
+# class indexes use `<#>`, so neither kind can serve the other's query: `class = Y` implies `class <> X`, and the
+# planner once served a same-class query from an other-class index with a filter.
 OTHER_QUERY = """
 SELECT id, path, class, embedding <=> %(q)s AS distance
 FROM images
 WHERE sha256 IS DISTINCT FROM %(skip_sha)s AND class <> %(cls)s
-ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s
+ORDER BY l2_normalize(embedding)::halfvec(2048) <=> %(unit)s
 LIMIT %(k)s
 """
 

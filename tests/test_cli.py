@@ -104,3 +104,17 @@ def test_db_url_prints_the_connection_uri(run, database_url):
 def test_db_upgrade_reports_the_revision(run):
     result = run("db", "upgrade")
     assert result.exit_code == 0 and f"schema at revision {SCHEMA_REVISION}" in result.stdout
+
+
+def test_db_index_other_builds_one_index_per_class_and_drop_removes_them(run, photos, monkeypatch):
+    from imsearch import search
+
+    monkeypatch.setattr(search, "EXACT_MAX_ROWS", 3)  # 16 rows outside each class: worth an index here
+    assert run("ingest", str(photos)).exit_code == 0
+    built = run("db", "index-other")
+    assert built.exit_code == 0 and built.stdout.startswith("built 5 other-class indexes in ")
+    assert "5 other-class indexes, " in built.stdout
+    again = run("db", "index-other")
+    assert again.stdout.startswith("built 0 other-class indexes")  # nothing left to build
+    dropped = run("db", "index-other", "--drop")
+    assert dropped.exit_code == 0 and dropped.stdout == "0 other-class indexes, 0 MiB\n"

@@ -10,7 +10,7 @@ import pytest
 
 from imsearch import UnknownClass
 from imsearch import search as search_mod
-from imsearch.store import OTHER_INDEX_PREFIX
+from imsearch.store import OTHER_INDEX_PREFIX, class_index_name
 from tests.conftest import ROOMS, copy_photos
 
 
@@ -162,3 +162,19 @@ def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_t
     assert app.ingest(cellar.parent).added == 4
     assert "wine_cellar" in app.store.indexed_classes(["wine_cellar"], OTHER_INDEX_PREFIX)
     assert app.index_other_classes(drop=True) == [] and app.store.other_indexes() == []
+
+
+def test_a_same_class_query_is_never_served_by_an_other_class_index(app, photos, monkeypatch):
+    """`class = Y` implies `class <> X`: an other-class index with a filter would lose most of Y's neighbours."""
+    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+    app.ingest(photos)
+    app.index_other_classes()
+    counts = dict(app.classes())
+    conn = app.store.conn
+    conn.execute(f'DROP INDEX "{class_index_name("bedroom")}"')  # leave the planner nothing better to take
+    plan = search_mod.plan("same", k=5, cls="bedroom", counts=counts, indexed={"bedroom"})
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")
+        conn.execute("SET LOCAL enable_bitmapscan = off")
+        text = search_mod.explain(conn, np.ones(2048, np.float32), "same", k=5, cls="bedroom", query_plan=plan)
+    assert OTHER_INDEX_PREFIX not in text

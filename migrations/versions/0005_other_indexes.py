@@ -3,8 +3,10 @@
 Mode other for a query of class X reads the rows `WHERE class <> X`. By default imsearch searches each other
 class through its own index (migration 0003) and merges the answers: complete, but one graph search per class.
 `imsearch db index-other` calls imsearch_index_other(X) for every class, which gives `class <> X` a graph of its
-own, built as the class indexes are (the unit-length embedding by inner product, m = 32, ef_construction = 200),
-so that mode other is a single search. On bench/other_mode.py's scene data at 100k rows that took mode other
+own, built as the class indexes are (the unit-length embedding, m = 32, ef_construction = 200), so that mode
+other is a single search. They order by cosine distance where the class indexes use the inner product (the same
+order on unit vectors): `class = Y` implies `class <> X`, so with the same operator the planner may serve a
+same-class query from an other-class index with a filter, which it did at 10k rows. On bench/other_mode.py's scene data at 100k rows that took mode other
 from 31 ms to about 9 ms at recall@5 0.97 (docs/scaling.md). The price is that every row sits in (classes - 1)
 of these indexes: storage and insert work grow with the number of classes, which is why they are opt-in; once
 any exist, imsearch keeps them complete for new classes after each ingest.
@@ -43,7 +45,7 @@ OTHER_INDEX_PATH = """    -- mode other through the query class's other-class in
             SELECT i.id, i.path, i.class, i.embedding <=> q AS distance
             FROM images i
             WHERE i.sha256 IS DISTINCT FROM q_sha AND i.class <> q_class
-            ORDER BY l2_normalize(i.embedding)::halfvec(2048) <#> l2_normalize(q)
+            ORDER BY l2_normalize(i.embedding)::halfvec(2048) <=> l2_normalize(q)
             LIMIT k
         ) n
         ORDER BY 1;
@@ -81,7 +83,7 @@ def upgrade() -> None:
         BEGIN
             EXECUTE format(
                 'CREATE INDEX IF NOT EXISTS %I ON images '
-                'USING hnsw ((l2_normalize(embedding)::halfvec(2048)) halfvec_ip_ops) '
+                'USING hnsw ((l2_normalize(embedding)::halfvec(2048)) halfvec_cosine_ops) '
                 'WITH (m = 32, ef_construction = 200) WHERE class <> %L', name, cls);
             RETURN name;
         END
