@@ -78,9 +78,8 @@ class Scenes(Generator):
     classes, each class preferring some of them, plus a little channel noise.
 
     Photos of different classes share elements, as a kitchen and a dining room share a table, so the nearest
-    photo of another class is near for a reason. Local intrinsic dimensionality (LID, printed by the bench) is
-    in the tens, where published measurements of real image features lie; mean cosine distance about 0.25
-    within a class and 0.34 across.
+    photo of another class is near for a reason. Its local intrinsic dimensionality (the bench's LID column) is in
+    the tens, where published measurements of real embeddings lie.
     """
 
     def __init__(self, seed: int = 0, elements: int = 256) -> None:
@@ -103,9 +102,8 @@ class Scenes(Generator):
 class Noise(Generator):
     """The hard case: one of 30 sub-clusters per class plus independent noise on a third of the channels.
 
-    Seen from another class every photo is about equally far (LID near 200), so mode other's top five are
-    decided by cosine differences of about 0.0002: a stress test of graph search rather than a picture of
-    real features.
+    Seen from another class every photo is about equally far (LID in the hundreds), so mode other's top five are
+    decided by the noise: a stress test of graph search rather than a picture of real features.
     """
 
     def __init__(self, seed: int = 0) -> None:
