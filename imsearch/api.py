@@ -214,15 +214,19 @@ class Imsearch:
                     raise UnknownClass(f"{query.name}: class {cls!r} is not stored (stored classes: {known})")
             elif mode != "all":
                 raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
-            if indexed is None:
-                indexed = store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
-            if others_indexed is None:
-                others_indexed = store.indexed_classes(counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
+            if indexed is None or others_indexed is None:
+                indexed, others_indexed = self._indexes(counts, mode)
             query_plan = search.plan(mode, k=k, cls=cls, counts=counts, indexed=indexed,
                                      others_indexed=others_indexed, pgvector=store.pgvector, exact=exact)
             matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
                                  skip_sha=None if include_self else query.sha256, query_plan=query_plan)
         return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact)
+
+    def _indexes(self, counts: dict[str, int], mode: str) -> tuple[set[str], set[str]]:
+        """The classes with their own index, and (mode other only) those with an other-class index."""
+        indexed = self.store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
+        others = self.store.indexed_classes(counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
+        return indexed, others
 
     def find(
         self,
@@ -239,8 +243,7 @@ class Imsearch:
         if isinstance(queries, (str, Path, bytes, Image.Image)):
             queries = [queries]
         counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model loads
-        indexed = self.store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
-        others_indexed = self.store.indexed_classes(counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
+        indexed, others_indexed = self._indexes(counts, mode)
         embedded = self.embed(list(queries), names=names)
         return [
             self.search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
@@ -307,11 +310,13 @@ class Imsearch:
             raise ImsearchError(f"{testdir}: no images in a sub-folder named after a stored class "
                                 f"(stored classes: {', '.join(sorted(counts))})")
         results: list[FindResult] = []
+        indexes = {mode: self._indexes(counts, mode) for mode in modes}  # once, not per query
         for start in range(0, len(queries), batch_size):
             batch = queries[start:start + batch_size]
             for f, e in zip(batch, self._embed_each([f.path for f in batch], skipped)):
                 if e is not None:
-                    results += [self.search(e, mode, k=k, query_class=f.cls, exact=exact, class_counts=counts)
+                    results += [self.search(e, mode, k=k, query_class=f.cls, exact=exact, class_counts=counts,
+                                            indexed=indexes[mode][0], others_indexed=indexes[mode][1])
                                 for mode in modes]
             if progress:
                 progress(start + len(batch), len(queries))

@@ -97,8 +97,8 @@ def size_shared_buffers(uri: str) -> None:
             untouched = conn.execute(
                 "SELECT pg_size_bytes(current_setting('shared_buffers')) = 128 * 2^20"
                 " AND coalesce(sourcefile, '') NOT LIKE '%postgresql.auto.conf' AND NOT pending_restart"
-                " FROM pg_settings WHERE name = 'shared_buffers'").fetchone()[0]
-            if untouched:
+                " FROM pg_settings WHERE name = 'shared_buffers'").fetchone()
+            if untouched and untouched[0]:
                 conn.execute(f"ALTER SYSTEM SET shared_buffers = '{shared_buffers_mb():d}MB'")
                 conn.execute("SELECT pg_reload_conf()")
     except psycopg.Error as exc:  # a tuning step never stops a command

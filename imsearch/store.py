@@ -280,13 +280,13 @@ class Store:
             log.info("building the HNSW index of class %r (%d rows)", cls, counts[cls])
             self.conn.execute("SELECT imsearch_index_class(%s)", (cls,))
         if self.other_indexes():
-            missing += self.ensure_other_indexes(min_rows)
+            missing += self.ensure_other_indexes(min_rows, counts)
         return missing
 
-    def ensure_other_indexes(self, min_rows: int) -> list[str]:
+    def ensure_other_indexes(self, min_rows: int, counts: dict[str, int] | None = None) -> list[str]:
         """Give every class whose other classes hold more than min_rows rows an HNSW index over them (migration
         0005); returns the classes indexed now."""
-        counts = dict(self.classes())
+        counts = counts if counts is not None else dict(self.classes())
         total = sum(counts.values())
         wide = [c for c, n in counts.items() if total - n > min_rows]
         missing = sorted(set(wide) - self.indexed_classes(wide, OTHER_INDEX_PREFIX))

@@ -1,7 +1,7 @@
 """mode other's beam: the SQL functions search other classes with ef_search 200, as `imsearch find` does.
 
 find's per-class branches for mode other went from ef_search 400 to 200 (imsearch.search.BRANCH_EF_SEARCH): on
-bench/search.py's scene data at 100k rows recall@5 stayed 1.0 and p50 fell from 46 to 31 ms
+bench/search.py's scene data at 100k rows recall@5 stayed 1.0 and p50 fell from 48-60 to 31-35 ms
 (bench/other_mode.py). imsearch_nearest and imsearch_class_correspondence (migration 0002) mirror find's
 planning, so their beam changes with it; the rest of each function stays as it is.
 

@@ -6,10 +6,11 @@ class through its own index (migration 0003) and merges the answers: complete, b
 own, built as the class indexes are (the unit-length embedding, m = 32, ef_construction = 200), so that mode
 other is a single search. They order by cosine distance where the class indexes use the inner product (the same
 order on unit vectors): `class = Y` implies `class <> X`, so with the same operator the planner may serve a
-same-class query from an other-class index with a filter, which it did at 10k rows. On bench/other_mode.py's scene data at 100k rows that took mode other
-from 31 ms to about 9 ms at recall@5 0.97 (docs/scaling.md). The price is that every row sits in (classes - 1)
-of these indexes: storage and insert work grow with the number of classes, which is why they are opt-in; once
-any exist, imsearch keeps them complete for new classes after each ingest.
+same-class query from an other-class index with a filter, which it did at 10k rows. On bench/search.py's scene
+data at 100k rows they took mode other from 30-35 ms to 9-11.5 ms, at recall@5 0.94-0.96 instead of 0.99-1.0
+(docs/scaling.md). The price is that every row sits in (classes - 1) of these indexes: storage and insert work
+grow with the number of classes, which is why they are opt-in; once any exist, imsearch keeps them complete for
+new classes after each ingest.
 
 imsearch_nearest takes the same path as `imsearch find` when the query's class has one.
 
