@@ -49,8 +49,7 @@ def timed(conn: Any, settings: dict[str, str], queries: np.ndarray,
     """Answers and seconds per query, after a warm-up pass over the same number of other queries."""
     out, seconds = [], []
     with conn.transaction():
-        for name, value in settings.items():
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        search.set_local(conn, tuple(settings.items()))
         for q in queries[len(queries) // 2:]:
             answer(q)
         for q in queries[:len(queries) // 2]:

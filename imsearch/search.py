@@ -181,6 +181,13 @@ def _statement(mode: str, vector: np.ndarray, k: int, cls: str | None, skip_sha:
     return mode_sql(mode, query_plan.branches, query_plan.class_index), params
 
 
+def set_local(conn: psycopg.Connection[Any], settings: tuple[tuple[str, str], ...]) -> None:
+    """Apply planner settings until the end of the current transaction (SET LOCAL), in one statement."""
+    if settings:
+        calls = ", ".join("set_config(%s, %s, true)" for _ in settings)
+        conn.execute(f"SELECT {calls}", [part for setting in settings for part in setting])
+
+
 def run(
     conn: psycopg.Connection[Any],
     vector: np.ndarray,
@@ -194,8 +201,7 @@ def run(
     """Run one mode's query with its plan's settings (SET LOCAL: they end with the transaction)."""
     sql, params = _statement(mode, vector, k, cls, skip_sha, query_plan)
     with conn.transaction():
-        for name, value in query_plan.settings:
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        set_local(conn, query_plan.settings)
         rows = conn.execute(sql, params).fetchall()
     # relaxed_order may hand back neighbours slightly out of order; ranks follow the true distances.
     rows.sort(key=lambda r: r[3])
@@ -207,7 +213,6 @@ def explain(conn: psycopg.Connection[Any], vector: np.ndarray, mode: str, *, k: 
     """The server's EXPLAIN for a query as `run` would send it (docs and tests check the index is used)."""
     sql, params = _statement(mode, vector, k, cls, None, query_plan)
     with conn.transaction():
-        for name, value in query_plan.settings:
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        set_local(conn, query_plan.settings)
         rows = conn.execute("EXPLAIN " + sql, params).fetchall()
     return "\n".join(r[0] for r in rows)

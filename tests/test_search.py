@@ -69,6 +69,18 @@ def test_distances_equal_pgvector_on_the_stored_vectors(stored, photos, database
             assert m.distance == pytest.approx(d, abs=1e-5)
 
 
+def test_plan_settings_hold_for_the_query_transaction_only(database_url):
+    settings = (("hnsw.ef_search", "321"), ("enable_sort", "off"), ("plan_cache_mode", "force_custom_plan"))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        with conn.transaction():
+            search_mod.set_local(conn, settings)
+            inside = [conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] for name, _ in settings]
+        after = conn.execute("SELECT current_setting('enable_sort')").fetchone()[0]
+    assert inside == ["321", "off", "force_custom_plan"]
+    assert after == "on"
+
+
 def test_class_modes_need_a_known_class(stored, tmp_path):
     odd = tmp_path / "nowhere" / "photo.jpg"
     odd.parent.mkdir()
