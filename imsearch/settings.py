@@ -66,43 +66,57 @@ def start_embedded(pgdata: Path | None = None) -> str:
     info = server.get_postmaster_info()
     if info.socket_dir is not None and info.port not in (None, 5432):
         uri += f"&port={info.port}"  # `imsearch db serve --port N` runs it with the socket .s.PGSQL.N
-    size_shared_buffers(uri)
+    size_embedded(uri)
     return uri
 
 
-def shared_buffers_mb() -> int:
-    """A quarter of the memory this machine (or its cgroup) has, between PostgreSQL's default 128 MB and 2 GB."""
+def quarter_of_memory_mb() -> int | None:
+    """A quarter of the memory this machine (or its cgroup) has, in MB; None where it cannot be read."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
-        return 128
+        return None
     try:
         total = min(total, int(Path("/sys/fs/cgroup/memory.max").read_text()))
     except (OSError, ValueError):  # no cgroup v2 limit ("max" or absent)
         pass
-    return max(128, min(2048, total // 4 // 2**20))
+    return total // 4 // 2**20
 
 
-def size_shared_buffers(uri: str) -> None:
-    """Give the embedded server a buffer cache that holds the HNSW indexes, from its next start on.
+def shared_buffers_mb() -> int:
+    """A quarter of the memory, between PostgreSQL's default 128 MB and 2 GB."""
+    return max(128, min(2048, quarter_of_memory_mb() or 128))
 
-    An index search reads pages at random; at PostgreSQL's default 128 MB a 100k-row library (1.5 GB of indexes)
-    reads most of them from the OS cache, which made mode other 1.6x slower (docs/scaling.md). Only initdb's
-    128 MB is replaced: a value set by anyone else (`ALTER SYSTEM`, postgresql.conf) is left alone.
+
+def build_memory_mb() -> int:
+    """maintenance_work_mem for index builds: a quarter of the memory, between the default 64 MB and 2 GB."""
+    return max(64, min(2048, quarter_of_memory_mb() or 64))
+
+
+def size_embedded(uri: str) -> None:
+    """Size the embedded server's memory for HNSW indexes: its buffer cache (from its next start on) and the
+    memory an index build may use (at once).
+
+    An index search reads pages at random; at PostgreSQL's default 128 MB of shared_buffers a 100k-row library
+    (1.5 GB of indexes) reads most of them from the OS cache, which made mode other 1.6x slower. An HNSW build whose
+    graph outgrows maintenance_work_mem (64 MB: about 10,000 rows) goes on far slower (docs/scaling.md has both).
+    Only initdb's values are replaced: a value set by anyone else (`ALTER SYSTEM`, postgresql.conf) is left alone.
     """
     import psycopg
 
+    wanted = (("shared_buffers", 128, shared_buffers_mb()), ("maintenance_work_mem", 64, build_memory_mb()))
     try:
         with psycopg.connect(uri, autocommit=True) as conn:
-            untouched = conn.execute(
-                "SELECT pg_size_bytes(current_setting('shared_buffers')) = 128 * 2^20"
-                " AND coalesce(sourcefile, '') NOT LIKE '%postgresql.auto.conf' AND NOT pending_restart"
-                " FROM pg_settings WHERE name = 'shared_buffers'").fetchone()
-            if untouched and untouched[0]:
-                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{shared_buffers_mb():d}MB'")
-                conn.execute("SELECT pg_reload_conf()")
+            for name, initdb_mb, mb in wanted:
+                untouched = conn.execute(
+                    "SELECT pg_size_bytes(current_setting(name)) = %s * 2^20"
+                    " AND coalesce(sourcefile, '') NOT LIKE '%%postgresql.auto.conf' AND NOT pending_restart"
+                    " FROM pg_settings WHERE name = %s", (initdb_mb, name)).fetchone()
+                if untouched and untouched[0] and mb != initdb_mb:
+                    conn.execute(f"ALTER SYSTEM SET {name} = '{mb:d}MB'")
+            conn.execute("SELECT pg_reload_conf()")
     except psycopg.Error as exc:  # a tuning step never stops a command
-        log.debug("could not size shared_buffers: %s", exc)
+        log.debug("could not size the embedded server's memory: %s", exc)
 
 
 def libpq_url(settings: Settings) -> str:

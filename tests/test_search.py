@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 
 from imsearch import UnknownClass
 from imsearch import search as search_mod
+from imsearch import store as store_mod
+from imsearch.errors import ImsearchError
 from imsearch.store import OTHER_INDEX_PREFIX, class_index_name
 from tests.conftest import ROOMS, copy_photos
 
@@ -174,6 +177,27 @@ def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_t
     assert app.ingest(cellar.parent).added == 4
     assert "wine_cellar" in app.store.indexed_classes(["wine_cellar"], OTHER_INDEX_PREFIX)
     assert app.index_other_classes(drop=True) == [] and app.store.other_indexes() == []
+
+
+def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not_fit(app, photos, monkeypatch,
+                                                                                      caplog):
+    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+    monkeypatch.setenv("IMSEARCH_BUILD_MEMORY", "100MB")
+    monkeypatch.setattr(store_mod, "GRAPH_BYTES_PER_ROW", 2**30)  # 4 rows then need 4 GB
+    with caplog.at_level(logging.WARNING, logger="imsearch.store"):
+        app.ingest(photos)
+    assert app.store.indexed_classes(dict(app.classes())) == {c for c, _ in app.classes()}
+    assert app.store.conn.execute("SHOW maintenance_work_mem").fetchone()[0] == "100MB"
+    warned = [r.getMessage() for r in caplog.records if "IMSEARCH_BUILD_MEMORY" in r.getMessage()]
+    assert len(warned) == 5 and "maintenance_work_mem is 100 MB" in warned[0]
+
+
+def test_a_bad_build_memory_is_one_clear_error_and_the_rows_stay(app, photos, monkeypatch):
+    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+    monkeypatch.setenv("IMSEARCH_BUILD_MEMORY", "lots")
+    with pytest.raises(ImsearchError, match="IMSEARCH_BUILD_MEMORY='lots' is not a memory size"):
+        app.ingest(photos)
+    assert app.store.count() == 20
 
 
 def test_a_same_class_query_is_never_served_by_an_other_class_index(app, photos, monkeypatch):
