@@ -107,6 +107,7 @@ def size_embedded(uri: str) -> None:
     wanted = (("shared_buffers", 128, shared_buffers_mb()), ("maintenance_work_mem", 64, build_memory_mb()))
     try:
         with psycopg.connect(uri, autocommit=True) as conn:
+            changed = False
             for name, initdb_mb, mb in wanted:
                 untouched = conn.execute(
                     "SELECT pg_size_bytes(current_setting(name)) = %s * 2^20"
@@ -114,7 +115,9 @@ def size_embedded(uri: str) -> None:
                     " FROM pg_settings WHERE name = %s", (initdb_mb, name)).fetchone()
                 if untouched and untouched[0] and mb != initdb_mb:
                     conn.execute(f"ALTER SYSTEM SET {name} = '{mb:d}MB'")
-            conn.execute("SELECT pg_reload_conf()")
+                    changed = True
+            if changed:
+                conn.execute("SELECT pg_reload_conf()")
     except psycopg.Error as exc:  # a tuning step never stops a command
         log.debug("could not size the embedded server's memory: %s", exc)
 
