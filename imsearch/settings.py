@@ -93,6 +93,11 @@ def build_memory_mb() -> int:
     return max(64, min(2048, quarter_of_memory_mb() or 64))
 
 
+def build_memory() -> str | None:
+    """`IMSEARCH_BUILD_MEMORY` (e.g. `2GB`): maintenance_work_mem for the indexes imsearch builds, on any server."""
+    return os.environ.get("IMSEARCH_BUILD_MEMORY") or None
+
+
 def size_embedded(uri: str) -> None:
     """Size the embedded server's memory for HNSW indexes: its buffer cache (from its next start on) and the
     memory an index build may use (at once).

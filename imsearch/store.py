@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pgvector.psycopg import register_vector
 
 from .embed import DIMENSIONS
 from .errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOutdated
+from .settings import build_memory
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class Store:
     def _build(self, sql: str, cls: str, rows: int) -> None:
         """Build one index with IMSEARCH_BUILD_MEMORY as maintenance_work_mem when it is set, and warn when the
         graph will not fit: pgvector then goes on building on disk, many times slower (docs/scaling.md)."""
-        memory = os.environ.get("IMSEARCH_BUILD_MEMORY")
+        memory = build_memory()
         if memory:
             try:
                 self.conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (memory,))
