@@ -7,9 +7,10 @@ Fills a fresh database as bench/search.py does (same generators, same indexes), 
 and of the rare class, each against an exact scan of `class <> X`:
 
 - union: imsearch's plan (one branch per other class, each through its class index) at several ef_search;
-- other-class index: the partial index `WHERE class <> X` that `imsearch db index-other` builds, searched as
-  imsearch searches it: one graph search instead of one per class, for (classes - 1)x the index storage;
-- folded index: the same partial index over a 1,024-d fold of the embedding, re-ranked by the exact distance;
+- other-class index: the partial index `WHERE class <> X` that `imsearch db index-other` builds (a 1,024-d fold of
+  the embedding, migration 0006), searched as imsearch searches it: one graph search instead of one per class,
+  its nearest re-ranked by the exact distance;
+- full-width other-class index: the same partial index over the whole unit embedding, as migration 0005 built it;
 - iterative: the whole-table index with `hnsw.iterative_scan = relaxed_order`;
 - overfetch (rare X only): the whole-table index's nearest |X| + k rows, filtered afterwards; at most |X| rows of X
   can come first, so the answer is complete whenever the index search is.
@@ -44,13 +45,12 @@ SELECT id FROM (SELECT id, class, embedding <=> %(q)s AS distance FROM images
 WHERE class <> %(cls)s ORDER BY distance LIMIT %(k)s
 """
 EFS = (40, 100, 200, 400)
-# An index on a fold of the embedding into 1,024 dimensions, computed by pgvector itself (so no stored projection),
-# searched for FOLD_DEPTH candidates that the exact distance re-ranks: half the bytes per compared vector.
-FOLD = "(subvector(embedding, 1, 1024) - subvector(embedding, 1025, 1024))::halfvec(1024)"
-FOLD_DEPTH = 100
-FOLDED = f"""
-SELECT id FROM (SELECT id, embedding FROM images WHERE class <> %(cls)s ORDER BY {FOLD} <=> %(f)s LIMIT %(n)s) AS near
-ORDER BY embedding <=> %(q)s LIMIT %(k)s
+OTHER_EFS = (100, 200, 250, 400)
+# The other-class index as migration 0005 built it, on the whole unit-length embedding: twice the bytes per compared
+# vector of the fold that replaced it.
+FULL = "l2_normalize(embedding)::halfvec(2048)"
+FULL_WIDTH = f"""
+SELECT id FROM images WHERE class <> %(cls)s ORDER BY {FULL} <=> %(unit)s LIMIT %(k)s
 """
 
 
@@ -76,7 +76,7 @@ def report(label: str, got: list[list[int]], truth: list[set[int]], seconds: lis
           f"p50 {np.percentile(seconds, 50) * 1000:6.1f} ms  p95 {np.percentile(seconds, 95) * 1000:6.1f} ms")
 
 
-def compare(store: Store, gen: Any, cls: str, queries: int, k: int, complement: bool) -> None:
+def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
     conn = store.conn
     counts = dict(store.classes())
     indexed = store.indexed_classes(counts)
@@ -112,39 +112,38 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int, complement: 
             r[0] for r in conn.execute(OVERFETCH, {"q": HalfVector(q), "n": n, "cls": cls, "k": k})])
         report(f"overfetch {n} from the whole-table index", got, truth, seconds, k)
 
-    if complement:
-        conn.execute("SET maintenance_work_mem = '4GB'")
-        conn.execute("SET max_parallel_maintenance_workers = 1")
-        t = time.perf_counter()
-        conn.execute("SELECT imsearch_index_other(%s)", (cls,))
-        size = sum(n for _, n in store.other_indexes())
-        print(f"  other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
-        default = search.OTHER_EF_SEARCH
-        try:
-            for ef in EFS:
-                search.OTHER_EF_SEARCH = ef
-                plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed, others_indexed={cls},
-                                   pgvector=store.pgvector)
-                got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
-                report(f"other-class index, ef_search {ef}" + (" (imsearch)" if ef == default else ""),
-                       got, truth, seconds, k)
-        finally:
-            search.OTHER_EF_SEARCH = default
-            store.drop_other_indexes()
-        t = time.perf_counter()
-        conn.execute(sql.SQL(f"CREATE INDEX other_fold ON images USING hnsw (({FOLD}) halfvec_cosine_ops) "
-                             "WITH (m = 32, ef_construction = 200) WHERE class <> {cls}").format(cls=sql.Literal(cls)))
-        size = conn.execute("SELECT pg_relation_size('other_fold')").fetchone()[0]
-        print(f"  folded other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
-        try:
-            for ef in (100, 200, 300):  # as imsearch's plans: custom plans only, and no sort in place of the index
-                settings = {"hnsw.ef_search": str(ef), "enable_sort": "off", "plan_cache_mode": "force_custom_plan"}
-                got, seconds = timed(conn, settings, qs, lambda q: [
-                    r[0] for r in conn.execute(FOLDED, {"f": HalfVector(q[:1024] - q[1024:]), "q": HalfVector(q),
-                                                        "n": FOLD_DEPTH, "cls": cls, "k": k})])
-                report(f"folded index, ef_search {ef}, re-rank {FOLD_DEPTH}", got, truth, seconds, k)
-        finally:
-            conn.execute("DROP INDEX other_fold")
+    conn.execute("SET maintenance_work_mem = '4GB'")
+    conn.execute("SET max_parallel_maintenance_workers = 1")
+    t = time.perf_counter()
+    conn.execute("SELECT imsearch_index_other(%s)", (cls,))
+    size = sum(n for _, n in store.other_indexes())
+    print(f"  other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
+    default = search.OTHER_EF_SEARCH
+    try:
+        for ef in OTHER_EFS:
+            search.OTHER_EF_SEARCH = ef
+            plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed, others_indexed={cls},
+                               pgvector=store.pgvector)
+            got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
+            report(f"other-class index, ef_search {ef}" + (" (imsearch)" if ef == default else ""),
+                   got, truth, seconds, k)
+    finally:
+        search.OTHER_EF_SEARCH = default
+        store.drop_other_indexes()
+    t = time.perf_counter()
+    conn.execute(sql.SQL(f"CREATE INDEX other_full ON images USING hnsw (({FULL}) halfvec_cosine_ops) "
+                         "WITH (m = 32, ef_construction = 200) WHERE class <> {cls}").format(cls=sql.Literal(cls)))
+    size = conn.execute("SELECT pg_relation_size('other_full')").fetchone()[0]
+    print(f"  full-width other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
+    try:
+        for ef in (200, 250, 400):  # as imsearch's plans: custom plans only, and no sort in place of the index
+            settings = {"hnsw.ef_search": str(ef), "enable_sort": "off", "plan_cache_mode": "force_custom_plan"}
+            got, seconds = timed(conn, settings, qs, lambda q: [
+                r[0] for r in conn.execute(FULL_WIDTH, {"unit": HalfVector(q / np.linalg.norm(q)), "cls": cls,
+                                                        "k": k})])
+            report(f"full-width index, ef_search {ef}", got, truth, seconds, k)
+    finally:
+        conn.execute("DROP INDEX other_full")
 
 
 def main() -> None:
@@ -164,8 +163,8 @@ def main() -> None:
             fill(url, gen, args.rows)
             with Store(url) as store:
                 print("shared_buffers", store.conn.execute("SHOW shared_buffers").fetchone()[0])
-                compare(store, gen, COMMON[1], args.queries, args.k, complement=True)
-                compare(store, gen, RARE, args.queries, args.k, complement=False)
+                compare(store, gen, COMMON[1], args.queries, args.k)
+                compare(store, gen, RARE, args.queries, args.k)
         finally:
             drop_database(admin, name)
 

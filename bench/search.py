@@ -349,7 +349,8 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] + ([1_000_000] if args.full else [])
     print(f"imsearch search bench: {args.data} data, k={args.k}, {args.queries} queries per mode, "
-          f"ef_search={search.EF_SEARCH} (mode other's branches {search.BRANCH_EF_SEARCH}), "
+          f"ef_search={search.EF_SEARCH} (mode other's branches {search.BRANCH_EF_SEARCH}, other-class indexes "
+          f"{search.OTHER_EF_SEARCH} re-ranking {search.OTHER_DEPTH}), "
           f"exact below {search.EXACT_MAX_ROWS:,} filtered rows")
     with bench_server() as admin:
         for rows in sizes:

@@ -54,15 +54,21 @@ ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s
 LIMIT %(k)s
 """
 
-# Mode other through the query class's other-class index (migration 0005, `imsearch db index-other`): one search
-# of a graph that holds every row of every other class. These indexes order by cosine distance (`<=>`) where the
-# class indexes use `<#>`, so neither kind can serve the other's query: `class = Y` implies `class <> X`, and the
-# planner once served a same-class query from an other-class index with a filter.
-OTHER_QUERY = """
+# Mode other through the query class's other-class index (`imsearch db index-other`, migrations 0005-0006): one
+# search of a graph over every row of every other class. The graph holds FOLD, a 1,024-d fold of the embedding
+# (half the bytes per compared vector); its OTHER_DEPTH nearest are ranked by the exact distance. Cosine on the
+# fold, where the class indexes use `<#>` on the whole embedding, so neither kind can serve the other's query.
+FOLD = "(subvector(embedding, 1, 1024) - subvector(embedding, 1025, 1024))::halfvec(1024)"
+OTHER_QUERY = f"""
 SELECT id, path, class, embedding <=> %(q)s AS distance
-FROM images
-WHERE sha256 IS DISTINCT FROM %(skip_sha)s AND class <> %(cls)s
-ORDER BY l2_normalize(embedding)::halfvec(2048) <=> %(unit)s
+FROM (
+    SELECT id, path, class, embedding
+    FROM images
+    WHERE sha256 IS DISTINCT FROM %(skip_sha)s AND class <> %(cls)s
+    ORDER BY {FOLD} <=> %(fold)s
+    LIMIT %(depth)s
+) AS near
+ORDER BY distance
 LIMIT %(k)s
 """
 
@@ -82,8 +88,11 @@ EF_SEARCH = 100
 # scene-like rows mode other's recall@5 was 0.995-1.0 / 1.0 / 1.0 at ef_search 100 / 200 / 400, p50 20-23 / 31-37 /
 # 46-58 ms (bench/other_mode.py; docs/scaling.md has the noise data's too). Migration 0004 mirrors it in SQL.
 BRANCH_EF_SEARCH = 200
-# One graph of every other class, searched from outside it: see migration 0005 and docs/scaling.md.
-OTHER_EF_SEARCH = 200
+# One graph of every other class, searched from outside it: at 100k scene rows the folded index found recall@5
+# 0.968 / 0.943 (two query classes) at ef_search 200 and 0.97 / 0.965 at 250, p50 7.5-9 ms; 50 or 100 candidates
+# re-ranked made no difference (docs/scaling.md). Migration 0006 mirrors both in SQL.
+OTHER_EF_SEARCH = 250
+OTHER_DEPTH = 50
 MAX_SCAN_TUPLES = 50_000
 MAX_BRANCHES = 32
 
@@ -153,7 +162,7 @@ def plan(
         return _iterative(index, pgvector)
     others = sorted(c for c in counts if c != cls)
     if cls in others_indexed and sum(counts[c] for c in others) > EXACT_MAX_ROWS:
-        beam = (("hnsw.ef_search", str(max(OTHER_EF_SEARCH, 2 * k))),) + class_index[1:]
+        beam = (("hnsw.ef_search", str(min(max(OTHER_EF_SEARCH, 2 * k), 1000))),) + class_index[1:]
         return Plan(False, beam, class_index=True)
     big_unindexed = [c for c in others if counts[c] > EXACT_MAX_ROWS and c not in indexed]
     if others and len(others) <= MAX_BRANCHES and not big_unindexed:
@@ -175,7 +184,9 @@ def _iterative(index: tuple[tuple[str, str], ...], pgvector: tuple[int, ...]) ->
 def _statement(mode: str, vector: np.ndarray, k: int, cls: str | None, skip_sha: str | None,
                query_plan: Plan) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {"q": HalfVector(vector), "k": k, "cls": cls, "skip_sha": skip_sha}
-    if query_plan.class_index or query_plan.branches:
+    if query_plan.class_index and mode == "other":
+        params.update(fold=HalfVector(vector[:1024] - vector[1024:]), depth=max(OTHER_DEPTH, k))
+    elif query_plan.class_index or query_plan.branches:
         params["unit"] = HalfVector(vector / (np.linalg.norm(vector) or 1.0))
     params.update({f"c{i}": c for i, (c, _) in enumerate(query_plan.branches)})
     return mode_sql(mode, query_plan.branches, query_plan.class_index), params

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import psycopg
 import pytest
+from pgvector import HalfVector
 
 from imsearch import UnknownClass
 from imsearch import search as search_mod
@@ -177,6 +178,20 @@ def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_t
     assert app.ingest(cellar.parent).added == 4
     assert "wine_cellar" in app.store.indexed_classes(["wine_cellar"], OTHER_INDEX_PREFIX)
     assert app.index_other_classes(drop=True) == [] and app.store.other_indexes() == []
+
+
+def test_the_query_folds_the_embedding_as_the_other_class_index_does(app, photos, monkeypatch):
+    """The index folds stored rows in SQL and find folds the query in Python: the two must be one fold."""
+    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+    app.ingest(photos)
+    conn = app.store.conn
+    image_id, embedding = conn.execute("SELECT id, embedding FROM images ORDER BY id LIMIT 1").fetchone()
+    vector = embedding.to_numpy().astype(np.float32)
+    fold = HalfVector(vector[:1024] - vector[1024:])
+    same, other = conn.execute(
+        f"SELECT {search_mod.FOLD} <=> %(f)s, {search_mod.FOLD} <=> %(g)s FROM images WHERE id = %(id)s",
+        {"f": fold, "g": HalfVector(vector[1024:] - vector[:1024]), "id": image_id}).fetchone()
+    assert same == pytest.approx(0, abs=1e-3) and other == pytest.approx(2, abs=1e-3)
 
 
 def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not_fit(app, photos, monkeypatch,
