@@ -139,6 +139,34 @@ class Imsearch:
                 return []
             return self.store.ensure_other_indexes(search.EXACT_MAX_ROWS)
 
+    def check_other_indexes(self, *, sample: int = 50, k: int = 5) -> float | None:
+        """Recall@k of mode other through the other-class indexes against an exact scan, with up to `sample`
+        stored photos of indexed classes as queries; None without such indexes.
+
+        Their graphs hold a fold of the embedding (migration 0006), whose recall depends on the embeddings, so it
+        is measured on the library's own rather than assumed (docs/scaling.md).
+        """
+        with self._lock:
+            store = self.store
+            counts = dict(store.classes())
+            indexed, others = self._indexes(counts, "other")
+            rows = store.conn.execute(
+                "SELECT embedding, class, sha256 FROM images WHERE class = ANY(%s) ORDER BY random() LIMIT %s",
+                (sorted(others), sample),
+            ).fetchall()
+            found = wanted = 0
+            for embedding, cls, sha in rows:
+                vector = np.asarray(embedding.to_numpy(), dtype=np.float32)
+                answers = []
+                for exact in (False, True):
+                    query_plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed,
+                                             others_indexed=others, pgvector=store.pgvector, exact=exact)
+                    answers.append({m.id for m in search.run(store.conn, vector, "other", k=k, cls=cls,
+                                                             skip_sha=sha, query_plan=query_plan)})
+                found += len(answers[0] & answers[1])
+                wanted += len(answers[1])
+        return found / wanted if wanted else None
+
     # -- find ----------------------------------------------------------------------------------------------
 
     def embed(self, queries: Sequence[Query], *, names: Sequence[str] | None = None) -> list[Embedded]:

@@ -373,14 +373,20 @@ def db_grant_reader(ctx: click.Context, name: str, password: str | None) -> None
         click.echo(f"password: {reader.password}  (shown once; run this again to set a new one)")
 
 
+# `db index-other` checks its indexes on this many stored photos, and warns below this recall@5.
+OTHER_CHECK_QUERIES = 50
+OTHER_MIN_RECALL = 0.95
+
+
 @db.command("index-other")
 @click.option("--drop", is_flag=True, help="Remove the other-class indexes: mode other searches class by class again.")
 @click.pass_context
 def db_index_other(ctx: click.Context, drop: bool) -> None:
     """Give every class an HNSW index over all other classes: mode other in one search, for more storage.
 
-    Each row then sits in (classes - 1) such indexes, so every later insert does that much more index work (5.6x
-    at 6 classes); docs/scaling.md measures what that buys and costs.
+    Each row then sits in (classes - 1) such indexes, so every later insert does that much more index work;
+    docs/scaling.md measures what that buys and costs. Their recall is then measured on stored photos against an
+    exact scan, with a warning below 0.95.
     """
     app = _app(ctx)
     started = time.perf_counter()
@@ -391,6 +397,14 @@ def db_index_other(ctx: click.Context, drop: bool) -> None:
                    f"in {time.perf_counter() - started:.1f} s")
     size = sum(n for _, n in indexes) / 2**20
     click.echo(f"{len(indexes)} other-class index{'es' if len(indexes) != 1 else ''}, {size:,.0f} MiB")
+    recall = None if drop else app.check_other_indexes(sample=OTHER_CHECK_QUERIES)
+    if recall is not None:
+        click.echo(f"mode other through them: recall@5 {recall:.3f} against an exact scan "
+                   f"({OTHER_CHECK_QUERIES} stored photos at most)")
+        if recall < OTHER_MIN_RECALL:
+            click.echo(f"warning: below {OTHER_MIN_RECALL}: on these embeddings the indexes miss neighbours that "
+                       "the default per-class search finds; `imsearch db index-other --drop` goes back to it",
+                       err=True)
 
 
 @db.command("serve")

@@ -6,6 +6,7 @@ import json
 
 from click.testing import CliRunner
 
+from imsearch import cli as cli_mod
 from imsearch.cli import cli
 from imsearch.report import RANK_COLUMNS
 from imsearch.store import SCHEMA_REVISION
@@ -114,7 +115,10 @@ def test_db_index_other_builds_one_index_per_class_and_drop_removes_them(run, ph
     built = run("db", "index-other")
     assert built.exit_code == 0 and built.stdout.startswith("built 5 other-class indexes in ")
     assert "5 other-class indexes, " in built.stdout
+    assert "mode other through them: recall@5 1.000 against an exact scan" in built.stdout
+    monkeypatch.setattr(cli_mod, "OTHER_MIN_RECALL", 1.01)  # what a library whose folds lose neighbours sees
     again = run("db", "index-other")
     assert again.stdout.startswith("built 0 other-class indexes")  # nothing left to build
+    assert again.stderr.startswith("warning: below 1.01: on these embeddings the indexes miss neighbours")
     dropped = run("db", "index-other", "--drop")
     assert dropped.exit_code == 0 and dropped.stdout == "0 other-class indexes, 0 MiB\n"

@@ -194,6 +194,18 @@ def test_the_query_folds_the_embedding_as_the_other_class_index_does(app, photos
     assert same == pytest.approx(0, abs=1e-3) and other == pytest.approx(2, abs=1e-3)
 
 
+def test_index_other_measures_its_recall_against_an_exact_scan(app, photos, monkeypatch):
+    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+    app.ingest(photos)
+    assert app.check_other_indexes() is None  # nothing to check yet
+    app.index_other_classes()
+    assert app.check_other_indexes() == 1.0  # 16 rows per graph: the index finds them all
+    # a query that ranks the farthest first must show in the figure
+    monkeypatch.setattr(search_mod, "OTHER_QUERY", search_mod.OTHER_QUERY.replace("ORDER BY distance",
+                                                                                  "ORDER BY distance DESC"))
+    assert app.check_other_indexes() < 0.5
+
+
 def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not_fit(app, photos, monkeypatch,
                                                                                       caplog):
     monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
