@@ -88,9 +88,9 @@ EF_SEARCH = 100
 # scene-like rows mode other's recall@5 was 0.995-1.0 / 1.0 / 1.0 at ef_search 100 / 200 / 400, p50 20-23 / 31-37 /
 # 46-58 ms (bench/other_mode.py; docs/scaling.md has the noise data's too). Migration 0004 mirrors it in SQL.
 BRANCH_EF_SEARCH = 200
-# One graph of every other class, searched from outside it: at 100k scene rows the folded index found recall@5
-# 0.968 / 0.943 (two query classes) at ef_search 200 and 0.97 / 0.965 at 250, p50 7.5-9 ms; 50 or 100 candidates
-# re-ranked made no difference (docs/scaling.md). Migration 0006 mirrors both in SQL.
+# One graph of every other class, searched from outside it (m = 16, ef_construction = 400): at 100k scene rows
+# recall@5 0.970-0.974 / 0.970 (two query classes) at ef_search 200, 0.982 / 0.978 at 250, p50 5-6 ms; 50 or 100
+# candidates re-ranked made no difference (docs/scaling.md). Migration 0006 mirrors both in SQL.
 OTHER_EF_SEARCH = 250
 OTHER_DEPTH = 50
 MAX_SCAN_TUPLES = 50_000

@@ -69,6 +69,7 @@ def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(databa
     index_other("kitchen")
     [folded] = other_indexes()
     assert "subvector(embedding, 1, 1024)" in folded and "WHERE (class <> 'kitchen'::text)" in folded
+    assert "m='16', ef_construction='400'" in folded
     command.downgrade(cfg, "0005")
     assert other_indexes() == []
     index_other("kitchen")
