@@ -10,6 +10,7 @@ and of the rare class, each against an exact scan of `class <> X`:
 - other-class index: the partial index `WHERE class <> X` that `imsearch db index-other` builds (a 1,024-d fold of
   the embedding, migration 0006), searched as imsearch searches it: one graph search instead of one per class,
   its nearest re-ranked by the exact distance;
+- the same fold in the denser graph it was first built as (m 32, ef_construction 200), searched as imsearch does;
 - full-width other-class index: the same partial index over the whole unit embedding, as migration 0005 built it;
 - iterative: the whole-table index with `hnsw.iterative_scan = relaxed_order`;
 - overfetch (rare X only): the whole-table index's nearest |X| + k rows, filtered afterwards; at most |X| rows of X
@@ -21,9 +22,11 @@ The SQL of the designs not taken lives here only; imsearch's own goes through im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,32 +121,47 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
     conn.execute("SELECT imsearch_index_other(%s)", (cls,))
     size = sum(n for _, n in store.other_indexes())
     print(f"  other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
-    default = search.OTHER_EF_SEARCH
+
+    def through_imsearch(label: str, efs: tuple[int, ...]) -> None:
+        default = search.OTHER_EF_SEARCH
+        try:
+            for ef in efs:
+                search.OTHER_EF_SEARCH = ef
+                plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed, others_indexed={cls},
+                                   pgvector=store.pgvector)
+                got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
+                report(f"{label}, ef_search {ef}" + (" (imsearch)" if ef == default else ""), got, truth, seconds, k)
+        finally:
+            search.OTHER_EF_SEARCH = default
+
     try:
-        for ef in OTHER_EFS:
-            search.OTHER_EF_SEARCH = ef
-            plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed, others_indexed={cls},
-                               pgvector=store.pgvector)
-            got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
-            report(f"other-class index, ef_search {ef}" + (" (imsearch)" if ef == default else ""),
-                   got, truth, seconds, k)
+        through_imsearch("other-class index", OTHER_EFS)
     finally:
-        search.OTHER_EF_SEARCH = default
         store.drop_other_indexes()
-    t = time.perf_counter()
-    conn.execute(sql.SQL(f"CREATE INDEX other_full ON images USING hnsw (({FULL}) halfvec_cosine_ops) "
-                         "WITH (m = 32, ef_construction = 200) WHERE class <> {cls}").format(cls=sql.Literal(cls)))
-    size = conn.execute("SELECT pg_relation_size('other_full')").fetchone()[0]
-    print(f"  full-width other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
-    try:
+    # -- the same fold in the denser graph it was first built as: imsearch's query, whichever graph is there
+    with scratch_index(conn, "other_fold32", search.FOLD, cls, "folded index, m 32, ef_construction 200"):
+        through_imsearch("folded m 32", (200, 250))
+    with scratch_index(conn, "other_full", FULL, cls, "full-width other-class index"):
         for ef in (200, 250, 400):  # as imsearch's plans: custom plans only, and no sort in place of the index
             settings = {"hnsw.ef_search": str(ef), "enable_sort": "off", "plan_cache_mode": "force_custom_plan"}
             got, seconds = timed(conn, settings, qs, lambda q: [
                 r[0] for r in conn.execute(FULL_WIDTH, {"unit": HalfVector(q / np.linalg.norm(q)), "cls": cls,
                                                         "k": k})])
             report(f"full-width index, ef_search {ef}", got, truth, seconds, k)
+
+
+@contextlib.contextmanager
+def scratch_index(conn: Any, name: str, expression: str, cls: str, label: str) -> Iterator[None]:
+    """A partial HNSW index `WHERE class <> cls` at m 32, ef_construction 200, for as long as the block runs."""
+    t = time.perf_counter()
+    conn.execute(sql.SQL(f"CREATE INDEX {name} ON images USING hnsw (({expression}) halfvec_cosine_ops) "
+                         "WITH (m = 32, ef_construction = 200) WHERE class <> {cls}").format(cls=sql.Literal(cls)))
+    size = conn.execute("SELECT pg_relation_size(%s::regclass)", (name,)).fetchone()[0]
+    print(f"  {label}: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
+    try:
+        yield
     finally:
-        conn.execute("DROP INDEX other_full")
+        conn.execute(f"DROP INDEX {name}")
 
 
 def main() -> None:
