@@ -122,8 +122,9 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
     size = sum(n for _, n in store.other_indexes())
     print(f"  other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
 
-    def through_imsearch(label: str, efs: tuple[int, ...]) -> None:
-        default = search.OTHER_EF_SEARCH
+    def through_imsearch(label: str, efs: tuple[int, ...], ours: bool = True) -> None:
+        saved = search.OTHER_EF_SEARCH
+        default = saved if ours else 0
         try:
             for ef in efs:
                 search.OTHER_EF_SEARCH = ef
@@ -132,7 +133,7 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
                 got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
                 report(f"{label}, ef_search {ef}" + (" (imsearch)" if ef == default else ""), got, truth, seconds, k)
         finally:
-            search.OTHER_EF_SEARCH = default
+            search.OTHER_EF_SEARCH = saved
 
     try:
         through_imsearch("other-class index", OTHER_EFS)
@@ -140,7 +141,7 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
         store.drop_other_indexes()
     # -- the same fold in the denser graph it was first built as: imsearch's query, whichever graph is there
     with scratch_index(conn, "other_fold32", search.FOLD, cls, "folded index, m 32, ef_construction 200"):
-        through_imsearch("folded m 32", (200, 250))
+        through_imsearch("folded m 32", (200, 250), ours=False)
     with scratch_index(conn, "other_full", FULL, cls, "full-width other-class index"):
         for ef in (200, 250, 400):  # as imsearch's plans: custom plans only, and no sort in place of the index
             settings = {"hnsw.ef_search": str(ef), "enable_sort": "off", "plan_cache_mode": "force_custom_plan"}
