@@ -29,7 +29,11 @@ branch_labels = None
 depends_on = None
 
 NEAREST = "imsearch_nearest(bigint, integer, text)"
-FULL_WIDTH = """        PERFORM set_config('hnsw.ef_search', least(greatest(200, 2 * k), 1000)::text, true);
+
+
+def other_path(beam: int, nearest: str) -> str:
+    """imsearch_nearest's mode-other branch through an other-class index: its beam and its query differ."""
+    return f"""        PERFORM set_config('hnsw.ef_search', least(greatest({beam}, 2 * k), 1000)::text, true);
         IF iterative THEN
             PERFORM set_config('hnsw.iterative_scan', 'off', true);
         END IF;
@@ -37,22 +41,17 @@ FULL_WIDTH = """        PERFORM set_config('hnsw.ef_search', least(greatest(200,
         RETURN QUERY
         SELECT (row_number() OVER (ORDER BY n.distance, n.id))::integer, n.id, n.path, n.class, n.distance
         FROM (
-            SELECT i.id, i.path, i.class, i.embedding <=> q AS distance
+{nearest}
+        ) n
+        ORDER BY 1;"""
+
+
+FULL_WIDTH = other_path(200, """            SELECT i.id, i.path, i.class, i.embedding <=> q AS distance
             FROM images i
             WHERE i.sha256 IS DISTINCT FROM q_sha AND i.class <> q_class
             ORDER BY l2_normalize(i.embedding)::halfvec(2048) <=> l2_normalize(q)
-            LIMIT k
-        ) n
-        ORDER BY 1;"""
-FOLDED = """        PERFORM set_config('hnsw.ef_search', least(greatest(250, 2 * k), 1000)::text, true);
-        IF iterative THEN
-            PERFORM set_config('hnsw.iterative_scan', 'off', true);
-        END IF;
-        PERFORM set_config('enable_sort', 'off', true);
-        RETURN QUERY
-        SELECT (row_number() OVER (ORDER BY n.distance, n.id))::integer, n.id, n.path, n.class, n.distance
-        FROM (
-            SELECT f.id, f.path, f.class, f.embedding <=> q AS distance
+            LIMIT k""")
+FOLDED = other_path(250, """            SELECT f.id, f.path, f.class, f.embedding <=> q AS distance
             FROM (
                 SELECT i.id, i.path, i.class, i.embedding
                 FROM images i
@@ -62,9 +61,7 @@ FOLDED = """        PERFORM set_config('hnsw.ef_search', least(greatest(250, 2 *
                 LIMIT greatest(50, k)
             ) f
             ORDER BY 4
-            LIMIT k
-        ) n
-        ORDER BY 1;"""
+            LIMIT k""")
 
 
 def index_other(expression: str, graph: str) -> None:
