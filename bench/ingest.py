@@ -15,6 +15,7 @@ time, full decode, resize to 1028x768, one INSERT each) and the speed-up over it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -30,6 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from imsearch import embedded  # noqa: E402
 from imsearch.embed import get_embedder  # noqa: E402
 from imsearch.pixels import MEAN, STD  # noqa: E402
 from imsearch.store import connect, upgrade  # noqa: E402
@@ -132,17 +134,8 @@ def main() -> None:
             (folder / f.parent.name / f.name).symlink_to(f)
 
         # -- a database: DATABASE_URL, else a throwaway embedded server
-        server = None
-        url = os.environ.get("DATABASE_URL")
-        if not url:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import pgserver
-
-                server = pgserver.get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
-            url = server.get_uri()
+        servers = contextlib.ExitStack()
+        url = os.environ.get("DATABASE_URL") or servers.enter_context(embedded.temporary())
         admin = connect(url, register=False)
         admin.execute("DROP DATABASE IF EXISTS imsearch_bench_ingest")
         admin.execute("CREATE DATABASE imsearch_bench_ingest")
@@ -168,8 +161,7 @@ def main() -> None:
         finally:
             admin.execute("DROP DATABASE IF EXISTS imsearch_bench_ingest WITH (FORCE)")
             admin.close()
-            if server is not None:
-                server.cleanup()
+            servers.close()
 
 
 if __name__ == "__main__":

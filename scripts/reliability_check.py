@@ -20,13 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from imsearch import embedded
 from imsearch.files import printable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,12 +140,7 @@ def server(work: Path) -> tuple[str, Callable[[], object]]:
     given = os.environ.get("DATABASE_URL")
     if given:
         return given, lambda: None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
-        pg = pgserver.get_server(work / "pgdata", cleanup_mode="stop")
-    return pg.get_uri(), pg.cleanup
+    return embedded.start(work / "pgdata", tune=False), lambda: embedded.stop(work / "pgdata")
 
 
 def database(admin: str, name: str) -> str:

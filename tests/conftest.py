@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -54,19 +53,10 @@ def server_url():
         with PostgresContainer("pgvector/pgvector:pg17", driver=None) as pg:
             yield pg.get_connection_url()
         return
-    import warnings
+    from imsearch import embedded
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
-        tmp = Path(tempfile.mkdtemp(prefix="imsearch-test-pg-"))
-        server = pgserver.get_server(tmp / "pgdata", cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with embedded.temporary() as url:  # PostgreSQL's default settings, as on a server nobody has tuned
+        yield url
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from imsearch.cli import cli
-from imsearch.server import Endpoint, is_loopback, shutdown
+from imsearch.embedded import stop
+from imsearch.server import Endpoint, is_loopback
 from tests.conftest import copy_photos
 
 IMSEARCH = [sys.executable, "-c", "from imsearch.cli import main; main()"]
@@ -30,7 +31,7 @@ def home(tmp_path, weights):
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env.update(IMSEARCH_HOME=str(tmp_path / "home"), IMSEARCH_WEIGHTS=weights)
     yield env
-    shutdown(tmp_path / "home" / "pgdata")
+    stop(tmp_path / "home" / "pgdata")
 
 
 def imsearch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
