@@ -16,6 +16,7 @@ from .errors import (
     ImsearchError,
     ModelMismatch,
     SchemaOutdated,
+    ServerCrashed,
     UnknownClass,
     WeightsUnavailable,
 )
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Imsearch", "FindResult", "IngestResult", "Match", "ImsearchError", "BadImage", "DatabaseUnavailable",
-    "ModelMismatch", "SchemaOutdated", "UnknownClass", "WeightsUnavailable",
+    "ModelMismatch", "SchemaOutdated", "ServerCrashed", "UnknownClass", "WeightsUnavailable",
 ]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 import numpy as np
+import psycopg
 from PIL import Image
 
 from . import pixels, search
@@ -19,7 +20,7 @@ from .files import ImageFile, WalkProblem, sha256_bytes, walk
 from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, ingest
 from .pixels import PREPROCESSING
 from .search import MODES, Match
-from .settings import Settings, libpq_url
+from .settings import Settings, libpq_url, server_log
 from .store import OTHER_INDEX_PREFIX, Store
 
 Query = Union[str, Path, bytes, Image.Image]
@@ -88,7 +89,9 @@ class Imsearch:
     def store(self) -> Store:
         with self._lock:
             if self._store is None:
-                self._store = Store(self.url)
+                # imsearch alone uses the embedded database: it is migrated as soon as imsearch is updated
+                embedded = self.settings.database_url is None
+                self._store = Store(self.url, server_log=server_log(self.settings), upgrade_older=embedded)
             return self._store
 
     @property
@@ -246,8 +249,11 @@ class Imsearch:
                 indexed, others_indexed = self._indexes(counts, mode)
             query_plan = search.plan(mode, k=k, cls=cls, counts=counts, indexed=indexed,
                                      others_indexed=others_indexed, pgvector=store.pgvector, exact=exact)
-            matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
-                                 skip_sha=None if include_self else query.sha256, query_plan=query_plan)
+            try:
+                matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
+                                     skip_sha=None if include_self else query.sha256, query_plan=query_plan)
+            except psycopg.OperationalError as exc:
+                raise store.lost(exc, "searching") from None
         return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact)
 
     def _indexes(self, counts: dict[str, int], mode: str) -> tuple[set[str], set[str]]:

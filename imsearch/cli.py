@@ -78,6 +78,8 @@ def cli(ctx: click.Context, database_url: str | None, debug: bool) -> None:
     """Content-based image search on PostgreSQL + pgvector (ResNet-50 features, cosine distance)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="imsearch: %(message)s",
                         stream=sys.stderr)
+    if not debug:  # the driver's own warnings (e.g. on a connection lost mid-pipeline) repeat imsearch's one line
+        logging.getLogger("psycopg").setLevel(logging.ERROR)
     ctx.meta["imsearch.debug"] = debug
     ctx.obj = {"database_url": database_url}
 
@@ -321,11 +323,12 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Create or migrate imsearch's schema to the newest revision."""
-    from .settings import Settings, libpq_url
+    from .settings import Settings, libpq_url, server_log
     from .store import redact, upgrade
 
-    url = libpq_url(Settings.from_env(ctx.obj["database_url"]))
-    revision = upgrade(url)
+    settings = Settings.from_env(ctx.obj["database_url"])
+    url = libpq_url(settings)
+    revision = upgrade(url, server_log(settings))
     click.echo(f"{redact(url)}: schema at revision {revision}")
 
 

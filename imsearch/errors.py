@@ -28,6 +28,10 @@ class DatabaseUnavailable(ImsearchError):
     """The database cannot be reached, or refuses the connection."""
 
 
+class ServerCrashed(DatabaseUnavailable):
+    """A server process died by a signal while running imsearch's statement; retrying would crash it again."""
+
+
 class SchemaOutdated(ImsearchError):
     """The database schema is older (or newer) than this imsearch; `imsearch db upgrade` fixes the former."""
 

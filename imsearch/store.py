@@ -15,13 +15,13 @@ from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 
 from .embed import DIMENSIONS
-from .errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOutdated
+from .errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOutdated, ServerCrashed
 from .settings import build_memory
 
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 MIN_PGVECTOR = (0, 7, 0)
 # Per-class partial HNSW indexes are named from an md5 of the class, which may be any text: a class's own
 # (migration 0003) and, where `imsearch db index-other` made them, one over every other class (migration 0005).
@@ -114,6 +114,28 @@ def pgvector_version(conn: psycopg.Connection[Any]) -> tuple[int, ...] | None:
     return tuple(int(p) for p in re.findall(r"\d+", row[0])[:3])
 
 
+def update_vector(conn: psycopg.Connection[Any]) -> tuple[str, str] | None:
+    """Bring the vector extension up to the version the server ships (`ALTER EXTENSION vector UPDATE`), as after a
+    move to a newer embedded build or a pgvector package upgrade; returns (old, new) when it changed anything.
+
+    The shared library is always the new one; the update brings the extension's SQL objects in line with it.
+    """
+    row = conn.execute(
+        "SELECT e.extversion, a.default_version FROM pg_extension e "
+        "JOIN pg_available_extensions a ON a.name = e.extname WHERE e.extname = 'vector'"
+    ).fetchone()
+    if row is None or row[0] == row[1]:
+        return None
+    try:
+        conn.execute("ALTER EXTENSION vector UPDATE")
+    except psycopg.errors.InsufficientPrivilege:
+        log.warning("pgvector's SQL objects are at %s, its library at %s: ask the extension's owner to run "
+                    "ALTER EXTENSION vector UPDATE", row[0], row[1])
+        return None
+    log.info("updated the vector extension from %s to %s", row[0], row[1])
+    return row[0], row[1]
+
+
 def schema_revision(conn: psycopg.Connection[Any]) -> str | None:
     if scalar(conn, "SELECT to_regclass('public.alembic_version')") is None:
         return None
@@ -121,8 +143,11 @@ def schema_revision(conn: psycopg.Connection[Any]) -> str | None:
     return row[0] if row else None
 
 
-def upgrade(url: str) -> str:
-    """Run the Alembic migrations to head on the database at url; returns the revision reached."""
+def upgrade(url: str, server_log: Path | None = None) -> str:
+    """Run the Alembic migrations to head on the database at url; returns the revision reached.
+
+    With the embedded server's log, a migration whose server process crashed says so.
+    """
     from alembic import command
     from alembic.config import Config
 
@@ -141,10 +166,22 @@ def upgrade(url: str) -> str:
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_folder()))
     cfg.attributes["url"] = sqlalchemy_url(url)
+    log_start = server_log.stat().st_size if server_log is not None and server_log.exists() else 0
     try:
         command.upgrade(cfg, "head")
     except Exception as exc:  # noqa: BLE001 - Alembic/SQLAlchemy wrap driver errors in many types
+        from .embedded import crash_in_log
+
+        crash = crash_in_log(server_log, since=log_start) if server_log is not None else None
+        if crash is not None:
+            raise ServerCrashed(f"migrating {redact(url)} failed: {crash.describe()}; the migration was rolled "
+                                f"back (server log: {server_log})") from None
         raise DatabaseUnavailable(f"migrating {redact(url)} failed: {str(exc).splitlines()[0]}") from None
+    conn = connect(url, register=False)
+    try:
+        update_vector(conn)
+    finally:
+        conn.close()
     return SCHEMA_REVISION
 
 
@@ -155,19 +192,27 @@ def schema_mismatch(where: str, revision: str | None, has_images: bool) -> str:
                 "is missing or empty), so it was not made by imsearch; use another database or rename that table")
     if revision is None:
         return f"{where}: no imsearch schema here; run `imsearch db upgrade`"
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(migrations_folder()))
-    try:
-        ScriptDirectory.from_config(cfg).get_revision(revision)
-    except CommandError:
+    if not known_revision(revision):
         return (f"{where}: schema revision {revision} is unknown to this imsearch (which needs {SCHEMA_REVISION}): "
                 "a newer imsearch migrated it; upgrade imsearch")
     return (f"{where}: schema revision {revision}, this imsearch needs {SCHEMA_REVISION}; "
             "run `imsearch db upgrade`")
+
+
+def known_revision(revision: str | None) -> bool:
+    """Whether this imsearch's migrations include `revision` (an older schema, or the current one)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    if revision is None:
+        return False
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_folder()))
+    try:
+        return ScriptDirectory.from_config(cfg).get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 def migrations_folder() -> Path:
@@ -183,20 +228,25 @@ def migrations_folder() -> Path:
 class Store:
     """A connection to one imsearch database, checked for pgvector and the schema revision."""
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, server_log: Path | None = None,
+                 upgrade_older: bool = False) -> None:
         self.url = url
+        self.server_log = server_log  # the embedded server's log, read to tell a crash from a dropped connection
+        self._log_start = server_log.stat().st_size if server_log is not None and server_log.exists() else 0
         conn = connect(url, register=False)
         try:
             revision = schema_revision(conn)
             has_images = scalar(conn, "SELECT to_regclass('public.images')") is not None
         finally:
             conn.close()
-        if revision is None and not has_images and migrate:
-            upgrade(url)  # first use of an empty database
+        older = upgrade_older and revision not in (None, SCHEMA_REVISION) and known_revision(revision)
+        if migrate and (revision is None and not has_images or older):
+            upgrade(url, server_log)  # first use of an empty database, or the embedded one after an update
             revision = SCHEMA_REVISION
         if revision != SCHEMA_REVISION:
             raise SchemaOutdated(schema_mismatch(redact(url), revision, has_images))
         self.conn = connect(url)
+        self.backend_pid = self.conn.info.backend_pid
         version = pgvector_version(self.conn)
         if version is None:
             raise DatabaseUnavailable(f"{redact(url)}: the vector extension is missing; run `imsearch db upgrade`")
@@ -229,6 +279,35 @@ class Store:
             self.conn.close()
         finally:
             self.conn = connect(self.url)
+            self.backend_pid = self.conn.info.backend_pid
+
+    def crashed(self, wait: float = 2.0) -> ServerCrashed | None:
+        """The crash of this connection's server process, when the embedded server's log records one.
+
+        The server logs it once it has reaped the process, which may come a moment after the client saw the
+        connection close: the log is read for up to `wait` seconds.
+        """
+        if self.server_log is None:
+            return None
+        from .embedded import crash_in_log
+
+        deadline = time.monotonic() + wait
+        while True:
+            crash = crash_in_log(self.server_log, since=self._log_start, pid=self.backend_pid)
+            if crash is not None:
+                return ServerCrashed(f"{crash.describe()}; nothing of it was stored, and what was stored before is "
+                                     f"kept (server log: {self.server_log})")
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+
+    def lost(self, exc: psycopg.OperationalError, doing: str) -> ImsearchError:
+        """One line for an error that ended a statement: the server's crash when its log shows one."""
+        crash = self.crashed() if self.conn.closed else None
+        if crash is not None:
+            return crash
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return DatabaseUnavailable(f"{doing} {redact(self.url)} failed: {first}")
 
     # -- model identity ------------------------------------------------------------------------------------
 
@@ -313,7 +392,10 @@ class Store:
             log.warning("the index for %d rows needs about %d MB to build in memory, maintenance_work_mem is %d MB: "
                         "it will build slowly (set IMSEARCH_BUILD_MEMORY, e.g. 2GB)",
                         rows, rows * GRAPH_BYTES_PER_ROW // 2**20 + 1, have // 2**20)
-        self.conn.execute(sql, (cls,))
+        try:
+            self.conn.execute(sql, (cls,))
+        except psycopg.OperationalError as exc:
+            raise self.lost(exc, "building an index in") from None
 
     def other_indexes(self) -> list[tuple[str, int]]:
         """The other-class indexes (`imsearch db index-other`) with their sizes in bytes."""
@@ -383,9 +465,14 @@ class Store:
                             break
                 return added, updated
             except psycopg.OperationalError as exc:
+                if self.conn.closed and (crash := self.crashed()) is not None:
+                    raise crash from None  # it would crash again on the same rows
+                if exc.sqlstate is None and attempt > 0:
+                    raise DatabaseUnavailable(
+                        f"writing to {redact(self.url)} failed: the server closed the connection on this batch "
+                        "twice; its process probably crashed on it (see the server's log)") from None
                 if attempt == retries or not self.conn.closed and not _is_disconnect(exc):
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise DatabaseUnavailable(f"writing to {redact(self.url)} failed: {first}") from None
+                    raise self.lost(exc, "writing to") from None
                 log.warning("database connection lost (%s); reconnecting", str(exc).splitlines()[0])
                 time.sleep(min(2**attempt, 10))
                 self.reconnect()

