@@ -16,7 +16,7 @@ from typing import Sequence
 import psycopg
 import pytest
 from click.testing import CliRunner
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from imsearch.cli import cli
 
@@ -26,33 +26,35 @@ IMSEARCH = [str(Path(sys.executable).with_name("imsearch"))]
 if not Path(IMSEARCH[0]).exists():
     IMSEARCH = [sys.executable, "-c", "from imsearch.cli import main; main()"]
 
-# Runs a command as a process for which chmod 000 binds. Root reads anything, so: as the user that owns the
-# server's socket folder (the embedded test server's own user), else as root without the two capabilities
-# that bypass file permissions.
+# Runs a command as a process for which chmod 000 binds: as root (which owns the interpreter's folders), without
+# the two capabilities that bypass file permissions.
 UNPRIVILEGED = """
 import ctypes, os, sys
-uid, gid = int(sys.argv[1]), int(sys.argv[2])
-if uid:
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-else:
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH leave the bounding set (PR_CAPBSET_DROP)
-        if libc.prctl(24, cap, 0, 0, 0) != 0:
-            sys.exit(f"cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}")
-os.execv(sys.argv[3], sys.argv[3:])
+libc = ctypes.CDLL(None, use_errno=True)
+for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH leave the bounding set (PR_CAPBSET_DROP)
+    if libc.prctl(24, cap, 0, 0, 0) != 0:
+        sys.exit(f"cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.argv[1], sys.argv[1:])
 """
 
 
-def unprivileged(url: str) -> list[str]:
-    """The command prefix that runs a process without root's power to read anything (none when not root)."""
+def unprivileged(url: str, folder: Path) -> tuple[list[str], str]:
+    """The command prefix that runs a process without root's power to read anything (none when not root), and
+    the URL it connects with.
+
+    The embedded test server's socket lies in its data folder, which only the server's own user may enter: the
+    socket is linked into `folder`, which the process can reach.
+    """
     if os.geteuid() != 0:
-        return []
-    host = conninfo_to_dict(url).get("host") or ""
-    st = os.stat(host) if str(host).startswith("/") else None
-    uid, gid = (st.st_uid, st.st_gid) if st is not None else (0, 0)
-    return [sys.executable, "-c", UNPRIVILEGED, str(uid), str(gid)]
+        return [], url
+    params = conninfo_to_dict(url)
+    host = str(params.get("host") or "")
+    if host.startswith("/"):
+        name = f".s.PGSQL.{params.get('port') or 5432}"
+        os.link(Path(host) / name, folder / name)
+        params["host"] = str(folder)
+        url = make_conninfo(**params)
+    return [sys.executable, "-c", UNPRIVILEGED], url
 
 
 SUMMARY = re.compile(r"^(\d+) added, (\d+) updated, (\d+) skipped, (\d+) failed in [\d.]+ s")
@@ -208,11 +210,11 @@ def test_a_dropped_connection_mid_ingest_is_retried_and_every_row_stored_once(da
 
 
 def test_unreadable_file_and_folder_are_named_and_their_rows_never_pruned(database_url, weights):
-    prefix = unprivileged(database_url)
     # A world-readable tree, so that an unprivileged process reaches everything but what is locked.
     shared = Path(tempfile.mkdtemp(prefix="imsearch-locked-"))
     try:
         shared.chmod(0o755)
+        prefix, url = unprivileged(database_url, shared)
         own_weights = shared / "weights.pth"
         shutil.copyfile(weights, own_weights)
         photos = copy_photos(shared / "photos", 2)
@@ -223,8 +225,8 @@ def test_unreadable_file_and_folder_are_named_and_their_rows_never_pruned(databa
         locked_folder = photos / "bedroom"
         locked_file.chmod(0)
         locked_folder.chmod(0)
-        code, out, err = finish(start(database_url, str(own_weights), "ingest", str(photos), "--device", "cpu",
-                                      "--prune", prefix=prefix))
+        code, out, err = finish(start(url, str(own_weights), "ingest", str(photos), "--device", "cpu", "--prune",
+                                      prefix=prefix))
     finally:
         for path in shared.rglob("*"):
             path.chmod(0o755)
@@ -236,3 +238,42 @@ def test_unreadable_file_and_folder_are_named_and_their_rows_never_pruned(databa
     ])
     assert summary(out) == (0, 0, 7, 2)  # 10 stored: 2 behind the locked folder, 1 locked file, 7 unchanged
     assert count(database_url) == 10, "rows of files that exist but cannot be read are not pruned"
+
+
+def test_a_server_process_killed_by_a_signal_is_one_line_naming_statement_signal_and_log(tmp_path, weights):
+    """As when pgvector hits an instruction the CPU lacks: the backend dies by SIGILL on the first INSERT."""
+    from imsearch import embedded
+
+    home = tmp_path / "home"
+    environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    environment.update(IMSEARCH_HOME=str(home), IMSEARCH_WEIGHTS=weights)
+    first, more = copy_photos(tmp_path / "first", 2), copy_photos(tmp_path / "more", 2, start=2)
+
+    def imsearch(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*IMSEARCH, *args], env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    assert finish(imsearch("ingest", str(first), "--device", "cpu"))[0] == 0
+    url = embedded.start(home / "pgdata")
+    try:
+        blocker = psycopg.connect(url)  # the server's crash recovery ends this session too
+        blocker.execute("LOCK TABLE images IN SHARE MODE")  # reads go on, the ingest's INSERT waits
+        proc = imsearch("ingest", str(more), "--device", "cpu", "--batch-size", "4")
+        deadline = time.monotonic() + 120
+        while not (waiting := query(url, "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                         "AND query ~ '^[[:space:]]*INSERT INTO images'")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(waiting[0][0], signal.SIGILL)
+        code, out, err = finish(proc)
+        blocker.close()
+        rows = integrity(url)
+    finally:
+        embedded.stop(home / "pgdata")
+    assert code == 1 and out == ""
+    assert len(err.splitlines()) == 1, err
+    assert re.fullmatch(
+        rf"Error: the database server's process {waiting[0][0]} was killed by signal 4 \(SIGILL\) while running "
+        rf"`\s*INSERT INTO images \(path, class, .+`; nothing of it was stored, and what was stored before is kept "
+        rf"\(server log: {re.escape(str(home / 'pgdata' / 'log'))}\)\n", err)
+    assert rows == (10, 10, [2048])
