@@ -148,7 +148,10 @@ def plan(
     counts = counts or {}
     if exact:
         return Plan(True, EXACT_SETTINGS)
-    index = (("hnsw.ef_search", str(min(max(EF_SEARCH, 2 * k), 1000))), ("plan_cache_mode", "force_custom_plan"))
+    # A 2048-d halfvec is stored out of line (TOAST), so the table looks small to the planner and, at PostgreSQL's
+    # default settings, a scan of it plus a sort looks cheaper than the index: 659 ms instead of 0.4 ms at 100k rows.
+    index = (("hnsw.ef_search", str(min(max(EF_SEARCH, 2 * k), 1000))), ("plan_cache_mode", "force_custom_plan"),
+             ("enable_seqscan", "off"))
     # With a class index at hand the planner still prefers the btree on class plus a sort; forbid the sort.
     class_index = index + (("enable_sort", "off"),)
     if mode == "all":
