@@ -9,7 +9,8 @@ import click
 
 from imsearch.cli import cli
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def commands(group: click.Group, prefix: str = ""):
@@ -32,3 +33,9 @@ def test_every_command_is_in_the_readme():
         if isinstance(cmd, click.Group):
             continue
         assert re.search(rf"imsearch {re.escape(name)}\b", README), f"README does not show `imsearch {name}`"
+
+
+def test_examples_show_paths_a_reader_could_have_not_the_machine_they_were_made_on():
+    docs = [README, *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
+    for text in docs:
+        assert not re.findall(r"(?<![\w.~-])/(?:work|root|tmp)/\S*", text)
