@@ -9,6 +9,7 @@ import io
 import math
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,10 +183,17 @@ def load(data: bytes, path: str, prep: Preprocess = DEFAULT_PREPROCESS, *, max_p
 
 
 def read_file(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
-    """Read a whole file, turning OS errors into a BadImage naming the reason; refuse one over max_bytes."""
+    """Read a whole regular file, turning OS errors into a BadImage naming the reason; refuse one over max_bytes.
+
+    Opened without blocking and checked before reading: a FIFO or a device would otherwise hold the caller (a
+    worker thread of the web page, a `find`) until someone writes to it.
+    """
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise BadImage(str(path), "not a regular file")
+            size = info.st_size
             data = f.read(max_bytes + 1) if size <= max_bytes else b""
     except OSError as exc:
         raise BadImage(str(path), f"cannot read ({exc.strerror or exc})") from None

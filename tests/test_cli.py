@@ -122,3 +122,19 @@ def test_db_index_other_builds_one_index_per_class_and_drop_removes_them(run, ph
     assert again.stderr.startswith("warning: below 1.01: on these embeddings the indexes miss neighbours")
     dropped = run("db", "index-other", "--drop")
     assert dropped.exit_code == 0 and dropped.stdout == "0 other-class indexes, 0 MiB\n"
+
+
+def test_find_on_a_fifo_fails_at_once_naming_it(run, photos, database_url, weights, tmp_path):
+    """A FIFO nobody writes to would hold `find` forever at open(): it is refused before it is read."""
+    import os
+    import subprocess
+    import sys
+
+    run("ingest", str(photos))
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    env = {**os.environ, "DATABASE_URL": database_url, "IMSEARCH_WEIGHTS": weights}
+    done = subprocess.run([sys.executable, "-m", "imsearch", "find", str(fifo), "--device", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"Error: {fifo}: not a regular file\n"

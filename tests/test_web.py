@@ -236,14 +236,19 @@ def test_a_stored_row_whose_file_changed_or_vanished_is_not_served(app, tmp_path
     assert app.ingest(photos).added == 5
     client = TestClient(create_app(app))
     [item] = upload(client, unseen().read_bytes()).json()
-    changed, vanished = item["matches"][0], item["matches"][1]
+    changed, vanished, fifo = item["matches"][0], item["matches"][1], item["matches"][2]
     Path(changed["path"]).write_bytes(b"not what was stored")
     Path(vanished["path"]).unlink()
+    Path(fifo["path"]).unlink()
+    os.mkfifo(fifo["path"])  # nobody ever writes to it: reading it would hold a worker thread for good
     response = client.get(changed["image"])
     assert response.status_code == 404 and "changed since it was stored" in response.json()["detail"]
     assert client.get(changed["thumbnail"]).status_code == 404
     response = client.get(vanished["image"])
     assert response.status_code == 404 and "its file cannot be read" in response.json()["detail"]
+    for url in (fifo["image"], fifo["thumbnail"]):
+        response = client.get(url)
+        assert response.status_code == 404 and "not a regular file" in response.json()["detail"]
 
 
 def test_classes_and_health(client):

@@ -159,10 +159,10 @@ def stored_file(imsearch: Imsearch, image_id: int) -> tuple[dict[str, Any], byte
     if row is None:
         raise HTTPException(404, f"no stored image has id {image_id}")
     try:
-        data = Path(row["path"]).read_bytes()
-    except OSError as exc:
-        raise HTTPException(404, f"image {image_id} is stored, but its file cannot be read "
-                                 f"({exc.strerror or exc}); run `imsearch ingest --prune` on its folder") from None
+        data = pixels.read_file(Path(row["path"]))
+    except BadImage as exc:
+        raise HTTPException(404, f"image {image_id} is stored, but its file cannot be read ({exc.reason}); "
+                                 "run `imsearch ingest --prune` on its folder") from None
     if sha256_bytes(data) != row["sha256"]:
         raise HTTPException(404, f"image {image_id}: its file changed since it was stored; "
                                  "run `imsearch ingest` on its folder again")
