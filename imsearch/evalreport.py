@@ -304,8 +304,20 @@ def _json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+# A spreadsheet reads a cell that starts with one of these as a formula; class and file names are anyone's text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula, quoted with a leading apostrophe; anything else, a
+    number written as text (`-0.000000`) included, as is."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not _numeric(value):
+        return "'" + value
+    return value
+
+
 def _csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(headers)
-        w.writerows(rows)
+        w.writerow([spreadsheet_safe(h) for h in headers])
+        w.writerows([spreadsheet_safe(v) for v in row] for row in rows)

@@ -270,3 +270,26 @@ def test_evaluate_a_folder_of_unstored_classes_is_a_one_line_error_naming_the_st
     assert result.exit_code == 1
     assert result.stderr.strip() == (f"Error: {tmp_path / 't'}: no images in a sub-folder named after a stored "
                                      "class (stored classes: bathroom, bedroom, dining_room, kitchen, living_room)")
+
+
+def test_evaluation_csvs_quote_cells_a_spreadsheet_would_run_as_formulas(run, photos, tmp_path):
+    (photos / "kitchen").rename(photos / "=HYPERLINK(1)")
+    (photos / "bedroom").rename(photos / "@SUM(1)")
+    assert run("ingest", str(photos)).exit_code == 0
+    testdir = tmp_path / "test"
+    (testdir / "=HYPERLINK(1)").mkdir(parents=True)
+    shutil.copy2(sorted((ROOMS / "test" / "kitchen").glob("*.jpg"))[0], testdir / "=HYPERLINK(1)" / "@cmd.jpg")
+    out = tmp_path / "report"
+    assert run("evaluate", str(testdir), "--out", str(out), "--no-grids").exit_code == 0
+    cells = [cell for name in ("per_image", "per_class", "matches", "correspondence")
+             for row in csv.reader(open(out / f"{name}.csv", newline="")) for cell in row]
+    assert "'=HYPERLINK(1)" in cells and "'@SUM(1)" in cells
+    assert not [c for c in cells if c.startswith(("=", "+", "@")) or c.startswith("-") and not _number(c)]
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
