@@ -36,7 +36,7 @@ from .evaluate import (
     ImageScore,
     Matrix,
 )
-from .report import table
+from .report import is_number, table
 
 PER_IMAGE_COLUMNS = ("mode", "class", "query", *METRICS, "match_classes", "match_distances", "grid")
 PER_CLASS_COLUMNS = ("mode", "class", "images", *METRICS)
@@ -259,7 +259,7 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{_e(x)}</th>" for x in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td{' class=n' if _numeric(v) else ''}>{_e('-' if v is None else v)}</td>" for v in row)
+        "<tr>" + "".join(f"<td{' class=n' if is_number(v) else ''}>{_e('-' if v is None else v)}</td>" for v in row)
         + "</tr>"
         for row in rows
     )
@@ -276,14 +276,6 @@ def _img(rel: str, alt: str) -> str:
 
 def _e(v: Any) -> str:
     return html.escape(str(v), quote=True)
-
-
-def _numeric(v: Any) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _safe(name: str) -> str:
@@ -311,7 +303,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 def spreadsheet_safe(value: Any) -> Any:
     """A text cell a spreadsheet would run as a formula, quoted with a leading apostrophe; anything else, a
     number written as text (`-0.000000`) included, as is."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not _numeric(value):
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not is_number(value):
         return "'" + value
     return value
 

@@ -14,7 +14,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     for row in cells:
         for i, v in enumerate(row):
             widths[i] = max(widths[i], len(v))
-    numeric = [all(_is_number(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
+    numeric = [all(is_number(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
         out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
@@ -30,9 +30,10 @@ def rank_rows(result: Any) -> list[tuple[Any, ...]]:
     ]
 
 
-def _is_number(v: str) -> bool:
+def is_number(v: object) -> bool:
+    """Whether a cell reads as a number (so it is right-aligned, and never taken for a formula)."""
     try:
-        float(v)
-    except ValueError:
+        float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         return False
     return True

@@ -28,6 +28,7 @@ from imsearch.evaluate import (
     precision_at_k,
     score,
 )
+from imsearch.report import is_number
 from imsearch.search import Match
 from imsearch.store import upgrade
 
@@ -284,12 +285,5 @@ def test_evaluation_csvs_quote_cells_a_spreadsheet_would_run_as_formulas(run, ph
     cells = [cell for name in ("per_image", "per_class", "matches", "correspondence")
              for row in csv.reader(open(out / f"{name}.csv", newline="")) for cell in row]
     assert "'=HYPERLINK(1)" in cells and "'@SUM(1)" in cells
-    assert not [c for c in cells if c.startswith(("=", "+", "@")) or c.startswith("-") and not _number(c)]
+    assert not [c for c in cells if c.startswith(("=", "+", "@")) or c.startswith("-") and not is_number(c)]
 
-
-def _number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
