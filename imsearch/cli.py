@@ -415,8 +415,12 @@ def db_index_other(ctx: click.Context, drop: bool) -> None:
               help="TCP port to listen on.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address(es) to listen on, comma-separated; anything but loopback lets other machines in.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path),
+              help="TLS certificate (PEM); required with a --host beyond loopback.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Its private key (PEM); required with a --host beyond loopback.")
 @click.pass_context
-def db_serve(ctx: click.Context, port: int, host: str) -> None:
+def db_serve(ctx: click.Context, port: int, host: str, tls_cert: Path | None, tls_key: Path | None) -> None:
     """Keep the embedded PostgreSQL running and reachable over TCP (password auth) until Ctrl-C or SIGTERM."""
     from .server import serve, wait
 
@@ -426,7 +430,7 @@ def db_serve(ctx: click.Context, port: int, host: str) -> None:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with serve(host, port) as endpoint:
+        with serve(host, port, tls_cert=tls_cert, tls_key=tls_key) as endpoint:
             click.echo("serving the embedded PostgreSQL over TCP until Ctrl-C (or SIGTERM):")
             for line in endpoint.describe():
                 click.echo(line)
@@ -438,4 +442,7 @@ def db_serve(ctx: click.Context, port: int, host: str) -> None:
 
 
 def main() -> None:
+    # SIGTERM ends the process as Ctrl-C does, through exit handlers: the embedded server then stops with its last
+    # user instead of waiting for its watcher.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     cli(prog_name="imsearch")

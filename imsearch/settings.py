@@ -9,14 +9,24 @@ from pathlib import Path
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 
 
+ROOT_HOME = Path("/var/lib/imsearch")
+
+
 def home() -> Path:
-    """imsearch's own data folder: `IMSEARCH_HOME`, else the platform's user data folder."""
+    """imsearch's own data folder: `IMSEARCH_HOME`, else the platform's user data folder.
+
+    For root, /var/lib/imsearch: the embedded server then runs as a system user, which cannot pass root's 0700 home
+    folder, and imsearch widens no folder for it. A library that earlier builds made in root's home stays there.
+    """
     env = os.environ.get("IMSEARCH_HOME")
     if env:
         return Path(env).expanduser().resolve()
     import platformdirs
 
-    return Path(platformdirs.user_data_dir("imsearch", appauthor=False))
+    user = Path(platformdirs.user_data_dir("imsearch", appauthor=False))
+    if os.name == "posix" and os.geteuid() == 0 and not (user / "pgdata" / "PG_VERSION").exists():
+        return ROOT_HOME
+    return user
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,28 @@ def server_url():
         yield url
 
 
+def passable(folder: Path) -> None:
+    """Run as root, let the embedded server's system user pass (not list) this test run's temporary folders, which
+    pytest makes 0700: imsearch itself widens no folder for it."""
+    if os.name == "posix" and os.geteuid() == 0:
+        for p in [folder, *folder.parents]:
+            if p.stat().st_uid == 0 and not p.stat().st_mode & 0o001:
+                p.chmod(p.stat().st_mode | 0o001)
+
+
+@pytest.fixture(autouse=True)
+def passable_tmp_path(request):
+    if "tmp_path" in request.fixturenames:
+        passable(request.getfixturevalue("tmp_path"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory):
     """Tests never touch the user's own imsearch data or DATABASE_URL."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("IMSEARCH_HOME", str(tmp_path_factory.mktemp("imsearch-home")))
+    home = tmp_path_factory.mktemp("imsearch-home")
+    passable(home)
+    mp.setenv("IMSEARCH_HOME", str(home))
     mp.delenv("DATABASE_URL", raising=False)
     mp.delenv("IMSEARCH_WEIGHTS", raising=False)
     yield

@@ -42,8 +42,9 @@ def unprivileged(url: str, folder: Path) -> tuple[list[str], str]:
     """The command prefix that runs a process without root's power to read anything (none when not root), and
     the URL it connects with.
 
-    The embedded test server's socket lies in its data folder, which only the server's own user may enter: the
-    socket is linked into `folder`, which the process can reach.
+    The embedded test server's socket lies in its data folder, which only the server's own user may enter, and is
+    its user's alone (0700): the socket is linked into `folder`, which the process can reach, and opened to it (the
+    login is still checked: peer authentication maps the process's user, root, to the superuser).
     """
     if os.geteuid() != 0:
         return [], url
@@ -52,6 +53,7 @@ def unprivileged(url: str, folder: Path) -> tuple[list[str], str]:
     if host.startswith("/"):
         name = f".s.PGSQL.{params.get('port') or 5432}"
         os.link(Path(host) / name, folder / name)
+        (folder / name).chmod(0o777)
         params["host"] = str(folder)
         url = make_conninfo(**params)
     return [sys.executable, "-c", UNPRIVILEGED], url

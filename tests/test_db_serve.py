@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from imsearch.cli import cli
 from imsearch.embedded import stop
-from imsearch.server import Endpoint, is_loopback
+from imsearch.server import Endpoint, is_loopback, tls_supported
 from tests.conftest import copy_photos
 
 IMSEARCH = [sys.executable, "-c", "from imsearch.cli import main; main()"]
@@ -133,3 +133,58 @@ def test_only_loopback_addresses_count_as_local():
     assert wide.url("bi") == "postgresql://bi@127.0.0.1:5433/postgres"
     assert any("other machines can reach it" in line for line in wide.describe())
     assert any("grant-reader NAME" in line for line in wide.describe())
+
+
+def test_db_serve_beyond_loopback_refuses_to_run_without_tls(home):
+    result = imsearch(home, "db", "serve", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "--host 0.0.0.0 lets other machines in" in result.stderr and "in clear text" in result.stderr
+    assert "--tls-cert FILE" in result.stderr if tls_supported() else "SSH tunnel" in result.stderr
+
+
+def own_address() -> str | None:
+    """A non-loopback address of this machine, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl makes the test certificate")
+def test_db_serve_beyond_loopback_speaks_tls_only_or_refuses_on_a_build_without_it(home, tmp_path):
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=imsearch",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    port = free_port()
+    if not tls_supported():
+        result = imsearch(home, "db", "serve", "--host", "0.0.0.0", "--port", str(port), "--tls-cert", str(cert),
+                          "--tls-key", str(key))
+        assert result.returncode == 1 and "this embedded PostgreSQL build has no TLS" in result.stderr
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return
+    assert imsearch(home, "db", "grant-reader", ROLE, "--password", PASSWORD).returncode == 0
+    proc = subprocess.Popen([*IMSEARCH, "db", "serve", "--host", "0.0.0.0", "--port", str(port),
+                             "--tls-cert", str(cert), "--tls-key", str(key)], env=home, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=lambda: [*map(lines.put, proc.stdout or []), lines.put(None)], daemon=True).start()
+        read_until(lines, "  note")
+        login = {"port": port, "dbname": "postgres", "user": ROLE, "password": PASSWORD, "connect_timeout": 10}
+        with psycopg.connect(host="127.0.0.1", sslmode="require", **login) as c:
+            assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+        address = own_address()
+        if address is not None:  # from another machine's point of view: this machine's own network address
+            with pytest.raises(psycopg.OperationalError, match="no encryption"):
+                psycopg.connect(host=address, sslmode="disable", **login)
+            with psycopg.connect(host=address, sslmode="require", **login) as c:
+                assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+        key_copy = Path(home["IMSEARCH_HOME"]) / "pgdata" / "server.key"
+        assert key_copy.stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
