@@ -4,6 +4,7 @@
     .venv/bin/python bench/search.py --full           # also 1M rows (hours of index build on 2 cores)
     .venv/bin/python bench/search.py --sizes 20000    # any sizes
     .venv/bin/python bench/search.py --server-defaults  # a server nobody tuned (shared_buffers 128 MB, ...)
+    .venv/bin/python bench/search.py --plain-storage    # vectors inline in their rows instead of TOAST
 
 Uses DATABASE_URL when set (each size gets a fresh database, dropped afterwards), else a throwaway server set
 up as imsearch's embedded one. Every query goes through imsearch's own planner (imsearch.search.plan / run),
@@ -124,13 +125,15 @@ class Noise(Generator):
 GENERATORS = {"scenes": Scenes, "noise": Noise}
 
 
-def fill(url: str, gen: Generator, rows: int) -> tuple[float, float, int, int, float, int]:
+def fill(url: str, gen: Generator, rows: int, plain: bool = False) -> tuple[float, float, int, int, float, int]:
     """Load rows with COPY (index dropped), then rebuild the migration's HNSW index; returns timings and size."""
     with psycopg.connect(url, autocommit=True) as conn:
         register_vector(conn)
         indexdef = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'images_embedding_hnsw'"
                                 ).fetchone()[0]
         conn.execute("DROP INDEX images_embedding_hnsw")
+        if plain:  # rows keep their vector inline instead of in the TOAST table
+            conn.execute("ALTER TABLE images ALTER COLUMN embedding SET STORAGE PLAIN")
         t = time.perf_counter()
         n = 0
         with conn.cursor() as cur, cur.copy(
@@ -303,7 +306,7 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
         # -- schema from the migrations, rows by COPY, index rebuilt as the migration defines it
         upgrade(url)
         gen = GENERATORS[args.data](seed=rows)
-        load_s, build_s, size, n_class, class_s, class_size = fill(url, gen, rows)
+        load_s, build_s, size, n_class, class_s, class_size = fill(url, gen, rows, args.plain_storage)
         print(f"\n{rows:,} rows: COPY {load_s:.1f} s ({rows / load_s:,.0f} rows/s), HNSW build {build_s:.1f} s, "
               f"index {size / 2**20:,.0f} MiB; {n_class} class indexes {class_s:.1f} s, {class_size / 2**20:,.0f} MiB")
         # -- queries through imsearch's planner, against an exact scan
@@ -329,6 +332,10 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
                       f"({after / before:.1f}x)")
                 again = tuple(c for c in CASES if c[0] == "other" or c == ("same", COMMON[1]))  # same: still its own
                 table(measure(store, gen, args.queries, args.k, again), args.k, head=False)
+                for depth in (int(d) for d in args.other_depths.split(",") if d):
+                    search.OTHER_DEPTH = depth
+                    print(f"mode other re-ranking {depth} candidates:")
+                    table(measure(store, gen, args.queries, args.k, again[1:]), args.k, head=False)
     finally:
         if not args.keep:
             drop_database(admin_url, name)
@@ -347,6 +354,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the bench databases")
     ap.add_argument("--server-defaults", action="store_true",
                     help="a throwaway server at PostgreSQL's default settings instead of the tuned embedded one")
+    ap.add_argument("--plain-storage", action="store_true",
+                    help="store each vector inline in its row (STORAGE PLAIN) instead of out of line (TOAST)")
+    ap.add_argument("--other-depths", default="",
+                    help="with --index-other, also measure mode other re-ranking these numbers of candidates")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] + ([1_000_000] if args.full else [])
     print(f"imsearch search bench: {args.data} data, k={args.k}, {args.queries} queries per mode, "
