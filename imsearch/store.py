@@ -21,7 +21,7 @@ from .settings import build_memory
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 MIN_PGVECTOR = (0, 7, 0)
 # Per-class partial HNSW indexes are named from an md5 of the class, which may be any text: a class's own
 # (migration 0003) and, where `imsearch db index-other` made them, one over every other class (migration 0005).
