@@ -86,17 +86,46 @@ EXACT_MAX_ROWS = 1_000
 EF_SEARCH = 100
 # A query of class X searches the other classes' graphs from outside them, where HNSW needs a wider beam. At 100k
 # scene-like rows mode other's recall@5 was 0.995-1.0 / 1.0 / 1.0 at ef_search 100 / 200 / 400, p50 20-23 / 31-37 /
-# 46-58 ms (bench/other_mode.py; docs/scaling.md has the noise data's too). Migration 0004 mirrors it in SQL.
+# 46-58 ms (bench/other_mode.py; docs/scaling.md has the noise data's too). The SQL functions take it from here
+# (function_sql), as every constant below.
 BRANCH_EF_SEARCH = 200
 # One graph of every other class, searched from outside it (m = 16, ef_construction = 400): at 100k scene rows
 # recall@5 0.970-0.974 / 0.970 (two query classes) at ef_search 200, 0.982 / 0.978 at 250, p50 5-6 ms; 50 or 100
-# candidates re-ranked made no difference (docs/scaling.md). Migration 0006 mirrors both in SQL.
+# candidates re-ranked made no difference (docs/scaling.md). The SQL functions take both from here.
 OTHER_EF_SEARCH = 250
 OTHER_DEPTH = 50
 MAX_SCAN_TUPLES = 50_000
 MAX_BRANCHES = 32
 
 EXACT_SETTINGS = (("enable_indexscan", "off"),)
+
+# Partial HNSW indexes per class (`imsearch_index_class`, migration 0003) and per other class (`db index-other`):
+# the prefix and the first 16 hex digits of the class's md5.
+CLASS_INDEX_PREFIX = "images_embedding_hnsw_c_"
+OTHER_INDEX_PREFIX = "images_embedding_hnsw_o_"
+
+SQL_FUNCTIONS = ("imsearch_nearest", "imsearch_class_correspondence")
+
+
+def function_sql(name: str) -> str:
+    """The full text of the SQL function `name` as this planner plans: imsearch/sql/NAME.sql with the constants
+    above filled in. A migration that changes a function carries this text frozen in migrations/sql, and a test
+    checks that the migrated database runs exactly this, so find and the SQL functions cannot drift apart."""
+    from importlib.resources import files
+
+    if name not in SQL_FUNCTIONS:
+        raise ValueError(f"no SQL function {name!r}; there are {', '.join(SQL_FUNCTIONS)}")
+    text = (files(__package__) / "sql" / f"{name}.sql").read_text()
+    values = {
+        "EF_SEARCH": EF_SEARCH, "BRANCH_EF_SEARCH": BRANCH_EF_SEARCH, "OTHER_EF_SEARCH": OTHER_EF_SEARCH,
+        "OTHER_DEPTH": OTHER_DEPTH, "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
+        "MAX_BRANCHES": MAX_BRANCHES, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX,
+        "OTHER_INDEX_PREFIX": OTHER_INDEX_PREFIX, "FOLD_ROW": FOLD.replace("embedding", "i.embedding"),
+        "FOLD_QUERY": FOLD.replace("embedding", "q"),
+    }
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    return text
 
 
 @dataclass(frozen=True)

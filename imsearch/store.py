@@ -16,6 +16,7 @@ from pgvector.psycopg import register_vector
 
 from .embed import DIMENSIONS
 from .errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOutdated, ServerCrashed
+from .search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
 from .settings import build_memory
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,6 @@ log = logging.getLogger(__name__)
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
 SCHEMA_REVISION = "0008"
 MIN_PGVECTOR = (0, 7, 0)
-# Per-class partial HNSW indexes are named from an md5 of the class, which may be any text: a class's own
-# (migration 0003) and, where `imsearch db index-other` made them, one over every other class (migration 0005).
-CLASS_INDEX_PREFIX = "images_embedding_hnsw_c_"
-OTHER_INDEX_PREFIX = "images_embedding_hnsw_o_"
 # An HNSW build keeps its graph in maintenance_work_mem while it fits: pgvector reported the 64 MB default full after
 # 11,894 rows of a class index (m = 32), and that build of 19,900 rows took 103 s instead of 31 s (docs/scaling.md).
 GRAPH_BYTES_PER_ROW = 5_700

@@ -74,3 +74,49 @@ def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(databa
     assert other_indexes() == []
     index_other("kitchen")
     assert "l2_normalize(embedding)" in other_indexes()[0]
+
+
+FUNCTIONS = {"imsearch_nearest": "imsearch_nearest(bigint, integer, text)",
+             "imsearch_class_correspondence": "imsearch_class_correspondence(integer, text)"}
+
+
+def function_text(url: str, name: str) -> str:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT pg_get_functiondef(%s::regprocedure)", (FUNCTIONS[name],)).fetchone()[0]
+
+
+def test_the_sql_functions_that_run_are_the_planners_own_text(database_url):
+    """find plans in Python, the SQL functions in PL/pgSQL; both take their constants, index names and fold from
+    imsearch.search, and the migrated database runs exactly the text imsearch.search renders."""
+    from imsearch.search import SQL_FUNCTIONS, function_sql
+
+    upgrade(database_url)
+    for name in SQL_FUNCTIONS:
+        assert function_text(database_url, name) == function_sql(name), name
+        assert "@" not in function_sql(name)
+
+
+def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
+    """Migrations carry each function's full text as of their revision (migrations/sql); none rewrites a function
+    by finding and replacing text in its definition."""
+    from alembic import command
+
+    from imsearch.settings import sqlalchemy_url
+
+    folder = migrations_folder()
+    for script in (folder / "versions").glob("*.py"):
+        assert "pg_get_functiondef" not in script.read_text(), script.name
+    cfg = Config()
+    cfg.set_main_option("script_location", str(folder))
+    cfg.attributes["url"] = sqlalchemy_url(database_url)
+    # (step, revision reached, function texts it must run: migrations/sql/NAME_REVISION.sql)
+    steps = [(command.upgrade, "0002", "0002"), (command.upgrade, "0004", "0004"), (command.upgrade, "0005", "0005"),
+             (command.upgrade, "0006", "0006"), (command.downgrade, "0005", "0005"),
+             (command.downgrade, "0003", "0002")]
+    for step, revision, texts in steps:
+        step(cfg, revision)
+        for name in FUNCTIONS:
+            path = folder / "sql" / f"{name}_{texts}.sql"
+            if not path.exists():  # unchanged since an earlier revision
+                path = max(p for p in (folder / "sql").glob(f"{name}_*.sql") if p.stem[-4:] <= texts)
+            assert function_text(database_url, name) == path.read_text(), (revision, path.name)

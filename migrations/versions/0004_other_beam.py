@@ -3,7 +3,8 @@
 find's per-class branches for mode other went from ef_search 400 to 200 (imsearch.search.BRANCH_EF_SEARCH): on
 bench/search.py's scene data at 100k rows recall@5 stayed 1.0 and p50 fell from 48-60 to 31-35 ms
 (bench/other_mode.py). imsearch_nearest and imsearch_class_correspondence (migration 0002) mirror find's
-planning, so their beam changes with it; the rest of each function stays as it is.
+planning, so their beam changes with it; the rest of each function stays as it is. Each function's full text as
+of this revision (and of the one before, for downgrade) is a file in migrations/sql.
 
 Revision ID: 0004
 Revises: 0003
@@ -12,6 +13,8 @@ Create Date: 2026-11-25
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import op
 
 revision = "0004"
@@ -19,30 +22,17 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-FUNCTIONS = ("imsearch_nearest(bigint, integer, text)", "imsearch_class_correspondence(integer, text)")
+SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full text as of a revision
 
 
-def set_beam(old: int, new: int) -> None:
-    for function in FUNCTIONS:
-        op.execute(
-            f"""
-            DO $$
-            DECLARE
-                definition text := pg_get_functiondef('{function}'::regprocedure);
-            BEGIN
-                IF position('greatest({old}, 2 * k)' IN definition) = 0 THEN
-                    RAISE EXCEPTION '{function} has no beam of {old} to change';
-                END IF;
-                EXECUTE replace(definition, 'greatest({old}, 2 * k)', 'greatest({new}, 2 * k)');
-            END
-            $$
-            """
-        )
+def create(*files: str) -> None:
+    for name in files:
+        op.execute((SQL / name).read_text())
 
 
 def upgrade() -> None:
-    set_beam(400, 200)
+    create("imsearch_nearest_0004.sql", "imsearch_class_correspondence_0004.sql")
 
 
 def downgrade() -> None:
-    set_beam(200, 400)
+    create("imsearch_nearest_0002.sql", "imsearch_class_correspondence_0002.sql")

@@ -12,7 +12,8 @@ data at 100k rows they took mode other from 30-35 ms to 9-11.5 ms, at recall@5 0
 grow with the number of classes, which is why they are opt-in; once any exist, imsearch keeps them complete for
 new classes after each ingest.
 
-imsearch_nearest takes the same path as `imsearch find` when the query's class has one.
+imsearch_nearest takes the same path as `imsearch find` when the query's class has one
+(migrations/sql/imsearch_nearest_0005.sql).
 
 Revision ID: 0005
 Revises: 0004
@@ -21,6 +22,8 @@ Create Date: 2026-11-25
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import op
 
 revision = "0005"
@@ -28,50 +31,7 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-NEAREST = "imsearch_nearest(bigint, integer, text)"
-ANCHOR = "    -- mode other: as find, the union"
-OTHER_INDEX_PATH = """    -- mode other through the query class's other-class index when it has one (migration 0005)
-    SELECT count(*) INTO candidates FROM images i WHERE i.class <> q_class;
-    IF candidates > exact_max AND EXISTS (
-            SELECT FROM pg_indexes x WHERE x.tablename = 'images'
-            AND x.indexname = 'images_embedding_hnsw_o_' || left(md5(q_class), 16)) THEN
-        PERFORM set_config('hnsw.ef_search', least(greatest(200, 2 * k), 1000)::text, true);
-        IF iterative THEN
-            PERFORM set_config('hnsw.iterative_scan', 'off', true);
-        END IF;
-        PERFORM set_config('enable_sort', 'off', true);
-        RETURN QUERY
-        SELECT (row_number() OVER (ORDER BY n.distance, n.id))::integer, n.id, n.path, n.class, n.distance
-        FROM (
-            SELECT i.id, i.path, i.class, i.embedding <=> q AS distance
-            FROM images i
-            WHERE i.sha256 IS DISTINCT FROM q_sha AND i.class <> q_class
-            ORDER BY l2_normalize(i.embedding)::halfvec(2048) <=> l2_normalize(q)
-            LIMIT k
-        ) n
-        ORDER BY 1;
-        RETURN;
-    END IF;
-
-"""
-
-
-def patch_nearest(old: str, new: str) -> None:
-    old, new = old.replace("'", "''"), new.replace("'", "''")
-    op.execute(
-        f"""
-        DO $patch$
-        DECLARE
-            definition text := pg_get_functiondef('{NEAREST}'::regprocedure);
-        BEGIN
-            IF position('{old}' IN definition) = 0 THEN
-                RAISE EXCEPTION '{NEAREST} is not the function this migration knows';
-            END IF;
-            EXECUTE replace(definition, '{old}', '{new}');
-        END
-        $patch$
-        """
-    )
+SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full text as of a revision
 
 
 def upgrade() -> None:
@@ -92,11 +52,11 @@ def upgrade() -> None:
         """
     )
     op.execute("REVOKE ALL ON FUNCTION imsearch_index_other(text) FROM PUBLIC")
-    patch_nearest(ANCHOR, OTHER_INDEX_PATH + ANCHOR)
+    op.execute((SQL / "imsearch_nearest_0005.sql").read_text())
 
 
 def downgrade() -> None:
-    patch_nearest(OTHER_INDEX_PATH + ANCHOR, ANCHOR)
+    op.execute((SQL / "imsearch_nearest_0004.sql").read_text())
     op.execute(
         """
         DO $$

@@ -21,6 +21,8 @@ Create Date: 2026-11-25
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import op
 
 revision = "0006"
@@ -28,40 +30,7 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-NEAREST = "imsearch_nearest(bigint, integer, text)"
-
-
-def other_path(beam: int, nearest: str) -> str:
-    """imsearch_nearest's mode-other branch through an other-class index: its beam and its query differ."""
-    return f"""        PERFORM set_config('hnsw.ef_search', least(greatest({beam}, 2 * k), 1000)::text, true);
-        IF iterative THEN
-            PERFORM set_config('hnsw.iterative_scan', 'off', true);
-        END IF;
-        PERFORM set_config('enable_sort', 'off', true);
-        RETURN QUERY
-        SELECT (row_number() OVER (ORDER BY n.distance, n.id))::integer, n.id, n.path, n.class, n.distance
-        FROM (
-{nearest}
-        ) n
-        ORDER BY 1;"""
-
-
-FULL_WIDTH = other_path(200, """            SELECT i.id, i.path, i.class, i.embedding <=> q AS distance
-            FROM images i
-            WHERE i.sha256 IS DISTINCT FROM q_sha AND i.class <> q_class
-            ORDER BY l2_normalize(i.embedding)::halfvec(2048) <=> l2_normalize(q)
-            LIMIT k""")
-FOLDED = other_path(250, """            SELECT f.id, f.path, f.class, f.embedding <=> q AS distance
-            FROM (
-                SELECT i.id, i.path, i.class, i.embedding
-                FROM images i
-                WHERE i.sha256 IS DISTINCT FROM q_sha AND i.class <> q_class
-                ORDER BY (subvector(i.embedding, 1, 1024) - subvector(i.embedding, 1025, 1024))::halfvec(1024)
-                    <=> (subvector(q, 1, 1024) - subvector(q, 1025, 1024))::halfvec(1024)
-                LIMIT greatest(50, k)
-            ) f
-            ORDER BY 4
-            LIMIT k""")
+SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full text as of a revision
 
 
 def index_other(expression: str, graph: str) -> None:
@@ -100,32 +69,14 @@ def drop_other_indexes() -> None:
     )
 
 
-def patch_nearest(old: str, new: str) -> None:
-    old, new = old.replace("'", "''"), new.replace("'", "''")
-    op.execute(
-        f"""
-        DO $patch$
-        DECLARE
-            definition text := pg_get_functiondef('{NEAREST}'::regprocedure);
-        BEGIN
-            IF position('{old}' IN definition) = 0 THEN
-                RAISE EXCEPTION '{NEAREST} is not the function this migration knows';
-            END IF;
-            EXECUTE replace(definition, '{old}', '{new}');
-        END
-        $patch$
-        """
-    )
-
-
 def upgrade() -> None:
     drop_other_indexes()
     index_other("(subvector(embedding, 1, 1024) - subvector(embedding, 1025, 1024))::halfvec(1024)",
                 "m = 16, ef_construction = 400")
-    patch_nearest(FULL_WIDTH, FOLDED)
+    op.execute((SQL / "imsearch_nearest_0006.sql").read_text())
 
 
 def downgrade() -> None:
     drop_other_indexes()
     index_other("l2_normalize(embedding)::halfvec(2048)", "m = 32, ef_construction = 200")
-    patch_nearest(FOLDED, FULL_WIDTH)
+    op.execute((SQL / "imsearch_nearest_0005.sql").read_text())
