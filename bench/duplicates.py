@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from pgvector import HalfVector
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from imsearch import Imsearch  # noqa: E402
-from imsearch.sqlaccess import DEFAULT_DUPLICATE_DISTANCE  # noqa: E402
+from imsearch import Imsearch
+from imsearch.sqlaccess import DEFAULT_DUPLICATE_DISTANCE
 
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 

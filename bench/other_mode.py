@@ -24,23 +24,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from pgvector import HalfVector
 from psycopg import sql
+from synthetic import COMMON, GENERATORS, RARE, bench_server, drop_database, fill, fresh_database
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from search import COMMON, GENERATORS, RARE, bench_server, drop_database, fill, fresh_database  # noqa: E402
-
-from imsearch import search  # noqa: E402
-from imsearch.store import Store, upgrade  # noqa: E402
+from imsearch import search
+from imsearch.store import Store, upgrade
 
 OVERFETCH = """
 SELECT id FROM (SELECT id, class, embedding <=> %(q)s AS distance FROM images

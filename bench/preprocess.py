@@ -31,13 +31,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from imsearch import Imsearch, WeightsUnavailable  # noqa: E402
-from imsearch.embed import get_embedder  # noqa: E402
-from imsearch.evaluate import PRECISION  # noqa: E402
-from imsearch.pixels import PREPROCESSING  # noqa: E402
-from imsearch.settings import Settings, libpq_url  # noqa: E402
+from imsearch import Imsearch, WeightsUnavailable
+from imsearch.embed import get_embedder
+from imsearch.evaluate import PRECISION
+from imsearch.pixels import PREPROCESSING
+from imsearch.settings import Settings, libpq_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", ROOT.parent / "shared"))

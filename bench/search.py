@@ -15,157 +15,15 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import psycopg
 from pgvector import HalfVector
-from pgvector.psycopg import register_vector
+from synthetic import COMMON, GENERATORS, RARE, Generator, bench_server, drop_database, fill, fresh_database
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from imsearch import embedded, search  # noqa: E402
-from imsearch.store import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX, Store, upgrade  # noqa: E402
-
-DIMS = 2048
-COMMON = ["bathroom", "bedroom", "dining_room", "kitchen", "living_room"]
-RARE = "wine_cellar"
-RARE_SHARE = 0.005
-
-
-class Generator:
-    """Non-negative, sparse vectors clustered by class; subclasses say how one photo differs from the next.
-
-    Like ResNet-50 pooled features: every entry >= 0, many exactly 0, a shared component every indoor photo has,
-    a class component, and 5 % near-duplicates of the row before them (clusters that strand greedy search).
-    """
-
-    def __init__(self, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        self.rng = rng
-        self.classes = COMMON + [RARE]
-        self.shared = np.maximum(rng.normal(0, 1, DIMS), 0) * (rng.random(DIMS) < 0.5)
-        self.centres = {c: np.maximum(rng.normal(0, 0.5, DIMS), 0) * (rng.random(DIMS) < 0.35) for c in self.classes}
-
-    def photos(self, cls: str, n: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def vectors(self, cls: str, n: int) -> np.ndarray:
-        out = self.photos(cls, n)
-        dup = self.rng.random(n) < 0.05
-        dup[0] = False
-        idx = np.flatnonzero(dup)
-        out[idx] = out[idx - 1] + self.rng.normal(0, 0.01, (len(idx), DIMS)).clip(0)
-        return out.astype(np.float32)
-
-    def class_sizes(self, rows: int) -> dict[str, int]:
-        rare = max(1, int(rows * RARE_SHARE))
-        each = (rows - rare) // len(COMMON)
-        sizes = {c: each for c in COMMON}
-        sizes[COMMON[0]] += rows - rare - each * len(COMMON)
-        sizes[RARE] = rare
-        return sizes
-
-
-class Scenes(Generator):
-    """A photo is the sum of a few scene elements (objects, materials, layouts) drawn from 256 shared by all
-    classes, each class preferring some of them, plus a little channel noise.
-
-    Photos of different classes share elements, as a kitchen and a dining room share a table, so the nearest
-    photo of another class is near for a reason. Its local intrinsic dimensionality (the bench's LID column) is in
-    the tens, where published measurements of real embeddings lie.
-    """
-
-    def __init__(self, seed: int = 0, elements: int = 256) -> None:
-        super().__init__(seed)
-        rng = self.rng
-        self.shared *= 1.2
-        self.elements = np.maximum(rng.normal(0, 1, (elements, DIMS)), 0) * (rng.random((elements, DIMS)) < 0.08) * 0.7
-        self.prefer = {c: 0.85 * rng.dirichlet(np.full(elements, 0.05)) + 0.15 / elements for c in self.classes}
-
-    def photos(self, cls: str, n: int) -> np.ndarray:
-        rng = self.rng
-        out = np.empty((n, DIMS))
-        for i in range(n):
-            picked = rng.choice(len(self.elements), rng.integers(6, 16), replace=False, p=self.prefer[cls])
-            out[i] = rng.gamma(2.0, 0.5, len(picked)) @ self.elements[picked]
-        out += self.shared + self.centres[cls]
-        return out + np.maximum(rng.normal(0, 0.35, (n, DIMS)), 0) * (rng.random((n, DIMS)) < 0.3)
-
-
-class Noise(Generator):
-    """The hard case: one of 30 sub-clusters per class plus independent noise on a third of the channels.
-
-    Seen from another class every photo is about equally far (LID in the hundreds), so mode other's top five are
-    decided by the noise: a stress test of graph search rather than a picture of real features.
-    """
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(seed)
-        rng = self.rng
-        self.shared *= 0.8
-        self.subs = {c: [np.maximum(rng.normal(0, 0.96, DIMS), 0) * (rng.random(DIMS) < 0.2) for _ in range(30)]
-                     for c in self.classes}
-
-    def photos(self, cls: str, n: int) -> np.ndarray:
-        rng = self.rng
-        subs = self.subs[cls]
-        pick = rng.integers(0, len(subs), n)
-        base = self.shared[None, :] + self.centres[cls][None, :] + np.stack([subs[i] for i in pick])
-        return base + np.maximum(rng.normal(0, 0.45, (n, DIMS)), 0) * (rng.random((n, DIMS)) < 0.3)
-
-
-GENERATORS = {"scenes": Scenes, "noise": Noise}
-
-
-def fill(url: str, gen: Generator, rows: int, plain: bool = False) -> tuple[float, float, int, int, float, int]:
-    """Load rows with COPY (index dropped), then rebuild the migration's HNSW index; returns timings and size."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        register_vector(conn)
-        indexdef = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'images_embedding_hnsw'"
-                                ).fetchone()[0]
-        conn.execute("DROP INDEX images_embedding_hnsw")
-        if plain:  # rows keep their vector inline instead of in the TOAST table
-            conn.execute("ALTER TABLE images ALTER COLUMN embedding SET STORAGE PLAIN")
-        t = time.perf_counter()
-        n = 0
-        with conn.cursor() as cur, cur.copy(
-            "COPY images (path, class, sha256, width, height, bytes, model, embedding) FROM STDIN WITH (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types(["text", "text", "varchar", "int4", "int4", "int8", "text", "halfvec"])
-            for cls, size in gen.class_sizes(rows).items():
-                for start in range(0, size, 5000):
-                    for v in gen.vectors(cls, min(5000, size - start)):
-                        copy.write_row((f"/synthetic/{cls}/{n:08d}.jpg", cls, f"{n:064x}", 224, 224, 0,
-                                        "synthetic", HalfVector(v)))
-                        n += 1
-        load_s = time.perf_counter() - t
-        conn.execute("SET maintenance_work_mem = '4GB'")
-        conn.execute("SET max_parallel_maintenance_workers = 1")  # 2 cores: the leader plus one worker
-        t = time.perf_counter()
-        conn.execute(indexdef)
-        build_s = time.perf_counter() - t
-        conn.execute("ANALYZE images")
-        size = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0]
-    # -- per-class indexes, as `imsearch ingest` makes them after storing rows
-    with Store(url) as store:
-        store.conn.execute("SET maintenance_work_mem = '4GB'")
-        store.conn.execute("SET max_parallel_maintenance_workers = 1")
-        t = time.perf_counter()
-        classes = store.ensure_class_indexes(search.EXACT_MAX_ROWS)
-        class_s = time.perf_counter() - t
-        class_size = store.conn.execute(
-            "SELECT coalesce(sum(pg_relation_size(indexrelid)), 0) FROM pg_index JOIN pg_class c ON c.oid = indexrelid "
-            "WHERE starts_with(c.relname, %s)", (CLASS_INDEX_PREFIX,)).fetchone()[0]
-    return load_s, build_s, size, len(classes), class_s, class_size
-
+from imsearch import search
+from imsearch.store import OTHER_INDEX_PREFIX, Store, upgrade
 
 CASES = (("all", None), ("same", COMMON[1]), ("same", RARE), ("other", COMMON[1]), ("other", RARE))
 
@@ -260,43 +118,6 @@ def table(rows: list[tuple], k: int, head: bool = True) -> None:
     for label, scan, dim, recall, rmin, short, p50, p95, exact50 in rows:
         print(f"{label:<32} {scan:<30} {dim:>4.0f} {recall:>9.3f} {rmin:>5.2f} {short:>5} {p50:>7.1f} "
               f"{p95:>7.1f} {exact50:>13.1f}")
-
-
-def fresh_database(admin_url: str, name: str) -> str:
-    """Create (or re-create) database `name` on the server and return its URL."""
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, query = admin_url.partition("?")
-    return base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
-def bench_server(defaults: bool = False) -> Iterator[str]:
-    """DATABASE_URL when set, else a throwaway server set up as imsearch's embedded one (with `defaults`, as
-    PostgreSQL starts without tuning, like a pgvector/pgvector container); yields its admin URL."""
-    admin = os.environ.get("DATABASE_URL")
-    if admin:
-        yield admin
-        return
-    if defaults:
-        with embedded.temporary(tune=False) as admin:
-            yield admin
-        return
-    with tempfile.TemporaryDirectory(prefix="imsearch-bench-") as tmp:
-        # -- the embedded server's shared_buffers apply from its second start
-        pgdata = Path(tmp) / "pgdata"
-        embedded.start(pgdata)
-        embedded.stop(pgdata)
-        try:
-            yield embedded.start(pgdata)
-        finally:
-            embedded.stop(pgdata)
 
 
 def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:

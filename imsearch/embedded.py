@@ -333,12 +333,15 @@ def shutdown(pgdata: Path, server: Postmaster) -> None:
 
 @contextmanager
 def temporary(*, tune: bool = False) -> Iterator[str]:
-    """A throwaway embedded server in a new temporary folder, with PostgreSQL's default settings unless `tune`;
-    stopped and deleted afterwards (tests and benchmarks)."""
+    """A throwaway embedded server in a new temporary folder, with PostgreSQL's default settings unless `tune`
+    (imsearch's own, as from its second start); stopped and deleted afterwards (tests and benchmarks)."""
     folder = Path(tempfile.mkdtemp(prefix="imsearch-pg-"))
     if server_user() is not None:
         folder.chmod(0o711)  # a folder of our own: the server's user passes through it to its data folder
     try:
+        if tune:  # shared_buffers takes effect at a restart
+            start(folder / "pgdata", tune=True)
+            stop(folder / "pgdata")
         yield start(folder / "pgdata", tune=tune)
     finally:
         try:

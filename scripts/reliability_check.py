@@ -136,11 +136,12 @@ def check(failures: list[str], ok: bool, what: str) -> None:
 
 
 def server(work: Path) -> tuple[str, Callable[[], object]]:
-    """An admin URL: DATABASE_URL, else a private embedded server (and how to stop it)."""
+    """An admin URL: DATABASE_URL, else a throwaway embedded server (and how to stop it)."""
     given = os.environ.get("DATABASE_URL")
     if given:
         return given, lambda: None
-    return embedded.start(work / "pgdata", tune=False), lambda: embedded.stop(work / "pgdata")
+    throwaway = embedded.temporary()
+    return throwaway.__enter__(), lambda: throwaway.__exit__(None, None, None)
 
 
 def database(admin: str, name: str) -> str:
