@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -13,15 +14,17 @@ import psycopg
 from PIL import Image
 
 from . import pixels, search
-from .embed import Embedder, get_embedder
+from .embed import Model
 from .errors import BadImage, ImsearchError, UnknownClass
 from .evaluate import Evaluation, score
 from .files import ImageFile, WalkProblem, sha256_bytes, walk
 from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, ingest
 from .pixels import PREPROCESSING
+from .runtimes import get_model
 from .search import MODES, Match
 from .settings import Settings, libpq_url, server_log
 from .store import OTHER_INDEX_PREFIX, Store
+from .timing import done, phase
 
 Query = Union[str, Path, bytes, Image.Image]
 
@@ -69,8 +72,9 @@ class Imsearch:
         device: str = "auto",
         precision: str = "auto",
         preprocess: str = "recipe",
+        backend: str | None = None,
     ) -> None:
-        self.settings = Settings.from_env(database_url=database_url, weights=weights)
+        self.settings = Settings.from_env(database_url=database_url, weights=weights, backend=backend)
         self.device = device
         self.precision = precision
         if preprocess not in PREPROCESSING:
@@ -78,6 +82,7 @@ class Imsearch:
         self.prep = PREPROCESSING[preprocess]
         self._store: Store | None = None
         self._lock = threading.RLock()
+        self._model_loading: threading.Thread | None = None
 
     # -- resources -----------------------------------------------------------------------------------------
 
@@ -95,8 +100,34 @@ class Imsearch:
             return self._store
 
     @property
-    def embedder(self) -> Embedder:
-        return get_embedder(self.settings.weights, device=self.device, precision=self.precision, prep=self.prep)
+    def embedder(self) -> Model:
+        """The model, on the runtime `backend` picks (imsearch.runtimes); loaded once per process."""
+        return get_model(self.settings.weights, device=self.device, precision=self.precision, prep=self.prep,
+                         backend=self.settings.backend, calibration=self._calibration)
+
+    def _calibration(self, n: int) -> np.ndarray:
+        """Up to n stored photos, spread over the library, as model input: what an int8 export is calibrated on."""
+        stored = sorted(self.store.known(Path("/")))
+        arrays = []
+        for path in stored[:: max(1, len(stored) // n)][:n]:
+            try:
+                arrays.append(pixels.load(pixels.read_file(Path(path)), path, self.prep).pixels)
+            except BadImage:
+                continue  # moved or changed since it was stored: the others calibrate
+        return np.stack(arrays) if arrays else np.empty((0,))
+
+    def _load_model_meanwhile(self) -> None:
+        """Load the model in a thread while the database starts: one waits on files and ONNX Runtime, the other on
+        the server, so a cold find takes the longer of the two rather than their sum. Errors surface where the
+        model is used."""
+        with self._lock:
+            if self._model_loading is None:
+                self._model_loading = threading.Thread(target=self._try_model, name="imsearch-model")
+                self._model_loading.start()
+
+    def _try_model(self) -> None:
+        with contextlib.suppress(ImsearchError):
+            _ = self.embedder
 
     def close(self) -> None:
         with self._lock:
@@ -175,6 +206,7 @@ class Imsearch:
     def embed(self, queries: Sequence[Query], *, names: Sequence[str] | None = None) -> list[Embedded]:
         """Queries (paths, bytes or PIL images) -> vectors, in one batch through the model."""
         loaded: list[tuple[str, np.ndarray, str | None, str | None]] = []
+        started = time.perf_counter()
         for i, q in enumerate(queries):
             name = names[i] if names else None
             if isinstance(q, Image.Image):
@@ -190,9 +222,12 @@ class Imsearch:
                 data, name, folder = q, name or "<upload>", None
             arr = pixels.load(data, name, self.prep).pixels
             loaded.append((name, arr, sha256_bytes(data), folder))
+        done("decode", started)
         if not loaded:
             return []
-        vectors = self.embedder.embed(np.stack([a for _, a, _, _ in loaded]))
+        model = self.embedder
+        with phase("embed"):
+            vectors = model.embed(np.stack([a for _, a, _, _ in loaded]))
         return [Embedded(n, v, s, f) for (n, _, s, f), v in zip(loaded, vectors)]
 
     def query_class(self, query: Embedded, given: str | None = None) -> str | None:
@@ -276,14 +311,17 @@ class Imsearch:
         """The k closest stored images for each query (path, bytes or PIL image), in one mode."""
         if isinstance(queries, (str, Path, bytes, Image.Image)):
             queries = [queries]
-        counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model loads
-        indexed, others_indexed = self._indexes(counts, mode)
+        self._load_model_meanwhile()
+        with phase("database"):
+            counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model loads
+            indexed, others_indexed = self._indexes(counts, mode)
         embedded = self.embed(list(queries), names=names)
-        return [
-            self.search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                        class_counts=counts, indexed=indexed, others_indexed=others_indexed)
-            for e in embedded
-        ]
+        with phase("search"):
+            return [
+                self.search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
+                            class_counts=counts, indexed=indexed, others_indexed=others_indexed)
+                for e in embedded
+            ]
 
     def classes(self) -> list[tuple[str, int]]:
         """Stored classes and their image counts."""

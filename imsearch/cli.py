@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -14,6 +15,7 @@ from typing import Any
 import click
 
 from .errors import ImsearchError
+from .timing import phase, since_process_start
 
 log = logging.getLogger("imsearch")
 
@@ -23,7 +25,8 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with phase("command"):
+                return super().invoke(ctx)
         except ImsearchError as exc:
             if ctx.meta.get("imsearch.debug"):
                 raise
@@ -44,11 +47,12 @@ def one_line(text: str) -> str:
 
 
 def _app(ctx: click.Context, weights: str | None = None, device: str = "auto", precision: str = "auto",
-         preprocess: str = "recipe") -> Any:
-    from .api import Imsearch
+         preprocess: str = "recipe", backend: str | None = None) -> Any:
+    with phase("imports"):
+        from .api import Imsearch
 
     app = Imsearch(ctx.obj["database_url"], weights=weights, device=device, precision=precision,
-                   preprocess=preprocess)
+                   preprocess=preprocess, backend=backend)
     ctx.call_on_close(app.close)
     return app
 
@@ -59,13 +63,34 @@ weights_option = click.option(
 )
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              show_default=True, help="Where the model runs; auto picks CUDA when available.")
-precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-                                show_default=True, help="Model precision; auto is fp32 (see docs/scaling.md).")
+precision_option = click.option(
+    "--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto", show_default=True,
+    help="Model precision; auto is fp32. int8 runs on ONNX Runtime, calibrated on stored photos (docs/inference.md).",
+)
+backend_option = click.option(
+    "--backend", type=click.Choice(["auto", "torch", "onnx"]), envvar="IMSEARCH_BACKEND", default="auto",
+    show_default=True,
+    help="Model runtime: auto is ONNX Runtime on the CPU (faster, and no torch import once exported) and torch on "
+         "CUDA; both give the same vectors (docs/inference.md) [env IMSEARCH_BACKEND].",
+)
 preprocess_option = click.option(
     "--preprocess", type=click.Choice(["recipe", "square224", "seed1028x768"]), default="recipe", show_default=True,
     help="How photos are cut for the model: torchvision's recipe (resize 256, centre-crop 224), the whole frame "
          "at 224x224, or the seed study's whole frame at 1028x768 (see docs/evaluation.md).",
 )
+MODEL_OPTIONS = ("weights", "device", "precision", "preprocess", "backend")
+
+
+def model_options(command: Any) -> Any:
+    """The model's options, the same on every command that embeds; the command gets them as one dict, `model`."""
+
+    @functools.wraps(command)
+    def with_model(*args: Any, **kwargs: Any) -> Any:
+        return command(*args, model={name: kwargs.pop(name) for name in MODEL_OPTIONS}, **kwargs)
+
+    for option in (backend_option, preprocess_option, precision_option, device_option, weights_option):
+        with_model = option(with_model)
+    return with_model
 
 
 @click.group(cls=Group)
@@ -82,14 +107,14 @@ def cli(ctx: click.Context, database_url: str | None, debug: bool) -> None:
         logging.getLogger("psycopg").setLevel(logging.ERROR)
     ctx.meta["imsearch.debug"] = debug
     ctx.obj = {"database_url": database_url}
+    started = since_process_start()
+    if started is not None:
+        log.debug("timing: start-up %.3f s", started)
 
 
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@weights_option
-@device_option
-@precision_option
-@preprocess_option
+@model_options
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Images per model batch and per database transaction.")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
@@ -98,13 +123,13 @@ def cli(ctx: click.Context, database_url: str | None, debug: bool) -> None:
 @click.option("--reembed", is_flag=True, help="Re-embed rows stored with another model, in place.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-def ingest(ctx: click.Context, folder: Path, weights: str | None, device: str, precision: str, preprocess: str,
-           batch_size: int, workers: int | None, prune: bool, reembed: bool, as_json: bool) -> None:
+def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: int, workers: int | None, prune: bool,
+           reembed: bool, as_json: bool) -> None:
     """Embed and store every image under FOLDER (class = first-level sub-folder).
 
     Unchanged files are skipped, changed ones re-embedded. Exit 1 when some files could not be stored.
     """
-    app = _app(ctx, weights, device, precision, preprocess)
+    app = _app(ctx, **model)
     stop = threading.Event()
 
     def interrupt(*_: object) -> None:
@@ -168,20 +193,16 @@ def ingest(ctx: click.Context, folder: Path, weights: str | None, device: str, p
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one item per query.")
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
               help="Also write a picture of the query beside its ranked matches (one IMAGE only).")
-@weights_option
-@device_option
-@precision_option
-@preprocess_option
+@model_options
 @click.pass_context
 def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_class: str | None,
-         include_self: bool, exact: bool, as_json: bool, grid: Path | None, weights: str | None, device: str,
-         precision: str, preprocess: str) -> None:
+         include_self: bool, exact: bool, as_json: bool, grid: Path | None, model: dict[str, Any]) -> None:
     """Print the K stored images closest to each IMAGE by cosine distance."""
     from .report import RANK_COLUMNS, rank_rows, table
 
     if grid is not None and len(images) != 1:
         raise click.UsageError("--grid draws one query: give exactly one IMAGE")
-    app = _app(ctx, weights, device, precision, preprocess)
+    app = _app(ctx, **model)
     results = app.find(list(images), mode, k=k, query_class=query_class, include_self=include_self, exact=exact)
     if grid is not None:
         from .pictures import grid as draw_grid
@@ -215,14 +236,10 @@ def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Query images per model batch.")
 @click.option("--exact", is_flag=True, help="Exact scans instead of the HNSW index.")
-@weights_option
-@device_option
-@precision_option
-@preprocess_option
+@model_options
 @click.pass_context
 def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, out: Path, no_grids: bool,
-             brief: bool, as_json: bool, batch_size: int, exact: bool, weights: str | None, device: str,
-             precision: str, preprocess: str) -> None:
+             brief: bool, as_json: bool, batch_size: int, exact: bool, model: dict[str, Any]) -> None:
     """Search every image under TESTDIR (class = sub-folder) in each mode, score the matches, write a report.
 
     Prints the rank table per class and the figures: precision@k, precision@1, average precision@k and the
@@ -230,7 +247,7 @@ def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, 
     """
     from .evalreport import text, write
 
-    app = _app(ctx, weights, device, precision, preprocess)
+    app = _app(ctx, **model)
     bar = None
     try:
         if sys.stderr.isatty() and not as_json:
@@ -270,13 +287,9 @@ def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, 
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("--max-upload-mb", type=click.IntRange(1, 1024), default=20, show_default=True,
               help="Largest upload accepted, in MB (larger ones get 413).")
-@weights_option
-@device_option
-@precision_option
-@preprocess_option
+@model_options
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, weights: str | None, device: str,
-          precision: str, preprocess: str) -> None:
+def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, model: dict[str, Any]) -> None:
     """Serve the search page and its JSON API (model loaded once, shared by every request)."""
     try:
         import uvicorn
@@ -285,7 +298,7 @@ def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, weights:
     except ImportError as exc:
         raise click.ClickException(f"the web page needs the web extra ({exc}); pip install 'imsearch[web]'") from None
 
-    app = _app(ctx, weights, device, precision, preprocess)
+    app = _app(ctx, **model)
     web = create_app(app, max_upload_bytes=max_upload_mb * 1024 * 1024)
     click.echo(f"imsearch: serving {app.count()} images on http://{host}:{port}/ (Ctrl-C stops)", err=True)
     uvicorn.run(web, host=host, port=port, log_level="info" if ctx.meta.get("imsearch.debug") else "warning")

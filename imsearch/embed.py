@@ -10,11 +10,12 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -46,7 +47,40 @@ WEIGHTS = {
 }
 WEIGHTS_ALIASES = {"DEFAULT": "IMAGENET1K_V2"}
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+class Model(Protocol):
+    """What ingest, find and the web page need of a model, whichever runtime runs it (imsearch.runtimes)."""
+
+    identity: str
+    prep: Preprocess
+    backend: str
+    device: str
+    precision: str
+
+    def embed(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+_digests: dict[tuple[str, int, int, int, int, int], str] = {}
+_digests_lock = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's contents, read once per process while the file stays as it was (same inode, size,
+    mtime and ctime): the identity and the export check both need it, and a checkpoint is 100 MB."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _digests_lock:
+        if key in _digests:
+            return _digests[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    with _digests_lock:
+        _digests[key] = h.hexdigest()
+    return _digests[key]
 
 
 def weights_label(weights: str) -> str:
@@ -57,11 +91,23 @@ def weights_label(weights: str) -> str:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsUnavailable(f"{weights}: weights file not found")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return "file-" + h.hexdigest()[:16]
+    return "file-" + file_sha256(path)[:16]
+
+
+def torch_hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, TORCH_HOME defaulting to
+    $XDG_CACHE_HOME/torch or ~/.cache/torch (tests/test_backends.py checks it against torch)."""
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(cache, "torch")))) / "hub"
+
+
+def checkpoint_file(weights: str) -> Path:
+    """Where the weights' checkpoint lies: the file given, or torch.hub's copy of a named download (which may not
+    be there yet)."""
+    named = named_weights(weights)
+    if named is None:
+        return Path(weights).expanduser()
+    return torch_hub_dir() / "checkpoints" / Path(named[1].url).name
 
 
 def resolve_device(device: str) -> str:
@@ -84,6 +130,8 @@ def resolve_precision(precision: str, device: str) -> str:
         return "fp32"
     if precision == "fp16" and device == "cpu":
         raise ImsearchError("--precision fp16 needs --device cuda; on the CPU use bf16 or fp32")
+    if precision == "int8":
+        raise ImsearchError("--precision int8 runs on ONNX Runtime only: use --backend onnx (or auto) on the CPU")
     return precision
 
 
@@ -159,6 +207,8 @@ def _load_network(weights: str) -> torch.nn.Module:
 
 class Embedder:
     """ResNet-50 with fc removed: uint8 HxWx3 batches in, 2048-d float32 vectors out."""
+
+    backend = "torch"
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import pixels
-from .embed import Embedder
+from .embed import Model
 from .errors import BadImage, ImsearchError
 from .files import ImageFile, sha256_bytes, vanished, walk
 from .store import Row, Store
@@ -88,7 +88,7 @@ Progress = Callable[[int, int], None]
 
 def ingest(
     store: Store,
-    embedder: Embedder,
+    embedder: Model,
     root: Path,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,

@@ -65,3 +65,20 @@ class ResNet50(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Pixels(nn.Module):
+    """uint8 N x H x W x 3 pixels -> features: Embedder.embed's normalisation and the network in one graph, so that
+    the ONNX export takes the same input as the torch runtime and needs nothing around it."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, network: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", mean.reshape(1, 3, 1, 1).float())
+        self.register_buffer("std", std.reshape(1, 3, 1, 1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x.permute(0, 3, 1, 2).float().sub(self.mean).div(self.std))

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .timing import phase
+
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 
 
@@ -35,12 +37,15 @@ class Settings:
 
     database_url: str | None = None
     weights: str = DEFAULT_WEIGHTS
+    backend: str = "auto"
 
     @classmethod
-    def from_env(cls, database_url: str | None = None, weights: str | None = None) -> Settings:
+    def from_env(cls, database_url: str | None = None, weights: str | None = None,
+                 backend: str | None = None) -> Settings:
         return cls(
             database_url=database_url or os.environ.get("DATABASE_URL") or None,
             weights=weights or os.environ.get("IMSEARCH_WEIGHTS") or DEFAULT_WEIGHTS,
+            backend=backend or os.environ.get("IMSEARCH_BACKEND") or "auto",
         )
 
 
@@ -85,7 +90,8 @@ def libpq_url(settings: Settings) -> str:
     """The libpq connection URI: DATABASE_URL as given, else the embedded server's."""
     from . import embedded
 
-    url = settings.database_url or embedded.start()
+    with phase("database server"):
+        url = settings.database_url or embedded.start()
     for prefix in ("postgresql+psycopg://", "postgres://"):
         if url.startswith(prefix):
             url = "postgresql://" + url[len(prefix):]
