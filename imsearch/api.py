@@ -92,11 +92,15 @@ class Imsearch:
 
     @property
     def store(self) -> Store:
+        """The open store; a connection the server closed (a restart, a terminated backend) is replaced here, so
+        that a long-lived user such as the web page recovers at its next request."""
         with self._lock:
             if self._store is None:
                 # imsearch alone uses the embedded database: it is migrated as soon as imsearch is updated
                 embedded = self.settings.database_url is None
                 self._store = Store(self.url, server_log=server_log(self.settings), upgrade_older=embedded)
+            elif self._store.conn.closed:
+                self._store.reconnect()
             return self._store
 
     @property
@@ -203,8 +207,13 @@ class Imsearch:
 
     # -- find ----------------------------------------------------------------------------------------------
 
-    def embed(self, queries: Sequence[Query], *, names: Sequence[str] | None = None) -> list[Embedded]:
-        """Queries (paths, bytes or PIL images) -> vectors, in one batch through the model."""
+    def embed(
+        self, queries: Sequence[Query], *, names: Sequence[str] | None = None, max_decode_pixels: int | None = None
+    ) -> list[Embedded]:
+        """Queries (paths, bytes or PIL images) -> vectors, in one batch through the model.
+
+        `max_decode_pixels` refuses files whose decode would hold more pixels (the web page's uploads).
+        """
         loaded: list[tuple[str, np.ndarray, str | None, str | None]] = []
         started = time.perf_counter()
         for i, q in enumerate(queries):
@@ -220,7 +229,7 @@ class Imsearch:
                 folder = path.resolve().parent.name
             else:
                 data, name, folder = q, name or "<upload>", None
-            arr = pixels.load(data, name, self.prep).pixels
+            arr = pixels.load(data, name, self.prep, max_decode_pixels=max_decode_pixels).pixels
             loaded.append((name, arr, sha256_bytes(data), folder))
         done("decode", started)
         if not loaded:

@@ -16,6 +16,14 @@ class BadImage(ImsearchError):
         self.reason = reason
 
 
+class NotAnImage(BadImage):
+    """A file in none of the accepted formats (pixels.FORMATS), or no image at all."""
+
+
+class TooManyPixels(BadImage):
+    """An image over a pixel cap, refused before it is decoded (a decompression bomb, or simply too large)."""
+
+
 class ModelMismatch(ImsearchError):
     """The stored rows were embedded by another model or preprocessing than the one in use."""
 

@@ -13,18 +13,33 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Callable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import BadImage
+from .errors import BadImage, NotAnImage, TooManyPixels
 
+# The formats of files.IMAGE_SUFFIXES, and the only ones Pillow is asked to open: with all its plugins, an EPS file
+# named .jpg went to Ghostscript, and every other decoder Pillow carries was one upload away.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 # Refuse images above this many pixels before decoding them (decompression bombs); 12 MP photos are far below.
 MAX_PIXELS = 100_000_000
+# An upload to the web page may make its decode hold at most this many pixels: a one-scan JPEG counts at its draft
+# scale (a 50 MP phone JPEG decodes at an eighth of its width), a WebP double (WEBP_WEIGHT), any other file in full.
+# At the measured worst of 12 bytes a pixel on the way to RGB (a 16-bit RGBA TIFF in one strip) one decode stays
+# under 500 MB, where a 100 MP 1-bit PNG took 470 MB and a 16-bit one a gigabyte; 40 MP still takes an 8K frame
+# (33 MP) or a 36 MP camera's full-size TIFF. bench/uploads.py measures a server under such uploads.
+UPLOAD_MAX_PIXELS = 40_000_000
+# libwebp holds a WebP's frame twice (its canvas and a copy) and Pillow once more: 17 bytes a pixel on the way to
+# RGB, against 4 to 12 for the other formats, so a WebP pixel counts as two.
+WEBP_WEIGHT = 2
 # Refuse files above this many bytes before reading them whole: a 100 MP 16-bit RGBA TIFF is 800 MB.
 MAX_BYTES = 1 << 30
 # A long strip is resized only where the centre crop keeps it beyond this aspect ratio (see `prepare`).
 MAX_FULL_ASPECT = 8
+# `to_rgb` converts large images this many pixels at a time, so that its float and RGBA copies stay small.
+STRIP_PIXELS = 1 << 20
 
 # Pillow warns about damaged metadata in files it still decodes, and about large images, which MAX_PIXELS
 # handles. A global filter, because `warnings.catch_warnings` is not thread-safe and files decode in threads.
@@ -82,61 +97,156 @@ class Loaded:
     height: int
 
 
+# What Pillow raises on a file it cannot read (UnidentifiedImageError is an OSError); see `bad_image`.
+UNREADABLE = (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image file says of itself before it is decoded: enough to refuse it, or to plan its decode."""
+
+    format: str
+    mode: str
+    width: int
+    height: int
+    decode_pixels: int  # what its decode holds at once, in pixels (see `_open`)
+
+
+def peek(
+    source: bytes | IO[bytes], path: str, *, max_pixels: int = MAX_PIXELS, max_decode_pixels: int | None = None,
+    prep: Preprocess | None = None,
+) -> Header:
+    """Read a file's header and refuse it as `open_image` would, without decoding a pixel.
+
+    A file object (the web page's spooled upload) is read in blocks, never whole.
+    """
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        img, (width, height), decoded = _open(fp, path, max_pixels, max_decode_pixels, prep)
+    except UNREADABLE as exc:
+        raise bad_image(path, exc) from None
+    return Header(img.format or "", img.mode, width, height, decoded)
+
+
 def open_image(
-    data: bytes, path: str, *, max_pixels: int = MAX_PIXELS, prep: Preprocess | None = None
+    data: bytes, path: str, *, max_pixels: int = MAX_PIXELS, max_decode_pixels: int | None = None,
+    prep: Preprocess | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode bytes into an upright RGB image and its full upright size.
 
     With `prep`, a JPEG is decoded at the smallest DCT scale that still covers what `prep` resizes to.
     """
-    if not data:
-        raise BadImage(path, "empty file (0 bytes)")
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if width * height > max_pixels:
-            raise BadImage(path, f"too many pixels ({width}x{height} > {max_pixels:,}; decompression bomb?)")
+        img, (width, height), _ = _open(io.BytesIO(data), path, max_pixels, max_decode_pixels, prep)
         if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
             width, height = height, width
-        if prep is not None and img.format == "JPEG":
-            img.draft("RGB", prep.draft_size(*img.size))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: a copy would double an upright image's memory
         return to_rgb(img), (width, height)
-    except BadImage:
-        raise
-    except Image.DecompressionBombError as exc:  # Pillow's own check, at twice its limit, fires inside open()
+    except UNREADABLE as exc:
+        raise bad_image(path, exc) from None
+
+
+def _open(
+    fp: IO[bytes], path: str, max_pixels: int, max_decode_pixels: int | None, prep: Preprocess | None
+) -> tuple[ImageFile.ImageFile, tuple[int, int], int]:
+    """A file's header opened in one of FORMATS, with a JPEG's draft scale set; its full size; and how many pixels
+    its decode holds at once. Refused over either cap.
+
+    A drafted JPEG counts at its draft scale only when it has one scan: for a progressive or multi-scan one,
+    libjpeg keeps the coefficients of the whole image whatever the scale (577 MB for a 100 MP progressive file).
+    A WebP counts WEBP_WEIGHT times its pixels.
+    """
+    if not fp.read(1):
+        raise BadImage(path, "empty file (0 bytes)")
+    img = Image.open(fp, formats=FORMATS)
+    first_scan = fp.tell()  # Pillow reads a JPEG's markers up to its first start-of-scan, and no further
+    width, height = img.size
+    if width * height > max_pixels:
+        raise TooManyPixels(path, f"too many pixels ({width}x{height} > {max_pixels:,}; decompression bomb?)")
+    several_scans = False
+    if prep is not None and img.format == "JPEG":
+        img.draft("RGB", prep.draft_size(width, height))
+        several_scans = img.size != (width, height) and _more_scans(fp, first_scan)
+    decoded = width * height if several_scans else img.width * img.height
+    if img.format == "WEBP":
+        decoded *= WEBP_WEIGHT
+    if max_decode_pixels is not None and decoded > max_decode_pixels:
+        kind = ""
+        if several_scans:
+            kind = " progressive or multi-scan JPEG"
+        elif img.format == "WEBP":
+            kind = " WebP, counted double"
+        raise TooManyPixels(path, f"too many pixels ({width}x{height}{kind} > {max_decode_pixels:,} to decode for "
+                                  "an upload; decompression bomb?)")
+    return img, (width, height), decoded
+
+
+def _more_scans(fp: IO[bytes], start: int) -> bool:
+    """Whether a JPEG has another start-of-scan marker after `start` (coded data escapes every 0xFF byte)."""
+    fp.seek(start)
+    last = b""
+    while block := fp.read(1 << 20):
+        if b"\xff\xda" in last + block[:1] or b"\xff\xda" in block:
+            return True
+        last = block[-1:]
+    return False
+
+
+def bad_image(path: str, exc: BaseException) -> BadImage:
+    """What Pillow raised while reading a file, as a BadImage with a reason a person understands."""
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow's own check, at twice its limit, inside open()
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found.group(1)):,}" if found else "too many"
-        raise BadImage(path, f"too many pixels ({size} > {max_pixels:,}; decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise BadImage(path, "not an image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = str(exc) or type(exc).__name__
-        if "truncated" in reason.lower():
-            raise BadImage(path, f"truncated: the file ends before the image does ({reason})") from None
-        raise BadImage(path, f"cannot decode: {reason}") from None
+        return TooManyPixels(path, f"too many pixels ({size} > {MAX_PIXELS:,}; decompression bomb?)")
+    if isinstance(exc, UnidentifiedImageError):
+        return NotAnImage(path, "not an image (unknown or unsupported format)")
+    reason = str(exc) or type(exc).__name__
+    if "truncated" in reason.lower():
+        return BadImage(path, f"truncated: the file ends before the image does ({reason})")
+    return BadImage(path, f"cannot decode: {reason}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode to 8-bit RGB: 16-bit scaled down, transparency composited onto white, CMYK converted."""
+    """Any mode to 8-bit RGB: 16-bit scaled down, transparency composited onto white, CMYK converted.
+
+    Converted STRIP_PIXELS at a time where a whole-image float or RGBA copy would take several times the image.
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        top = 65535.0 if img.mode.startswith("I;16") or _extrema(img)[1] > 255 else 255.0
+        img = _to_grey(img, lambda arr: np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        img = Image.fromarray(((arr - lo) / ((hi - lo) or 1.0) * 255.0).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        lo, hi = _extrema(img)
+        img = _to_grey(img, lambda arr: ((arr - lo) / ((hi - lo) or 1.0) * 255.0).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or img.mode == "P" and "transparency" in img.info:
+        out = Image.new("RGB", img.size)
+        for box in _strips(img):
+            part = img.crop(box).convert("RGBA")
+            background = Image.new("RGBA", part.size, (255, 255, 255, 255))
+            out.paste(Image.alpha_composite(background, part).convert("RGB"), box[:2])
+        return out
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+def _extrema(img: Image.Image) -> tuple[float, float]:
+    lo, hi = img.getextrema()
+    return float(lo), float(hi)  # type: ignore[arg-type]
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, int, int, int]]:
+    rows = max(1, STRIP_PIXELS // max(1, img.width))
+    for top in range(0, img.height, rows):
+        yield 0, top, img.width, min(img.height, top + rows)
+
+
+def _to_grey(img: Image.Image, scale: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
+    """An 8-bit greyscale image of a 16/32-bit one, through `scale` on float64 strips."""
+    out = Image.new("L", img.size)
+    for box in _strips(img):
+        out.paste(Image.fromarray(scale(np.asarray(img.crop(box), dtype=np.float64)), "L"), box[:2])
+    return out
 
 
 def prepare(img: Image.Image, prep: Preprocess = DEFAULT_PREPROCESS) -> np.ndarray:
@@ -176,9 +286,13 @@ def center_crop_resized(img: Image.Image, size: tuple[int, int], crop: int) -> I
     return img.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
 
 
-def load(data: bytes, path: str, prep: Preprocess = DEFAULT_PREPROCESS, *, max_pixels: int = MAX_PIXELS) -> Loaded:
+def load(
+    data: bytes, path: str, prep: Preprocess = DEFAULT_PREPROCESS, *, max_pixels: int = MAX_PIXELS,
+    max_decode_pixels: int | None = None,
+) -> Loaded:
     """Bytes of one file -> model input, decoding a JPEG only at the scale the resize needs."""
-    img, (width, height) = open_image(data, path, max_pixels=max_pixels, prep=prep)
+    img, (width, height) = open_image(data, path, max_pixels=max_pixels, max_decode_pixels=max_decode_pixels,
+                                      prep=prep)
     return Loaded(prepare(img, prep), width, height)
 
 

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
@@ -55,9 +56,14 @@ def library(server_url, weights, tmp_path_factory):
             yield app, url, photos
 
 
+def web_client(app, **options) -> TestClient:
+    """A test client of the page, under a host name the page answers to (loopback)."""
+    return TestClient(create_app(app, **options), base_url="http://localhost")
+
+
 @pytest.fixture(scope="module")
 def client(library):
-    with TestClient(create_app(library[0])) as c:
+    with web_client(library[0]) as c:
         yield c
 
 
@@ -100,8 +106,8 @@ def test_api_find_agrees_with_cli_find_json(client, library, weights, tmp_path, 
 def test_matches_carry_urls_of_their_stored_image_and_thumbnail(client):
     [item] = upload(client, unseen().read_bytes()).json()
     for m in item["matches"]:
-        assert m["image"] == f"http://testserver/images/{m['id']}"
-        assert m["thumbnail"] == f"http://testserver/images/{m['id']}/thumbnail"
+        assert m["image"] == f"http://localhost/images/{m['id']}"
+        assert m["thumbnail"] == f"http://localhost/images/{m['id']}/thumbnail"
     first = item["matches"][0]
     original = client.get(first["image"])
     assert original.status_code == 200 and original.headers["content-type"] == "image/jpeg"
@@ -162,7 +168,7 @@ def test_bad_uploads_get_a_clear_4xx_and_the_server_keeps_answering(client):
 
 def test_uploads_over_the_size_limit_get_413(library):
     app, _, _ = library
-    small = TestClient(create_app(app, max_upload_bytes=1024 * 1024))
+    small = web_client(app, max_upload_bytes=1024 * 1024)
     just_over = upload(small, b"\xff" * (1024 * 1024 + 1), "big.jpg")
     assert just_over.status_code == 413
     assert just_over.json()["detail"] == "big.jpg: larger than the 1 MB upload limit"
@@ -179,6 +185,10 @@ def test_uploads_over_the_size_limit_get_413(library):
     streamed = small.post("/api/find", content=chunked(),
                           headers={"Content-Type": "multipart/form-data; boundary=imsearch-boundary"})
     assert streamed.status_code == 413 and "larger than the 1 MB limit" in streamed.json()["detail"]
+    lying = small.post("/api/find", content=b"".join(chunked()),  # declares 200 bytes, sends 5 MB
+                       headers={"Content-Type": "multipart/form-data; boundary=imsearch-boundary",
+                                "Content-Length": "200"})
+    assert lying.status_code == 413 and "larger than the 1 MB limit" in lying.json()["detail"]
     assert small.get("/api/health").status_code == 200
 
 
@@ -234,7 +244,7 @@ def test_images_are_served_only_for_stored_rows_by_id(client, library):
 def test_a_stored_row_whose_file_changed_or_vanished_is_not_served(app, tmp_path):
     photos = copy_photos(tmp_path / "few", 1)
     assert app.ingest(photos).added == 5
-    client = TestClient(create_app(app))
+    client = web_client(app)
     [item] = upload(client, unseen().read_bytes()).json()
     changed, vanished, fifo = item["matches"][0], item["matches"][1], item["matches"][2]
     Path(changed["path"]).write_bytes(b"not what was stored")
@@ -277,3 +287,57 @@ def test_page_loads_nothing_from_elsewhere_and_the_schema_is_served(client):
         .rsplit("/", 1)[-1]]
     assert {"file", "mode", "k", "class"} <= set(form["properties"])
     assert client.get("/docs").status_code == 404  # its scripts would come from a CDN
+
+
+def test_a_request_naming_a_host_the_page_does_not_serve_gets_400(library, monkeypatch):
+    app, _, _ = library
+    page = web_client(app)
+    photo = unseen().read_bytes()
+    refused = page.post("/api/find", files={"file": ("photo.jpg", photo, "image/jpeg")},
+                        headers={"Host": "evil.example"})
+    assert refused.status_code == 400
+    assert refused.json()["detail"] == ("this server does not answer to the host 'evil.example'; "
+                                        "list it in IMSEARCH_ALLOWED_HOSTS to serve it under that name")
+    for host in ("evil.example:8000", "localhost.evil.example", "127.0.0.1.evil.example", "", "[::1", "a b"):
+        assert page.get("/api/health", headers={"Host": host}).status_code == 400, host
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST"):
+        assert page.get("/api/health", headers={"Host": host}).status_code == 200, host
+
+    named = web_client(app, allowed_hosts=["photos.example", "2001:db8::1"])
+    [item] = named.post("/api/find", files={"file": ("photo.jpg", photo, "image/jpeg")},
+                        headers={"Host": "photos.example:8000"}).json()
+    assert item["matches"][0]["image"].startswith("http://photos.example:8000/images/")
+    assert named.get("/api/health", headers={"Host": "[2001:db8:0::1]"}).status_code == 200
+    assert named.get("/api/health", headers={"Host": "evil.example"}).status_code == 400
+
+    monkeypatch.setenv("IMSEARCH_ALLOWED_HOSTS", "search.example, other.example")
+    from_env = web_client(app)
+    assert from_env.get("/api/health", headers={"Host": "other.example"}).status_code == 200
+    assert from_env.get("/api/health", headers={"Host": "evil.example"}).status_code == 400
+    assert web_client(app, allowed_hosts=["*"]).get("/api/health", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_the_page_reconnects_after_the_database_drops_its_connection(stored, server_url):
+    page = web_client(stored)
+    photo = unseen().read_bytes()
+    assert upload(page, photo).status_code == 200
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (stored.store.backend_pid,)).fetchone()[0]
+    lost = upload(page, photo)  # the request that finds the connection gone
+    assert lost.status_code == 503 and "database error" in lost.json()["detail"]
+    for _ in range(3):
+        again = upload(page, photo)
+        assert again.status_code == 200 and len(again.json()[0]["matches"]) == 5
+    assert page.get("/api/health").json()["images"] == 20
+
+
+def test_statuses_follow_the_error_type_not_its_wording():
+    from imsearch.errors import BadImage, DatabaseUnavailable, NotAnImage, TooManyPixels, UnknownClass
+    from imsearch.web.app import status_of
+
+    assert status_of(NotAnImage("a.jpg", "unreadable")) == 415
+    assert status_of(TooManyPixels("a.png", "far too large")) == 413
+    assert status_of(BadImage("a.jpg", "not an image, they say")) == 400
+    assert status_of(BadImage("a.png", "too many pixels, they say")) == 400
+    assert status_of(UnknownClass("no class")) == 400
+    assert status_of(DatabaseUnavailable("down")) == 503

@@ -4,17 +4,26 @@ One `Imsearch` (one model, one database connection) is built before the app and 
 decoding, the model and the database run in worker threads, off the event loop. Uploads stay in memory
 (Starlette spools a part over 1 MB to an unnamed temporary file that goes with the request); nothing else is
 written. Images are served only for stored rows, by id, and only while the file holds the bytes that were stored.
+
+What an upload may cost is settled before it is decoded: its size by `UploadLimit`, its format and pixels by its
+header (`pixels.peek`), and how many decodes run at once by `DecodeSlots`. `TrustedHosts` answers only requests
+that name this server.
 """
 
 import io
+import ipaddress
+import os
 import re
 import string
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio
 import psycopg
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi import Path as PathParam
@@ -33,7 +42,9 @@ from ..errors import (
     DatabaseUnavailable,
     ImsearchError,
     ModelMismatch,
+    NotAnImage,
     SchemaOutdated,
+    TooManyPixels,
     UnknownClass,
     WeightsUnavailable,
 )
@@ -50,6 +61,21 @@ THUMBNAIL_SIZE = 320
 # A JPEG is decoded at the smallest DCT scale whose short side is at least twice THUMBNAIL_SIZE / 2.
 THUMBNAIL_DRAFT = pixels.Preprocess("thumbnail", THUMBNAIL_SIZE // 2, None)
 THUMBNAIL_CACHE_ITEMS = 2048
+# A decode whose header says it holds more pixels than this is heavy (pixels.peek; a phone JPEG of any size is
+# light, decoded at its draft scale, and so is a 12 MP PNG): one at a time, and it never waits for its turn.
+LIGHT_PIXELS = 12_000_000
+# How long a light decode waits for a slot before its request gets 503, and the Retry-After that comes with it.
+DECODE_WAIT_SECONDS = 5.0
+RETRY_AFTER_SECONDS = 2
+# Pillow allocates a large image in blocks of this size. Its default, 16 MB, falls under glibc's mmap threshold
+# once that has risen (it follows the largest block freed, up to 32 MB), and then freed blocks stay in the heaps of
+# the worker threads: under bench/uploads.py the server grew by 1.0-1.9 GB with it and by 0.56-0.68 GB with 64 MB
+# blocks, which glibc maps and unmaps one by one. A smaller image is one allocation either way.
+IMAGE_BLOCK_BYTES = 64 * 1024 * 1024
+# Host names a request may give besides these and the address it came in on; comma-separated, "*" for any.
+ALLOWED_HOSTS_ENV = "IMSEARCH_ALLOWED_HOSTS"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+HOST_HEADER = re.compile(r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::\d{1,5})?")
 
 # Everything the page loads comes from this server (the query preview is a blob: URL of the chosen file).
 PAGE_POLICY = (
@@ -62,17 +88,28 @@ def megabytes(n: int) -> str:
     return f"{n / (1024 * 1024):.3g} MB"
 
 
+def default_decode_slots() -> int:
+    """Decodes (each with its embedding) at once: one per usable core, at least two so that a heavy one never
+    holds up every other search, at most eight since each may hold a few hundred MB."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(2, min(8, cores))
+
+
+def map_image_blocks() -> None:
+    """Give Pillow IMAGE_BLOCK_BYTES blocks, unless PILLOW_BLOCK_SIZE (Pillow's own setting) says otherwise."""
+    if "PILLOW_BLOCK_SIZE" not in os.environ:
+        Image.core.set_block_size(IMAGE_BLOCK_BYTES)
+
+
 def status_of(exc: ImsearchError) -> int:
-    """The HTTP status for a library error: the client's fault is 4xx, the server's set-up 503."""
-    if isinstance(exc, BadImage):
-        if exc.reason.startswith("not an image"):
-            return 415
-        if exc.reason.startswith("too many pixels"):
-            return 413
-        return 400
+    """The HTTP status for a library error, by its type: the client's fault is 4xx, the server's set-up 503."""
+    if isinstance(exc, NotAnImage):
+        return 415
+    if isinstance(exc, TooManyPixels):
+        return 413
     if isinstance(exc, (DatabaseUnavailable, SchemaOutdated, ModelMismatch, WeightsUnavailable)):
         return 503
-    return 400
+    return 400  # BadImage, UnknownClass, a bad argument
 
 
 def upload_name(filename: str | None) -> str:
@@ -112,6 +149,105 @@ class UploadLimit:
         await self.app(scope, counted, send)
 
 
+class DecodeSlots:
+    """At most `slots` decodes (each with its embedding) at once, of which one may be heavy (over LIGHT_PIXELS).
+
+    A heavy decode starts at once or is turned away: heavy uploads are what an attacker sends, and a queue of them
+    would hold their memory and hold up every other search. A light one waits up to `wait` seconds for a slot.
+    Turned away means 503 with Retry-After. Waiting happens on the event loop, not in a worker thread.
+    """
+
+    def __init__(self, slots: int, wait: float = DECODE_WAIT_SECONDS) -> None:
+        self.slots = slots
+        self.wait = wait
+        self._any = anyio.Semaphore(slots)
+        self._heavy = anyio.Semaphore(1)
+
+    @asynccontextmanager
+    async def hold(self, heavy: bool) -> AsyncIterator[None]:
+        if heavy:
+            try:
+                self._heavy.acquire_nowait()
+            except anyio.WouldBlock:
+                raise busy("another large image") from None
+            try:
+                self._any.acquire_nowait()  # refused while light decodes wait: they came first
+            except anyio.WouldBlock:
+                self._heavy.release()
+                raise busy("other images") from None
+        else:
+            taken = False
+            with anyio.move_on_after(self.wait):
+                await self._any.acquire()
+                taken = True
+            if not taken:
+                raise busy("other images")
+        try:
+            yield
+        finally:
+            self._any.release()
+            if heavy:
+                self._heavy.release()
+
+
+def busy(what: str) -> HTTPException:
+    return HTTPException(503, f"the server is busy decoding {what}; try again in a moment",
+                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def host_of(value: str) -> str | None:
+    """The host a Host header (or an allow-list entry) names: lower-case, without its port, an IPv6 address in
+    brackets; None when it is no host name."""
+    try:
+        address = ipaddress.ip_address(value.strip())
+    except ValueError:
+        found = HOST_HEADER.fullmatch(value.strip().lower())
+        if found is None:
+            return None
+        host = found["host"]
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return None if host.startswith("[") else host
+    return f"[{address.compressed}]" if address.version == 6 else address.compressed
+
+
+def allowed_hosts_from_env() -> list[str]:
+    return [h for h in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if h.strip()]
+
+
+class TrustedHosts:
+    """Answers 400 to a request whose Host header names a host not allowed here.
+
+    A page on any other name that resolves to this server (DNS rebinding) would otherwise read its answers, and
+    the result URLs are built from that header. Allowed: loopback, the address the connection came in on (an IP
+    literal names no one else), and `hosts`; "*" allows any host.
+    """
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str]) -> None:
+        self.app = app
+        self.any = "*" in [h.strip() for h in hosts]
+        self.hosts = {host for h in (*LOOPBACK_HOSTS, *hosts) if (host := host_of(h)) is not None}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.any or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("host", "")
+        host = host_of(given)
+        server = scope.get("server") or ("", None)
+        try:
+            here = host_of(str(ipaddress.ip_address(server[0])))
+        except ValueError:
+            here = None
+        if host is not None and (host in self.hosts or host == here):
+            await self.app(scope, receive, send)
+            return
+        message = (f"this server does not answer to the host {given[:100]!r}; "
+                   f"list it in {ALLOWED_HOSTS_ENV} to serve it under that name")
+        await JSONResponse({"detail": message}, status_code=400)(scope, receive, send)
+
+
 class Thumbnails:
     """Small JPEGs of stored images, kept in memory by (id, sha256): a changed file gets a new entry."""
 
@@ -147,7 +283,7 @@ def make_thumbnail(data: bytes, name: str) -> bytes:
 def media_type(data: bytes) -> str:
     """The image's MIME type from its own bytes (not from a file name)."""
     try:
-        fmt = Image.open(io.BytesIO(data)).format
+        fmt = Image.open(io.BytesIO(data), formats=pixels.FORMATS).format
     except (UnidentifiedImageError, OSError, ValueError):
         return "application/octet-stream"
     return Image.MIME.get(fmt or "", "application/octet-stream")
@@ -179,7 +315,7 @@ def search_upload(
     """
     started = time.perf_counter()
     counts = dict(imsearch.classes())
-    [query] = imsearch.embed([data], names=[name])
+    [query] = imsearch.embed([data], names=[name], max_decode_pixels=pixels.UPLOAD_MAX_PIXELS)
     embedded = time.perf_counter()
     cls = imsearch.query_class(query, given)
     source = "given" if given else "stored copy" if cls else None
@@ -200,12 +336,25 @@ def search_upload(
     return item
 
 
-def create_app(imsearch: Imsearch, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
-    """The ASGI app over one shared `Imsearch`. Connects and loads the model now, so errors come before serving."""
+def create_app(
+    imsearch: Imsearch,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    allowed_hosts: Sequence[str] | None = None,
+    decode_slots: int | None = None,
+) -> FastAPI:
+    """The ASGI app over one shared `Imsearch`. Connects and loads the model now, so errors come before serving.
+
+    `allowed_hosts`: names the page answers to besides loopback and the address a request came in on (None: those
+    in IMSEARCH_ALLOWED_HOSTS; "*": any). `decode_slots`: decodes at once (None: from the CPU count).
+    """
     imsearch.count()  # the database first: a wrong URL fails before the model loads
     identity = imsearch.embedder.identity
+    map_image_blocks()
     too_large = f"the upload is larger than the {megabytes(max_upload_bytes)} limit"
     thumbnails = Thumbnails()
+    slots = DecodeSlots(decode_slots or default_decode_slots())
+    hosts = allowed_hosts_from_env() if allowed_hosts is None else list(allowed_hosts)
     page = string.Template((STATIC / "index.html").read_text(encoding="utf-8")).substitute(
         max_upload_bytes=max_upload_bytes, max_upload=megabytes(max_upload_bytes), max_k=MAX_K, model=identity,
     )
@@ -218,6 +367,7 @@ def create_app(imsearch: Imsearch, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
         redoc_url=None,
     )
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES, message=too_large)
+    app.add_middleware(TrustedHosts, hosts=hosts)  # added last, so it runs first
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(ImsearchError)
@@ -244,8 +394,9 @@ def create_app(imsearch: Imsearch, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     @app.post("/api/find", tags=["search"], responses={
         400: {"description": "Empty or unreadable image, or a class that is not stored"},
         413: {"description": "Upload over the size limit, or too many pixels"},
-        415: {"description": "Not an image"},
+        415: {"description": "Not an image in an accepted format"},
         422: {"description": "Invalid mode or k"},
+        503: {"description": "Busy decoding other uploads (see Retry-After), or the database is unavailable"},
     })
     async def find(
         request: Request,
@@ -261,15 +412,18 @@ def create_app(imsearch: Imsearch, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
         """The k stored images closest to the uploaded one: the JSON of `imsearch find --json` (a list with one
         item), each match with its image and thumbnail URL, plus where the query class came from and timings."""
         name = upload_name(file.filename)
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await file.read(1 << 20):
-            size += len(chunk)
-            if size > max_upload_bytes:
-                raise HTTPException(413, f"{name}: larger than the {megabytes(max_upload_bytes)} upload limit")
-            chunks.append(chunk)
-        item = await run_in_threadpool(search_upload, imsearch, b"".join(chunks), name, mode, k,
-                                       query_class or None)
+        file_too_large = HTTPException(413, f"{name}: larger than the {megabytes(max_upload_bytes)} upload limit")
+        if file.size is not None and file.size > max_upload_bytes:
+            raise file_too_large
+        # The header alone, from the spooled part: refused or weighed before the body is read into memory.
+        header = await run_in_threadpool(pixels.peek, file.file, name, max_decode_pixels=pixels.UPLOAD_MAX_PIXELS,
+                                         prep=imsearch.prep)
+        async with slots.hold(header.decode_pixels > LIGHT_PIXELS):
+            await file.seek(0)
+            data = await file.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise file_too_large
+            item = await run_in_threadpool(search_upload, imsearch, data, name, mode, k, query_class or None)
         for match in item["matches"]:
             match["image"] = str(request.url_for("image", image_id=match["id"]))
             match["thumbnail"] = str(request.url_for("thumbnail", image_id=match["id"]))
@@ -306,18 +460,16 @@ def create_app(imsearch: Imsearch, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "Not stored, or its file changed"}})
     async def thumbnail(image_id: image_id_param, request: Request) -> Response:
         """A JPEG of the stored image at most 320 pixels on its long side, cached in memory."""
-
-        def load() -> tuple[str, bytes]:
-            row = imsearch.image(image_id)
-            cached = thumbnails.get((image_id, row["sha256"])) if row else None
-            if row is not None and cached is not None:
-                return row["sha256"], cached
-            row, data = stored_file(imsearch, image_id)
-            thumb = make_thumbnail(data, f"image {image_id}")
-            thumbnails.put((image_id, row["sha256"]), thumb)
-            return row["sha256"], thumb
-
-        sha, thumb = await run_in_threadpool(load)
-        return image_response(thumb, "image/jpeg", f'"{sha[:32]}-t{THUMBNAIL_SIZE}"', request)
+        row = await run_in_threadpool(imsearch.image, image_id)
+        cached = thumbnails.get((image_id, row["sha256"])) if row else None
+        if row is not None and cached is not None:
+            return image_response(cached, "image/jpeg", f'"{row["sha256"][:32]}-t{THUMBNAIL_SIZE}"', request)
+        stored, data = await run_in_threadpool(stored_file, imsearch, image_id)
+        name = f"image {image_id}"
+        header = await run_in_threadpool(pixels.peek, data, name, prep=THUMBNAIL_DRAFT)
+        async with slots.hold(header.decode_pixels > LIGHT_PIXELS):
+            thumb = await run_in_threadpool(make_thumbnail, data, name)
+        thumbnails.put((image_id, stored["sha256"]), thumb)
+        return image_response(thumb, "image/jpeg", f'"{stored["sha256"][:32]}-t{THUMBNAIL_SIZE}"', request)
 
     return app

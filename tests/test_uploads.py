@@ -1,0 +1,177 @@
+"""What an upload may cost: accepted formats, the pixel cap, conversion in strips, decode slots, and a real server
+under hostile uploads (bench/hostile.py), against a real database."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import anyio
+import numpy as np
+import pytest
+from fastapi import HTTPException
+from PIL import Image
+
+from bench import hostile
+from imsearch import pixels
+from imsearch.errors import NotAnImage, TooManyPixels
+from imsearch.files import IMAGE_SUFFIXES
+from imsearch.web.app import DecodeSlots
+from tests.conftest import ROOMS
+from tests.test_web import upload, web_client
+
+# The load test's bound: how far the server's RSS may rise above its RSS at rest while 8 clients send hostile
+# uploads. Measured on 2 cores (bench/uploads.py, 10 s): 0.56-0.68 GB; 1.0-1.9 GB with Pillow's default 16 MB
+# image blocks.
+LOAD_SECONDS = 6
+MAX_RSS_GROWTH = 1024**3
+
+
+def photo() -> bytes:
+    return sorted((ROOMS / "test" / "kitchen").glob("*.jpg"))[0].read_bytes()
+
+
+def saved(img: Image.Image, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def test_the_accepted_formats_are_those_of_the_accepted_file_names():
+    assert {Image.registered_extensions()[suffix] for suffix in IMAGE_SUFFIXES} == set(pixels.FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA", "PCX", "DDS", "SGI", "QOI", "JPEG2000"])
+def test_images_in_other_formats_are_not_opened(fmt):
+    data = saved(Image.new("RGB", (64, 48), (200, 30, 40)), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself reads it
+    with pytest.raises(NotAnImage) as caught:
+        pixels.load(data, "photo.jpg")
+    assert caught.value.reason == "not an image (unknown or unsupported format)"
+
+
+def test_postscript_named_jpg_is_not_an_image_and_never_reaches_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ghostscript was asked to render an upload")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", refuse)
+    for read in (lambda d: pixels.load(d, "postscript.jpg"), lambda d: pixels.peek(d, "postscript.jpg")):
+        with pytest.raises(NotAnImage):
+            read(hostile.eps_named_jpg())
+
+
+def test_an_upload_may_decode_at_most_40_million_pixels():
+    cap = {"max_decode_pixels": pixels.UPLOAD_MAX_PIXELS, "prep": pixels.DEFAULT_PREPROCESS}
+    bomb = hostile.one_bit_png(9990, 9990)
+    assert pixels.peek(bomb, "bomb.png").decode_pixels == 9990 * 9990  # within what ingest takes
+    with pytest.raises(TooManyPixels) as caught:
+        pixels.peek(bomb, "bomb.png", **cap)
+    assert caught.value.reason == ("too many pixels (9990x9990 > 40,000,000 to decode for an upload; "
+                                   "decompression bomb?)")
+
+    big = Image.new("RGB", (8000, 6000), (90, 120, 150))
+    baseline = pixels.peek(saved(big, "JPEG"), "48mp.jpg", **cap)  # decoded at 1/8 scale
+    assert (baseline.width, baseline.height, baseline.decode_pixels) == (8000, 6000, 1000 * 750)
+    with pytest.raises(TooManyPixels) as caught:
+        pixels.peek(saved(big, "JPEG", progressive=True), "48mp-progressive.jpg", **cap)
+    assert "8000x6000 progressive or multi-scan JPEG > 40,000,000" in caught.value.reason
+
+    assert pixels.peek(hostile.webp(4400, 4400), "19mp.webp", **cap).decode_pixels == 2 * 4400 * 4400
+    with pytest.raises(TooManyPixels) as caught:
+        pixels.load(hostile.webp(4500, 4500), "20mp.webp", max_decode_pixels=pixels.UPLOAD_MAX_PIXELS)
+    assert "4500x4500 WebP, counted double > 40,000,000" in caught.value.reason
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGBA", "LA", "RGBa", "P"])
+def test_conversion_in_strips_gives_the_pixels_of_a_whole_image_conversion(mode, monkeypatch):
+    rng = np.random.default_rng(5)
+    if mode in ("I;16", "I", "F"):
+        dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+        img = Image.fromarray((rng.random((157, 311)) * 60000).astype(dtype))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (157, 311, 4), dtype=np.uint8), "RGBA")
+        if mode == "P":
+            img = img.convert("RGB").quantize(200)
+            img.info["transparency"] = 7
+        else:
+            img = img.convert(mode)
+    assert img.mode == mode
+    whole = np.asarray(pixels.to_rgb(img))
+    monkeypatch.setattr(pixels, "STRIP_PIXELS", 997)  # 3 rows a strip
+    strips = np.asarray(pixels.to_rgb(img))
+    assert strips.shape == (157, 311, 3) and np.array_equal(strips, whole)
+
+
+def test_decode_slots_turn_a_second_heavy_decode_away_at_once_and_let_light_ones_wait():
+    async def main() -> None:
+        slots = DecodeSlots(2, wait=0.3)
+        async with slots.hold(heavy=True):
+            started = time.monotonic()
+            with pytest.raises(HTTPException) as caught:
+                async with slots.hold(heavy=True):
+                    pass
+            assert time.monotonic() - started < 0.1
+            assert caught.value.status_code == 503 and caught.value.headers == {"Retry-After": "2"}
+            async with slots.hold(heavy=False):  # the other slot
+                started = time.monotonic()
+                with pytest.raises(HTTPException) as caught:
+                    async with slots.hold(heavy=False):
+                        pass
+                assert 0.25 < time.monotonic() - started < 1 and caught.value.status_code == 503
+
+    anyio.run(main)
+
+
+def test_a_heavy_decode_does_not_go_before_a_light_one_that_waits():
+    async def main() -> None:
+        slots = DecodeSlots(2, wait=5)
+        started: list[str] = []
+
+        async def light(name: str, seconds: float) -> None:
+            async with slots.hold(heavy=False):
+                started.append(name)
+                await anyio.sleep(seconds)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(light, "first", 0.3)
+            tasks.start_soon(light, "second", 0.3)
+            await anyio.sleep(0.05)
+            tasks.start_soon(light, "waiting", 0)
+            await anyio.sleep(0.05)
+            with pytest.raises(HTTPException):
+                async with slots.hold(heavy=True):
+                    started.append("heavy")
+        assert started == ["first", "second", "waiting"]
+
+    anyio.run(main)
+
+
+def test_each_hostile_upload_alone_gets_its_status(stored):
+    page = web_client(stored)
+    for item in hostile.uploads():
+        response = upload(page, item.data, item.name, item.mime)
+        assert response.status_code in item.expect - {503}, (item.name, response.text)
+        if response.status_code != 200:
+            assert response.json()["detail"].startswith(f"{item.name}: ")
+    assert upload(page, photo()).status_code == 200
+
+
+def test_a_server_under_hostile_uploads_stays_within_its_memory_and_keeps_searching(stored, database_url, weights,
+                                                                                   tmp_path):
+    uploads = hostile.uploads()
+    with hostile.serving(database_url, weights, tmp_path / "serve.log") as (base, pid):
+        hostile.quiet_searches(base, photo(), seconds=1)  # the model warmed up: its memory is at rest
+        load = hostile.pound(base, pid, uploads, photo(), seconds=LOAD_SECONDS, clients=8)
+
+    statuses = [status for status, _ in load.normal]
+    assert len(statuses) >= 3 and set(statuses) == {200}, load.normal
+    expected = {item.name: item.expect for item in uploads}
+    for name, status, retry_after, detail in load.hostile:
+        assert status in expected[name], (name, status, detail)
+        if status == 503:
+            assert retry_after == "2" and detail.startswith("the server is busy decoding"), detail
+    assert {name for name, *_ in load.hostile} == set(expected)
+    assert load.peak_rss - load.idle_rss < MAX_RSS_GROWTH, (
+        f"RSS rose from {load.idle_rss / 2**20:.0f} MB to {load.peak_rss / 2**20:.0f} MB")
