@@ -1,15 +1,19 @@
-"""Ingest speed and memory: imsearch's pipeline against the model alone and against a seed-style loop.
+"""Ingest speed and memory: imsearch ingest on each runtime against the model alone, and how decoding and the model
+share the cores.
 
-    .venv/bin/python bench/ingest.py                      # 300 large JPEGs, CPU, fp32
+    .venv/bin/python bench/ingest.py                      # 300 large JPEGs, CPU: torch and ONNX Runtime
+    .venv/bin/python bench/ingest.py --rounds 3           # each figure three times, interleaved; medians
+    .venv/bin/python bench/ingest.py --split              # also ONNX Runtime ingest at other thread splits
     .venv/bin/python bench/ingest.py --photos 1000        # the memory check: peak RSS for 1,000 12 MP photos
-    .venv/bin/python bench/ingest.py --precision bf16     # the same at bf16 (rows then record bf16)
-    .venv/bin/python bench/ingest.py --device cuda
+    .venv/bin/python bench/ingest.py --device cuda        # torch on CUDA (ONNX Runtime runs on the CPU only)
 
 Makes its own 4032x3024 JPEGs (quality 90) upscaled from ../shared/datasets/rooms, uses a throwaway embedded
-PostgreSQL (or DATABASE_URL, where it creates and drops a database), and the stand-in weights unless --weights
-is given. In one run it prints: model-only throughput (random pixels, same batch, precision, device), imsearch
-ingest end to end (a subprocess, so its peak RSS is its own), their ratio, the seed-style loop (one image at a
-time, full decode, resize to 1028x768, one INSERT each) and the speed-up over it. Prints figures; asserts nothing.
+PostgreSQL (or DATABASE_URL, where it creates and drops a database), a throwaway data folder for the ONNX export,
+and the stand-in weights unless --weights is given. In one run it prints: model-only throughput of torch and of
+ONNX Runtime (random pixels, same batch), decoding alone on one thread, the ceiling that decoding on the same
+cores leaves for ingest, `imsearch ingest` end to end with each backend (a subprocess each, so its peak RSS is its
+own), their ratios, and the seed-style loop (one image at a time, full decode, 1028x768, one INSERT each).
+Figures taken while other programs run are noisy: compare the ratios of one run. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -18,25 +22,26 @@ import argparse
 import contextlib
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image
 
+from imsearch import embedded, pixels
+from imsearch.embed import get_embedder
+from imsearch.ingest import default_workers, ingest
+from imsearch.runtimes import cpu_threads, get_model
+from imsearch.store import Store, connect, upgrade
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from imsearch import embedded  # noqa: E402
-from imsearch.embed import get_embedder  # noqa: E402
-from imsearch.pixels import MEAN, STD  # noqa: E402
-from imsearch.store import connect, upgrade  # noqa: E402
-
-ROOMS = ROOT.parent / "shared" / "datasets" / "rooms"
+SHARED = Path(os.environ.get("IMSEARCH_SHARED", ROOT.parent / "shared"))
+ROOMS = SHARED / "datasets" / "rooms"
 
 
 def make_photos(folder: Path, n: int) -> list[Path]:
@@ -56,38 +61,66 @@ def make_photos(folder: Path, n: int) -> list[Path]:
     return out
 
 
-def model_only(weights: str, device: str, precision: str, batch: int, n: int) -> float:
+def model_only(model, batch: int, n: int) -> float:
     """Images/s of the model alone on random pixels: the ceiling for ingest."""
-    embedder = get_embedder(weights, device=device, precision=precision)
-    pixels = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
-    embedder.embed(pixels)  # warm-up
+    data = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    model.embed(data)  # warm-up
     done, t = 0, time.perf_counter()
     while done < n:
-        embedder.embed(pixels)
+        model.embed(data)
         done += batch
     return done / (time.perf_counter() - t)
 
 
-def imsearch_ingest(folder: Path, url: str, weights: str, args: argparse.Namespace) -> tuple[dict, float]:
+def decode_only(files: list[Path]) -> float:
+    """Images/s of reading and decoding (draft mode, resize, crop) on one thread."""
+    t = time.perf_counter()
+    for f in files:
+        pixels.load(f.read_bytes(), str(f))
+    return len(files) / (time.perf_counter() - t)
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+def fresh_database(admin, url: str, name: str) -> str:
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {name}")
+    upgrade(with_database(url, name))
+    return with_database(url, name)
+
+
+def imsearch_ingest(folder: Path, url: str, weights: str, backend: str, args: argparse.Namespace) -> tuple[dict, float]:
     """`imsearch ingest --json` as a subprocess: its summary and its own peak RSS in MiB."""
     cmd = [sys.executable, "-m", "imsearch", "--database-url", url, "ingest", str(folder), "--json",
-           "--weights", weights, "--device", args.device, "--precision", args.precision,
+           "--weights", weights, "--backend", backend, "--device", args.device,
            "--batch-size", str(args.batch_size)] + (["--workers", str(args.workers)] if args.workers else [])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode not in (0, 1):
-        sys.exit(f"imsearch ingest failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout), max(peak, before) / 1024
+        sys.exit(f"imsearch ingest --backend {backend} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout), int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
+# Runs a command and prints its peak RSS (KiB) last on stderr. A child forked from this process, which holds the
+# models, would report this process's RSS as its own peak (Linux counts the memory it was forked from), so a
+# small launcher forks it instead, as /usr/bin/time does.
+PEAK_RSS = """import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(p.pid, 0)
+print(usage.ru_maxrss, file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def seed_loop(files: list[Path], url: str, weights: str) -> float:
-    """The seed study's way: one image at a time, full decode, 1028x768, fp32, one INSERT each."""
+    """The seed study's way: one image at a time, full decode, 1028x768, fp32 torch, one INSERT each."""
     import torch
 
     embedder = get_embedder(weights, device="cpu", precision="fp32")
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
+    mean = torch.tensor(pixels.MEAN).view(3, 1, 1)
+    std = torch.tensor(pixels.STD).view(3, 1, 1)
     conn = connect(url)
     conn.execute("CREATE TEMP TABLE seed (path text, embedding halfvec(2048))")
     t = time.perf_counter()
@@ -102,32 +135,52 @@ def seed_loop(files: list[Path], url: str, weights: str) -> float:
     return rate
 
 
+def split(folder: Path, url: str, admin, weights: str, n: int) -> None:
+    """ONNX Runtime ingest in this process at other (decoding threads, model threads) splits."""
+    cores = cpu_threads()
+    print(f"\nthread split, ONNX Runtime, in this process (default: {default_workers()} decoding, {cores} model):")
+    print("decoding  model  ingest img/s  model-only img/s  ratio")
+    for workers, threads in sorted({(1, cores), (default_workers(), cores), (2 * cores, cores),
+                                    (max(1, cores - 1), max(1, cores - 1)), (cores, 1)}):
+        model = get_model(weights, device="cpu", backend="onnx", threads=threads)
+        ceiling = model_only(model, 32, n)
+        store = Store(fresh_database(admin, url, "imsearch_bench_split"))
+        try:
+            result = ingest(store, model, folder, workers=workers)
+        finally:
+            store.close()
+        rate = result.added / result.seconds
+        print(f"{workers:8d}  {threads:5d}  {rate:12.1f}  {ceiling:16.1f}  {rate / ceiling:5.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=300, help="large JPEGs to ingest")
     ap.add_argument("--seed-photos", type=int, default=30, help="photos for the (slow) seed-style loop")
     ap.add_argument("--weights", help="weights name or file [default: a stand-in written by ../shared/tools]")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat each measurement, interleaved; print medians")
+    ap.add_argument("--split", action="store_true", help="also ingest at other thread splits (ONNX Runtime)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "imsearch-bench-jpegs"),
                     help="where the large JPEGs are kept between runs")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="imsearch-bench-") as tmp:
-        # -- weights and photos
+        # -- a data folder of its own for the ONNX export; weights and photos
+        os.environ["IMSEARCH_HOME"] = str(Path(tmp) / "home")
         weights = args.weights
         if weights is None:
             weights = str(Path(tmp) / "standin.pth")
-            subprocess.run([sys.executable, str(ROOMS.parent.parent / "tools" / "make_test_weights.py"), weights],
+            subprocess.run([sys.executable, str(SHARED / "tools" / "make_test_weights.py"), weights],
                            check=True, capture_output=True)
         cache = Path(args.cache) / "photos"
         t = time.perf_counter()
         files = make_photos(cache, args.photos)
         print(f"{len(files)} JPEGs 4032x3024 q90 in {cache} ({time.perf_counter() - t:.0f} s to make); "
-              f"weights {weights}; device {args.device}, precision {args.precision}, batch {args.batch_size}, "
-              f"{os.cpu_count()} CPUs")
+              f"weights {weights}; device {args.device}, batch {args.batch_size}, {cpu_threads()} CPUs, "
+              f"{args.rounds} round(s)")
         folder = Path(tmp) / "photos"  # exactly these files, linked from the cache
         for f in files:
             (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
@@ -137,29 +190,56 @@ def main() -> None:
         servers = contextlib.ExitStack()
         url = os.environ.get("DATABASE_URL") or servers.enter_context(embedded.temporary())
         admin = connect(url, register=False)
-        admin.execute("DROP DATABASE IF EXISTS imsearch_bench_ingest")
-        admin.execute("CREATE DATABASE imsearch_bench_ingest")
-        bench_url = url.split("?")[0].rsplit("/", 1)[0] + "/imsearch_bench_ingest" + (
-            "?" + url.split("?", 1)[1] if "?" in url else "")
-        upgrade(bench_url)
+        backends = ["torch"] if args.device == "cuda" else ["torch", "onnx"]
+        models = {"torch": get_embedder(weights, device=args.device, precision="fp32")}
+        if "onnx" in backends:
+            t = time.perf_counter()
+            models["onnx"] = get_model(weights, device="cpu", backend="onnx")  # exported here, cached for ingest
+            print(f"ONNX export made and checked in {time.perf_counter() - t:.1f} s")
+        figures: dict[str, list[float]] = {}
         try:
-            # -- the ceiling: the model alone
-            ceiling = model_only(weights, args.device, args.precision, args.batch_size, max(96, len(files) // 2))
-            print(f"model only (random pixels):        {ceiling:6.1f} img/s")
-            # -- imsearch ingest, end to end, in its own process
-            summary, rss = imsearch_ingest(folder, bench_url, weights, args)
-            stored = summary["added"] + summary["updated"]
-            rate = stored / summary["seconds"]
-            print(f"imsearch ingest (end to end):      {rate:6.1f} img/s  ({stored} stored in "
-                  f"{summary['seconds']:.1f} s, {len(summary['failed'])} failed)")
-            print(f"ingest / model-only:               {rate / ceiling:6.2f}")
-            print(f"peak RSS of the ingest process:    {rss:6.0f} MiB")
+            for _ in range(args.rounds):
+                # -- the ceilings: each model alone, then decoding alone
+                for backend in backends:
+                    figures.setdefault(f"model {backend}", []).append(
+                        model_only(models[backend], args.batch_size, max(96, len(files) // 2)))
+                figures.setdefault("decode", []).append(decode_only(files[:40]))
+                # -- imsearch ingest, end to end, in its own process, on each backend
+                for backend in backends:
+                    bench_url = fresh_database(admin, url, "imsearch_bench_ingest")
+                    summary, rss = imsearch_ingest(folder, bench_url, weights, backend, args)
+                    stored = summary["added"] + summary["updated"]
+                    figures.setdefault(f"ingest {backend}", []).append(stored / summary["seconds"])
+                    figures.setdefault(f"rss {backend}", []).append(rss)
+            med = {k: statistics.median(v) for k, v in figures.items()}
+            cores = cpu_threads()
+            print(f"model only, torch (random pixels):        {med['model torch']:6.1f} img/s")
+            if "onnx" in backends:
+                print(f"model only, ONNX Runtime:                 {med['model onnx']:6.1f} img/s  "
+                      f"({med['model onnx'] / med['model torch']:.2f}x torch)")
+            print(f"decoding alone, one thread:               {med['decode']:6.1f} img/s")
+            for backend in backends:
+                model, rate = med[f"model {backend}"], med[f"ingest {backend}"]
+                # the most an ingest can do when decoding takes its share of the same cores
+                ceiling = cores / (cores / model + 1 / med["decode"])
+                print(f"imsearch ingest --backend {backend:5s}:         {rate:6.1f} img/s  = {rate / model:.2f} x its "
+                      f"model-only; decoding leaves {ceiling:.1f} ({ceiling / model:.2f} x); "
+                      f"peak RSS {med[f'rss {backend}']:,.0f} MiB")
+            if "onnx" in backends:
+                print(f"ingest onnx / ingest torch:               {med['ingest onnx'] / med['ingest torch']:6.2f}")
+            if args.rounds > 1:
+                for k, v in figures.items():
+                    print(f"  {k}: " + ", ".join(f"{x:.1f}" for x in v))
+            if args.split and "onnx" in backends:
+                split(folder, url, admin, weights, max(96, len(files) // 2))
             # -- the seed study's loop, on a subset
-            seed = seed_loop(files[: args.seed_photos], bench_url, weights)
-            print(f"seed-style loop ({args.seed_photos} photos):         {seed:6.1f} img/s")
-            print(f"speed-up over the seed-style loop: {rate / seed:6.1f}x")
+            seed = seed_loop(files[: args.seed_photos], fresh_database(admin, url, "imsearch_bench_ingest"), weights)
+            best = med["ingest onnx" if "onnx" in backends else "ingest torch"]
+            print(f"\nseed-style loop ({args.seed_photos} photos):    {seed:6.1f} img/s; imsearch ingest is "
+                  f"{best:.1f}, {best / seed:.1f}x")
         finally:
-            admin.execute("DROP DATABASE IF EXISTS imsearch_bench_ingest WITH (FORCE)")
+            for name in ("imsearch_bench_ingest", "imsearch_bench_split"):
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             admin.close()
             servers.close()
 
