@@ -287,9 +287,13 @@ def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, 
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("--max-upload-mb", type=click.IntRange(1, 1024), default=20, show_default=True,
               help="Largest upload accepted, in MB (larger ones get 413).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A host name the page answers to besides loopback and the address it is reached on (repeat it; "
+                   "default: IMSEARCH_ALLOWED_HOSTS). Requests naming any other host get 400.")
 @model_options
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, model: dict[str, Any]) -> None:
+def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, allowed_hosts: tuple[str, ...],
+          model: dict[str, Any]) -> None:
     """Serve the search page and its JSON API (model loaded once, shared by every request)."""
     try:
         import uvicorn
@@ -299,7 +303,7 @@ def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, model: d
         raise click.ClickException(f"the web page needs the web extra ({exc}); pip install 'imsearch[web]'") from None
 
     app = _app(ctx, **model)
-    web = create_app(app, max_upload_bytes=max_upload_mb * 1024 * 1024)
+    web = create_app(app, max_upload_bytes=max_upload_mb * 1024 * 1024, allowed_hosts=allowed_hosts or None)
     click.echo(f"imsearch: serving {app.count()} images on http://{host}:{port}/ (Ctrl-C stops)", err=True)
     uvicorn.run(web, host=host, port=port, log_level="info" if ctx.meta.get("imsearch.debug") else "warning")
 
