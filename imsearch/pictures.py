@@ -12,7 +12,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from .pixels import to_rgb
+from .errors import BadImage
+from .pixels import FORMATS, MAX_PIXELS, read_file, to_rgb
 from .search import Match
 
 SAME = (31, 119, 180)  # blue: a match of the query's class
@@ -38,13 +39,18 @@ def thumbnail(source: str | Path | Image.Image, size: int) -> Image.Image:
         if isinstance(source, Image.Image):
             img = source.copy()
         else:
-            img = Image.open(io.BytesIO(Path(source).read_bytes()))
+            # The formats imsearch accepts, a regular file, and the pixel cap ingest applies, as for any decode.
+            if not Path(source).exists():
+                raise FileNotFoundError(source)
+            img = Image.open(io.BytesIO(read_file(Path(source))), formats=FORMATS)
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError("too many pixels")
             img.draft("RGB", (2 * size, 2 * size))
             img.load()
         img = to_rgb(ImageOps.exif_transpose(img))
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         return img
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, BadImage) as exc:
         tile = Image.new("RGB", (size, size), (220, 220, 220))
         reason = "file missing" if isinstance(exc, FileNotFoundError) else "cannot read"
         ImageDraw.Draw(tile).text((size // 2, size // 2), reason, fill=MUTED, font=font(13), anchor="mm")

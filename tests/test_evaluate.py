@@ -287,3 +287,24 @@ def test_evaluation_csvs_quote_cells_a_spreadsheet_would_run_as_formulas(run, ph
     assert "'=HYPERLINK(1)" in cells and "'@SUM(1)" in cells
     assert not [c for c in cells if c.startswith(("=", "+", "@")) or c.startswith("-") and not is_number(c)]
 
+
+
+def test_report_tiles_open_only_the_accepted_formats_and_regular_files(tmp_path, monkeypatch):
+    """The report's pictures read the same files a user's folders hold: no PostScript interpreter, no FIFO wait."""
+    import os
+
+    from PIL import EpsImagePlugin
+
+    from imsearch.pictures import thumbnail
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was called")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = tmp_path / "drawing.jpg"
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    for source in (eps, fifo):
+        tile = thumbnail(source, 40)
+        assert tile.getpixel((0, 0)) == (220, 220, 220), source
