@@ -389,6 +389,14 @@ def export_fp32(weights: str, prep: Preprocess, identity: str, checkpoint: str) 
     return Export(identity, checkpoint, cosine, hashlib.sha256(model).hexdigest(), model)
 
 
+class QuantizerAdvice(logging.Filter):
+    """ONNX Runtime's quantizer advises on the root logger (shape pre-processing, which changes nothing for this
+    graph: measured); a user of imsearch would read it as imsearch's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+
 def quantize_int8(fp32: bytes, calibration: np.ndarray, identity: str, checkpoint: str) -> Export:
     """ONNX Runtime's static int8 quantization (QDQ, weights per channel), its activation ranges calibrated on
     `calibration` (the library's own photos); the cosine recorded is to the fp32 export on those photos."""
@@ -402,13 +410,17 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray, identity: str, checkpoin
             batch = next(self.batches, None)
             return None if batch is None else {INPUT: batch}
 
-    with phase("int8 quantization"), tempfile.TemporaryDirectory(prefix="imsearch-int8-") as tmp:
-        src, dest = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(fp32)
-        quantize_static(src, dest, Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"CalibTensorRangeSymmetric": False})
-        model = dest.read_bytes()
+    quiet = QuantizerAdvice()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with phase("int8 quantization"), tempfile.TemporaryDirectory(prefix="imsearch-int8-") as tmp:
+            src, dest = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            src.write_bytes(fp32)
+            quantize_static(src, dest, Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            model = dest.read_bytes()
+    finally:
+        logging.getLogger().removeFilter(quiet)
     full = session(fp32, cpu_threads()).run([OUTPUT], {INPUT: calibration})[0]
     low = session(model, cpu_threads()).run([OUTPUT], {INPUT: calibration})[0]
     cosine = min_cosine(full, low)

@@ -199,3 +199,21 @@ def test_cold_find_imports_no_torch_once_the_export_is_cached(database_url, weig
     assert "onnxruntime" in imported
     assert not {m for m in imported if m == "torch" or m.startswith(("torch.", "torchvision"))}
     assert '"rank": 5' in proc.stdout
+
+
+def test_int8_is_its_own_model_calibrated_on_the_stored_photos(fresh, database_url, weights, photos):
+    from imsearch import Imsearch
+
+    with Imsearch(database_url, weights=weights, precision="int8") as int8:
+        with pytest.raises(ImsearchError, match="ingest at fp32 first"):
+            _ = int8.embedder  # nothing stored to calibrate on
+        with Imsearch(database_url, weights=weights) as fp32:
+            fp32.ingest(photos)
+            model = int8.embedder
+            assert model.identity == fp32.embedder.identity + ":int8" and model.backend == "onnx"
+            queries = sorted((ROOMS / "test" / "kitchen").glob("*.jpg"))[:4]
+            low, full = int8.embed(queries), fp32.embed(queries)
+        assert cosines(np.stack([e.vector for e in low]), np.stack([e.vector for e in full])).min() > 0.95
+        with pytest.raises(ImsearchError, match="embedded with .*crop224, but this ingest uses .*:int8"):
+            int8.ingest(photos)  # never mixed with fp32 rows
+        assert int8.ingest(photos, reembed=True).updated == 20
