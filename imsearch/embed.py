@@ -7,7 +7,6 @@ stored on every row, so vectors from different models are never compared with ea
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .checksums import file_sha256
 from .errors import ImsearchError, WeightsUnavailable
 from .pixels import DEFAULT_PREPROCESS, MEAN, STD, Preprocess
 
@@ -60,27 +60,6 @@ class Model(Protocol):
     precision: str
 
     def embed(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-_digests: dict[tuple[str, int, int, int, int, int], str] = {}
-_digests_lock = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's contents, read once per process while the file stays as it was (same inode, size,
-    mtime and ctime): the identity and the export check both need it, and a checkpoint is 100 MB."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _digests_lock:
-        if key in _digests:
-            return _digests[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    with _digests_lock:
-        _digests[key] = h.hexdigest()
-    return _digests[key]
 
 
 def weights_label(weights: str) -> str:

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .embed import DEVICES, Model, checkpoint_file, file_sha256, get_embedder, model_identity, recipe, resolve_device
+from .checksums import file_sha256, write_atomically
+from .embed import DEVICES, Model, checkpoint_file, get_embedder, model_identity, recipe, resolve_device
 from .errors import ImsearchError
 from .pixels import DEFAULT_PREPROCESS, Preprocess
 from .settings import home
@@ -237,21 +238,6 @@ def forget(export: Export) -> None:
         record = read_record(record_path)
         if record is not None and record.get("export_sha256") == export.sha256:
             record_path.unlink(missing_ok=True)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """A temporary file in the same folder (mode 0600), synced, then renamed over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

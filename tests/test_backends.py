@@ -3,6 +3,8 @@ whole and private; a cold find imports no torch."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imsearch import embed, pixels, runtimes
+from imsearch import checksums, embed, pixels, runtimes
 from imsearch.embed import Embedder
 from imsearch.errors import ImsearchError
 from imsearch.runtimes import OnnxEmbedder, get_model, models_dir, paths
@@ -133,7 +135,7 @@ def test_a_damaged_export_is_detected_and_made_again(fresh, weights, monkeypatch
         again = get_model(weights, device="cpu")
     assert f"{export.name}: damaged" in caplog.text
     assert np.allclose(again.embed(photos), expected, atol=1e-4)
-    assert runtimes.cached_export(identity, embed.file_sha256(embed.checkpoint_file(weights))) is not None
+    assert runtimes.cached_export(identity, checksums.file_sha256(embed.checkpoint_file(weights))) is not None
 
 
 def test_an_export_that_differs_from_torch_is_not_used(fresh, weights, monkeypatch, caplog):
@@ -217,3 +219,21 @@ def test_int8_is_its_own_model_calibrated_on_the_stored_photos(fresh, database_u
         with pytest.raises(ImsearchError, match="embedded with .*crop224, but this ingest uses .*:int8"):
             int8.ingest(photos)  # never mixed with fp32 rows
         assert int8.ingest(photos, reembed=True).updated == 20
+
+
+def test_a_checkpoints_checksum_is_kept_until_the_file_changes(fresh, monkeypatch):
+    monkeypatch.setattr(checksums, "RECENT_SECONDS", -1.0)  # this file is new: kept at once all the same
+    monkeypatch.setattr(checksums, "_known", {})
+    path = fresh / "weights.pth"
+    path.write_bytes(b"weights")
+    digest = checksums.file_sha256(path)
+    assert stat.S_IMODE(checksums.record_file().stat().st_mode) == 0o600
+
+    kept = json.loads(checksums.record_file().read_text())
+    assert list(kept.values()) == [digest]
+    checksums.record_file().write_text(json.dumps(dict.fromkeys(kept, "0" * 64)))
+    monkeypatch.setattr(checksums, "_known", {})  # as a new process
+    assert checksums.file_sha256(path) == "0" * 64  # read from the record, not hashed
+
+    path.write_bytes(b"other weights")
+    assert checksums.file_sha256(path) == hashlib.sha256(b"other weights").hexdigest()
