@@ -1,7 +1,7 @@
 """Which runtime runs the model: torch, or ONNX Runtime on an export of the same network.
 
-On the CPU, ONNX Runtime embeds about 1.5 times as fast as torch and loads without importing torch, which alone
-takes seconds of a cold `imsearch find` (docs/inference.md). The network is exported with torch once per model
+On the CPU, ONNX Runtime embeds 1.5 to 2.3 times as fast as torch (docs/inference.md) and loads without importing
+torch, which alone takes a second or more of a cold `imsearch find`. The network is exported with torch once per model
 identity, checked against torch on a few synthetic photos (cosine >= MIN_COSINE, else imsearch stays on torch),
 and cached in imsearch's data folder with checksums of the checkpoint and of the export, so that a changed
 checkpoint or a damaged file is exported again. Both runtimes then give the same vectors under the same identity:
@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -242,12 +243,17 @@ def forget(export: Export) -> None:
 
 @contextlib.contextmanager
 def export_lock() -> Iterator[None]:
-    """One writer at a time per data folder: a second process waits, then finds the first one's files."""
+    """One writer at a time per data folder: a second process waits, then finds the first one's files. Model files
+    are written only under this lock, so half-written ones found here were left by a killed process."""
     folder = models_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     with os.fdopen(os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600), "r+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            for left in folder.glob(".optimizing-*"):
+                shutil.rmtree(left, ignore_errors=True)
+            for left in folder.glob(".*.onnx.*.tmp"):
+                left.unlink(missing_ok=True)
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -255,8 +261,8 @@ def export_lock() -> Iterator[None]:
 
 def checked_session(model: bytes, sha256: str | None, threads: int, *, optimized: bool = False,
                     save: Path | None = None) -> Any | None:
-    """A session on `model`, None when its bytes do not have this checksum. The hash runs in a thread while ONNX
-    Runtime builds the session (both release the GIL), so the check costs no time on two cores."""
+    """A session on `model`, None when its bytes do not have this checksum. The hash runs in a thread (hashlib
+    releases the GIL) while ONNX Runtime builds the session, so on two cores the check costs little time."""
     digest: list[str] = []
     hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(model).hexdigest()))
     hasher.start()
@@ -499,7 +505,9 @@ def get_model(
             return _models[key]
     runtime, resolved = resolve_backend(backend, device, precision)
     if runtime == "torch":
-        return get_embedder(weights, device=resolved, precision=precision, prep=prep)
+        model = get_embedder(weights, device=resolved, precision=precision, prep=prep)
+        with _models_lock:
+            return _models.setdefault(key, model)
     prep = recipe(weights) if prep.name == "recipe" else prep
     precision = "fp32" if precision == "auto" else precision
     with _models_lock:

@@ -82,6 +82,12 @@ def test_export_is_cached_once_per_identity_privately(fresh, weights, monkeypatc
     again = get_model(weights, device="cpu")
     assert isinstance(again, OnnxEmbedder) and export.stat().st_mtime_ns == before  # read, not made again
 
+    # what a process killed while writing leaves is removed by the next writer
+    (models_dir() / ".optimizing-killed").mkdir()
+    (models_dir() / f".{export.name}.killed.tmp").write_bytes(b"half")
+    with runtimes.export_lock():
+        assert sorted(p.name for p in models_dir().iterdir() if p.name.startswith(".")) == [".lock"]
+
 
 def test_a_changed_checkpoint_never_reuses_a_stale_export(fresh, weights, other_weights, monkeypatch):
     # torchvision's name for the weights, its checkpoint in torch.hub's folder: the identity stays the same
