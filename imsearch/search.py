@@ -17,6 +17,7 @@ scanned iteratively (pgvector >= 0.8), and exactly on older pgvector. docs/scali
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -126,6 +127,16 @@ def function_sql(name: str) -> str:
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
     return text
+
+
+ITERATIVE_SET_CLAUSE = re.compile(r'^ SET "hnsw\.(?:iterative_scan|max_scan_tuples)" TO .*\n', re.M)
+
+
+def for_server(function: str, pgvector: str | None) -> str:
+    """A function's text (function_sql, or a migration's frozen one) as a server with this pgvector can create
+    it: before 0.8 pgvector has no iterative index scans and refuses their settings in a SET clause."""
+    version = tuple(int(p) for p in re.findall(r"\d+", pgvector or "0")[:2])
+    return function if version >= (0, 8) else ITERATIVE_SET_CLAUSE.sub("", function)
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,14 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
             if not path.exists():  # unchanged since an earlier revision
                 path = max(p for p in (folder / "sql").glob(f"{name}_*.sql") if p.stem[-4:] <= texts)
             assert function_text(database_url, name) == path.read_text(), (revision, path.name)
+
+
+def test_frozen_texts_leave_out_iterative_scan_settings_on_pgvector_before_0_8():
+    """pgvector 0.7 refuses a SET clause naming settings it does not have; imsearch supports it (exact scans)."""
+    from imsearch.search import for_server, function_sql
+
+    text = function_sql("imsearch_nearest")
+    assert for_server(text, "0.8.0") == text
+    older = for_server(text, "0.7.4")
+    assert "hnsw.iterative_scan\" TO" not in older and "hnsw.max_scan_tuples" not in older
+    assert len(older.splitlines()) == len(text.splitlines()) - 2

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from alembic import op
 
+from imsearch.search import for_server
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -26,8 +28,10 @@ SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full tex
 
 
 def create(*files: str) -> None:
+    """Create each function from its frozen text, as this server's pgvector takes it."""
+    version = op.get_bind().exec_driver_sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'").scalar()
     for name in files:
-        op.execute((SQL / name).read_text())
+        op.execute(for_server((SQL / name).read_text(), version))
 
 
 def upgrade() -> None:

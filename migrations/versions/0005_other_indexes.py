@@ -26,12 +26,20 @@ from pathlib import Path
 
 from alembic import op
 
+from imsearch.search import for_server
+
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
 
 SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full text as of a revision
+
+
+def create(name: str) -> None:
+    """Create a function from its frozen text, as this server's pgvector takes it."""
+    version = op.get_bind().exec_driver_sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'").scalar()
+    op.execute(for_server((SQL / name).read_text(), version))
 
 
 def upgrade() -> None:
@@ -52,11 +60,11 @@ def upgrade() -> None:
         """
     )
     op.execute("REVOKE ALL ON FUNCTION imsearch_index_other(text) FROM PUBLIC")
-    op.execute((SQL / "imsearch_nearest_0005.sql").read_text())
+    create("imsearch_nearest_0005.sql")
 
 
 def downgrade() -> None:
-    op.execute((SQL / "imsearch_nearest_0004.sql").read_text())
+    create("imsearch_nearest_0004.sql")
     op.execute(
         """
         DO $$

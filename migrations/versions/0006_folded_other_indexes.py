@@ -25,12 +25,20 @@ from pathlib import Path
 
 from alembic import op
 
+from imsearch.search import for_server
+
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
 
 SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full text as of a revision
+
+
+def create(name: str) -> None:
+    """Create a function from its frozen text, as this server's pgvector takes it."""
+    version = op.get_bind().exec_driver_sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'").scalar()
+    op.execute(for_server((SQL / name).read_text(), version))
 
 
 def index_other(expression: str, graph: str) -> None:
@@ -73,10 +81,10 @@ def upgrade() -> None:
     drop_other_indexes()
     index_other("(subvector(embedding, 1, 1024) - subvector(embedding, 1025, 1024))::halfvec(1024)",
                 "m = 16, ef_construction = 400")
-    op.execute((SQL / "imsearch_nearest_0006.sql").read_text())
+    create("imsearch_nearest_0006.sql")
 
 
 def downgrade() -> None:
     drop_other_indexes()
     index_other("l2_normalize(embedding)::halfvec(2048)", "m = 32, ef_construction = 200")
-    op.execute((SQL / "imsearch_nearest_0005.sql").read_text())
+    create("imsearch_nearest_0005.sql")
