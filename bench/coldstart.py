@@ -61,8 +61,8 @@ def find_once(query: Path, env: dict[str, str]) -> dict[str, float]:
     phases: dict[str, float] = {}
     for line in proc.stderr.splitlines():
         m = TIMING.match(line)
-        if m:
-            phases[m.group(1)] = float(m.group(2))
+        if m:  # the first: the model's loading thread logs before find, which waited for it, logs its wait
+            phases.setdefault(m.group(1), float(m.group(2)))
     row = {"total": total, **{k: phases.get(k, 0.0) for k in ("start-up", "imports", "database", "model",
                                                                 "decode", "embed", "search")}}
     main_thread = sum(row[k] for k in ("imports", "database", "decode", "embed", "search"))

@@ -503,34 +503,34 @@ def get_model(
     with _models_lock:
         if key in _models:
             return _models[key]
-    runtime, resolved = resolve_backend(backend, device, precision)
-    if runtime == "torch":
-        model = get_embedder(weights, device=resolved, precision=precision, prep=prep)
+    with phase("model"):  # a second thread asking meanwhile waits below, and logs its wait after this one
+        runtime, resolved = resolve_backend(backend, device, precision)
+        if runtime == "torch":
+            model = get_embedder(weights, device=resolved, precision=precision, prep=prep)
+            with _models_lock:
+                return _models.setdefault(key, model)
+        prep = recipe(weights) if prep.name == "recipe" else prep
+        precision = "fp32" if precision == "auto" else precision
         with _models_lock:
-            return _models.setdefault(key, model)
-    prep = recipe(weights) if prep.name == "recipe" else prep
-    precision = "fp32" if precision == "auto" else precision
-    with _models_lock:
-        if key not in _models:
-            _models[key] = _onnx(weights, prep, precision, backend, threads, calibration)
-        return _models[key]
+            if key not in _models:
+                _models[key] = _onnx(weights, prep, precision, backend, threads, calibration)
+            return _models[key]
 
 
 def _onnx(weights: str, prep: Preprocess, precision: str, backend: str, threads: int | None,
           calibration: Calibration | None) -> Model:
     threads = threads or cpu_threads()
     try:
-        with phase("model"):
-            for _ in range(2):  # a damaged cached file is exported once more
-                export = cached_or_exported(weights, prep, precision, calibration)
-                if export.sha256 is None:
-                    raise ExportRejected(rejection(export))
-                built = open_session(export, threads)
-                if built is not None:
-                    return OnnxEmbedder(built, weights=weights, identity=export.identity, prep=prep,
-                                        precision=precision, threads=threads)
-                forget(export)
-            raise ImsearchError(f"the ONNX export in {models_dir()} is damaged again as soon as it is written")
+        for _ in range(2):  # a damaged cached file is exported once more
+            export = cached_or_exported(weights, prep, precision, calibration)
+            if export.sha256 is None:
+                raise ExportRejected(rejection(export))
+            built = open_session(export, threads)
+            if built is not None:
+                return OnnxEmbedder(built, weights=weights, identity=export.identity, prep=prep,
+                                    precision=precision, threads=threads)
+            forget(export)
+        raise ImsearchError(f"the ONNX export in {models_dir()} is damaged again as soon as it is written")
     except ExportRejected as exc:
         if backend != "auto" or precision == "int8":
             raise
