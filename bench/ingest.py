@@ -19,7 +19,6 @@ Figures taken while other programs run are noisy: compare the ratios of one run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -28,12 +27,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image
+from synthetic import bench_server, drop_database, fresh_database
 
-from imsearch import embedded, pixels
+from imsearch import pixels
 from imsearch.embed import get_embedder
 from imsearch.ingest import default_workers, ingest
 from imsearch.runtimes import cpu_threads, get_model
@@ -80,16 +79,11 @@ def decode_only(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - t)
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
-def fresh_database(admin, url: str, name: str) -> str:
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.execute(f"CREATE DATABASE {name}")
-    upgrade(with_database(url, name))
-    return with_database(url, name)
+def empty_library(admin_url: str, name: str) -> str:
+    """A new database with imsearch's schema."""
+    url = fresh_database(admin_url, name)
+    upgrade(url)
+    return url
 
 
 def imsearch_ingest(folder: Path, url: str, weights: str, backend: str, args: argparse.Namespace) -> tuple[dict, float]:
@@ -135,7 +129,7 @@ def seed_loop(files: list[Path], url: str, weights: str) -> float:
     return rate
 
 
-def split(folder: Path, url: str, admin, weights: str, n: int) -> None:
+def split(folder: Path, url: str, weights: str, n: int) -> None:
     """ONNX Runtime ingest in this process at other (decoding threads, model threads) splits."""
     cores = cpu_threads()
     print(f"\nthread split, ONNX Runtime, in this process (default: {default_workers()} decoding, {cores} model):")
@@ -144,7 +138,7 @@ def split(folder: Path, url: str, admin, weights: str, n: int) -> None:
                                     (max(1, cores - 1), max(1, cores - 1)), (cores, 1)}):
         model = get_model(weights, device="cpu", backend="onnx", threads=threads)
         ceiling = model_only(model, 32, n)
-        store = Store(fresh_database(admin, url, "imsearch_bench_split"))
+        store = Store(empty_library(url, "imsearch_bench_split"))
         try:
             result = ingest(store, model, folder, workers=workers)
         finally:
@@ -187,61 +181,62 @@ def main() -> None:
             (folder / f.parent.name / f.name).symlink_to(f)
 
         # -- a database: DATABASE_URL, else a throwaway embedded server
-        servers = contextlib.ExitStack()
-        url = os.environ.get("DATABASE_URL") or servers.enter_context(embedded.temporary())
-        admin = connect(url, register=False)
-        backends = ["torch"] if args.device == "cuda" else ["torch", "onnx"]
-        models = {"torch": get_embedder(weights, device=args.device, precision="fp32")}
-        if "onnx" in backends:
-            t = time.perf_counter()
-            models["onnx"] = get_model(weights, device="cpu", backend="onnx")  # exported here, cached for ingest
-            print(f"ONNX export made and checked in {time.perf_counter() - t:.1f} s")
-        figures: dict[str, list[float]] = {}
-        try:
-            for _ in range(args.rounds):
-                # -- the ceilings: each model alone, then decoding alone
-                for backend in backends:
-                    figures.setdefault(f"model {backend}", []).append(
-                        model_only(models[backend], args.batch_size, max(96, len(files) // 2)))
-                figures.setdefault("decode", []).append(decode_only(files[:40]))
-                # -- imsearch ingest, end to end, in its own process, on each backend
-                for backend in backends:
-                    bench_url = fresh_database(admin, url, "imsearch_bench_ingest")
-                    summary, rss = imsearch_ingest(folder, bench_url, weights, backend, args)
-                    stored = summary["added"] + summary["updated"]
-                    figures.setdefault(f"ingest {backend}", []).append(stored / summary["seconds"])
-                    figures.setdefault(f"rss {backend}", []).append(rss)
-            med = {k: statistics.median(v) for k, v in figures.items()}
-            cores = cpu_threads()
-            print(f"model only, torch (random pixels):        {med['model torch']:6.1f} img/s")
-            if "onnx" in backends:
-                print(f"model only, ONNX Runtime:                 {med['model onnx']:6.1f} img/s  "
-                      f"({med['model onnx'] / med['model torch']:.2f}x torch)")
-            print(f"decoding alone, one thread:               {med['decode']:6.1f} img/s")
+        with bench_server() as url:
+            run(args, weights, files, folder, url)
+
+
+def run(args: argparse.Namespace, weights: str, files: list[Path], folder: Path, url: str) -> None:
+    """Every measurement, on the server at `url`; prints as it goes."""
+    backends = ["torch"] if args.device == "cuda" else ["torch", "onnx"]
+    models = {"torch": get_embedder(weights, device=args.device, precision="fp32")}
+    if "onnx" in backends:
+        t = time.perf_counter()
+        models["onnx"] = get_model(weights, device="cpu", backend="onnx")  # exported here, cached for ingest
+        print(f"ONNX export made and checked in {time.perf_counter() - t:.1f} s")
+    figures: dict[str, list[float]] = {}
+    try:
+        for _ in range(args.rounds):
+            # -- the ceilings: each model alone, then decoding alone
             for backend in backends:
-                model, rate = med[f"model {backend}"], med[f"ingest {backend}"]
-                # the most an ingest can do when decoding takes its share of the same cores
-                ceiling = cores / (cores / model + 1 / med["decode"])
-                print(f"imsearch ingest --backend {backend:5s}:         {rate:6.1f} img/s  = {rate / model:.2f} x its "
-                      f"model-only; decoding leaves {ceiling:.1f} ({ceiling / model:.2f} x); "
-                      f"peak RSS {med[f'rss {backend}']:,.0f} MiB")
-            if "onnx" in backends:
-                print(f"ingest onnx / ingest torch:               {med['ingest onnx'] / med['ingest torch']:6.2f}")
-            if args.rounds > 1:
-                for k, v in figures.items():
-                    print(f"  {k}: " + ", ".join(f"{x:.1f}" for x in v))
-            if args.split and "onnx" in backends:
-                split(folder, url, admin, weights, max(96, len(files) // 2))
-            # -- the seed study's loop, on a subset
-            seed = seed_loop(files[: args.seed_photos], fresh_database(admin, url, "imsearch_bench_ingest"), weights)
-            best = med["ingest onnx" if "onnx" in backends else "ingest torch"]
-            print(f"\nseed-style loop ({args.seed_photos} photos):    {seed:6.1f} img/s; imsearch ingest is "
-                  f"{best:.1f}, {best / seed:.1f}x")
-        finally:
-            for name in ("imsearch_bench_ingest", "imsearch_bench_split"):
-                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            admin.close()
-            servers.close()
+                figures.setdefault(f"model {backend}", []).append(
+                    model_only(models[backend], args.batch_size, max(96, len(files) // 2)))
+            figures.setdefault("decode", []).append(decode_only(files[:40]))
+            # -- imsearch ingest, end to end, in its own process, on each backend
+            for backend in backends:
+                library = empty_library(url, "imsearch_bench_ingest")
+                summary, rss = imsearch_ingest(folder, library, weights, backend, args)
+                stored = summary["added"] + summary["updated"]
+                figures.setdefault(f"ingest {backend}", []).append(stored / summary["seconds"])
+                figures.setdefault(f"rss {backend}", []).append(rss)
+        med = {k: statistics.median(v) for k, v in figures.items()}
+        cores = cpu_threads()
+        print(f"model only, torch (random pixels):        {med['model torch']:6.1f} img/s")
+        if "onnx" in backends:
+            print(f"model only, ONNX Runtime:                 {med['model onnx']:6.1f} img/s  "
+                  f"({med['model onnx'] / med['model torch']:.2f}x torch)")
+        print(f"decoding alone, one thread:               {med['decode']:6.1f} img/s")
+        for backend in backends:
+            model, rate = med[f"model {backend}"], med[f"ingest {backend}"]
+            # the most an ingest can do when decoding takes its share of the same cores
+            ceiling = cores / (cores / model + 1 / med["decode"])
+            print(f"imsearch ingest --backend {backend:5s}:         {rate:6.1f} img/s  = {rate / model:.2f} x its "
+                  f"model-only; decoding leaves {ceiling:.1f} ({ceiling / model:.2f} x); "
+                  f"peak RSS {med[f'rss {backend}']:,.0f} MiB")
+        if "onnx" in backends:
+            print(f"ingest onnx / ingest torch:               {med['ingest onnx'] / med['ingest torch']:6.2f}")
+        if args.rounds > 1:
+            for k, v in figures.items():
+                print(f"  {k}: " + ", ".join(f"{x:.1f}" for x in v))
+        if args.split and "onnx" in backends:
+            split(folder, url, weights, max(96, len(files) // 2))
+        # -- the seed study's loop, on a subset
+        seed = seed_loop(files[: args.seed_photos], empty_library(url, "imsearch_bench_ingest"), weights)
+        best = med["ingest onnx" if "onnx" in backends else "ingest torch"]
+        print(f"\nseed-style loop ({args.seed_photos} photos):    {seed:6.1f} img/s; imsearch ingest is "
+              f"{best:.1f}, {best / seed:.1f}x")
+    finally:
+        for name in ("imsearch_bench_ingest", "imsearch_bench_split"):
+            drop_database(url, name)
 
 
 if __name__ == "__main__":
