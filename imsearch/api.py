@@ -322,7 +322,7 @@ class Imsearch:
             queries = [queries]
         self._load_model_meanwhile()
         with phase("database"):
-            counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model loads
+            counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model is used
             indexed, others_indexed = self._indexes(counts, mode)
         embedded = self.embed(list(queries), names=names)
         with phase("search"):
