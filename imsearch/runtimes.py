@@ -413,8 +413,9 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray, identity: str, checkpoin
             model = dest.read_bytes()
     finally:
         logging.getLogger().removeFilter(quiet)
-    full = session(fp32, cpu_threads()).run([OUTPUT], {INPUT: calibration})[0]
-    low = session(model, cpu_threads()).run([OUTPUT], {INPUT: calibration})[0]
+    full, low = (np.concatenate([s.run([OUTPUT], {INPUT: calibration[i:i + 16]})[0]  # batches: memory stays low
+                                 for i in range(0, len(calibration), 16)])
+                 for s in (session(fp32, cpu_threads()), session(model, cpu_threads())))
     cosine = min_cosine(full, low)
     log.info("quantized %s to int8 on %d photos: cosine to fp32 %.5f", identity, len(calibration), cosine)
     if cosine < INT8_MIN_COSINE:
