@@ -370,9 +370,13 @@ def export_fp32(weights: str, prep: Preprocess, identity: str, checkpoint: str) 
         # plain convolutions, which the older exporter handles and tests/test_backends.py checks.
         warnings.simplefilter("ignore")
         out = Path(tmp) / "model.onnx"
-        torch.onnx.export(graph, (torch.from_numpy(photos[:1]),), out, input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch", 1: "height", 2: "width"}, OUTPUT: {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
+        try:
+            torch.onnx.export(graph, (torch.from_numpy(photos[:1]),), out, input_names=[INPUT],
+                              output_names=[OUTPUT], opset_version=OPSET, dynamo=False,
+                              dynamic_axes={INPUT: {0: "batch", 1: "height", 2: "width"}, OUTPUT: {0: "batch"}})
+        except (RuntimeError, TypeError, ValueError, ImportError) as exc:  # a torch whose exporter changed
+            raise ExportRejected(f"torch {torch.__version__} cannot export {identity} to ONNX "
+                                 f"({type(exc).__name__}: {str(exc)[:120]})") from None
         model = out.read_bytes()
     cosine = min_cosine(reference.embed(photos), session(model, cpu_threads()).run([OUTPUT], {INPUT: photos})[0])
     log.info("exported %s to ONNX: cosine to torch %.7f on %d check photos", identity, cosine, len(photos))

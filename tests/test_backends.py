@@ -243,3 +243,15 @@ def test_a_checkpoints_checksum_is_kept_until_the_file_changes(fresh, monkeypatc
 
     path.write_bytes(b"other weights")
     assert checksums.file_sha256(path) == hashlib.sha256(b"other weights").hexdigest()
+
+
+def test_a_torch_that_cannot_export_leaves_auto_on_torch(fresh, weights, monkeypatch, caplog):
+    import torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter removed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with caplog.at_level(logging.WARNING, logger="imsearch.runtimes"):
+        assert isinstance(get_model(weights, device="cpu"), Embedder)
+    assert "cannot export" in caplog.text and "exporter removed" in caplog.text
