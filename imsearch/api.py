@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from .search import MODES, Match
 from .settings import Settings, libpq_url, server_log
 from .store import OTHER_INDEX_PREFIX, Store
 from .timing import done, phase
+
+log = logging.getLogger(__name__)
 
 Query = Union[str, Path, bytes, Image.Image]
 
@@ -324,6 +327,8 @@ class Imsearch:
         with phase("database"):
             counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model is used
             indexed, others_indexed = self._indexes(counts, mode)
+            if log.isEnabledFor(logging.DEBUG) and (note := self.store.cache_shortfall()) is not None:
+                log.debug(note)
         embedded = self.embed(list(queries), names=names)
         with phase("search"):
             return [

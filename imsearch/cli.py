@@ -341,12 +341,15 @@ def db() -> None:
 def db_upgrade(ctx: click.Context) -> None:
     """Create or migrate imsearch's schema to the newest revision."""
     from .settings import Settings, libpq_url, server_log
-    from .store import redact, upgrade
+    from .store import Store, redact, upgrade
 
     settings = Settings.from_env(ctx.obj["database_url"])
     url = libpq_url(settings)
     revision = upgrade(url, server_log(settings))
     click.echo(f"{redact(url)}: schema at revision {revision}")
+    with Store(url) as store:
+        if (note := store.cache_shortfall()) is not None:
+            click.echo(f"note: {note}", err=True)
 
 
 @db.command("url")

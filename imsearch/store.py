@@ -29,6 +29,10 @@ MIN_PGVECTOR = (0, 7, 0)
 GRAPH_BYTES_PER_ROW = 5_700
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} kB"
+
+
 def class_index_name(cls: str, prefix: str = CLASS_INDEX_PREFIX) -> str:
     """The partial index name `imsearch_index_class(cls)` (or with OTHER_INDEX_PREFIX, `imsearch_index_other`)
     gives: md5 of the UTF-8 class name, as PostgreSQL's."""
@@ -401,6 +405,31 @@ class Store:
             "JOIN pg_class c ON c.oid = indexrelid WHERE starts_with(c.relname, %s) ORDER BY 1",
             (OTHER_INDEX_PREFIX,),
         ).fetchall()
+
+    def cache_shortfall(self) -> str | None:
+        """Why searches read from disk when the HNSW indexes outgrow the server's buffer cache, naming the setting
+        that fixes it; None when they fit. An index search reads pages at random: at PostgreSQL's default 128 MB a
+        100k-row library reads most of them from the OS cache (docs/scaling.md)."""
+        indexes, buffers, prewarm = self.conn.execute(
+            """
+            SELECT coalesce(sum(pg_relation_size(x.indexrelid)), 0)::bigint,
+                   pg_size_bytes(current_setting('shared_buffers'))::bigint,
+                   EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_prewarm')
+            FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid JOIN pg_am a ON a.oid = c.relam
+            WHERE x.indrelid = 'images'::regclass AND a.amname = 'hnsw'
+            """
+        ).fetchone() or (0, 0, False)
+        if indexes <= buffers:
+            return None
+        wanted = -(-int(indexes * 1.1) // 2**26) * 64  # MB, rounded up to 64 MB, with room for the table's pages
+        note = (f"the HNSW indexes take {_size(indexes)}, more than the server's shared_buffers "
+                f"({_size(buffers)}): searches read index pages from the OS cache or the disk, and the "
+                f"first ones after a restart are slow. Give it shared_buffers = '{wanted}MB' (ALTER SYSTEM, then a "
+                "restart) if the machine has the memory")
+        if prewarm:
+            note += ("; pg_prewarm is available: `CREATE EXTENSION pg_prewarm` and `SELECT pg_prewarm(indexrelid) "
+                     "FROM pg_index WHERE indrelid = 'images'::regclass` loads them after a restart")
+        return note
 
     def drop_other_indexes(self) -> int:
         """Drop every other-class index; mode other goes back to one search per class. Returns how many."""

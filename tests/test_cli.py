@@ -138,3 +138,41 @@ def test_find_on_a_fifo_fails_at_once_naming_it(run, photos, database_url, weigh
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"Error: {fifo}: not a regular file\n"
+
+
+def test_db_upgrade_and_find_debug_say_when_the_indexes_outgrow_the_buffer_cache(weights, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psycopg
+
+    from imsearch import embedded
+
+    from .conftest import copy_photos
+
+    photos = copy_photos(tmp_path / "photos", 4)
+    with embedded.temporary() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_buffers = '128kB'")  # PostgreSQL's least: 16 pages
+            pgdata = Path(conn.execute("SHOW data_directory").fetchone()[0])
+        embedded.stop(pgdata)
+        url = embedded.start(pgdata, tune=False)
+
+        def imsearch(*args: str):
+            return CliRunner().invoke(cli, ["--database-url", url, *args], env={"IMSEARCH_WEIGHTS": weights},
+                                      catch_exceptions=False)
+
+        assert imsearch("ingest", str(photos)).exit_code == 0
+        upgraded = imsearch("db", "upgrade")
+        assert upgraded.exit_code == 0, upgraded.output
+        assert "note: the HNSW indexes take" in upgraded.stderr and "shared_buffers (128 kB)" in upgraded.stderr
+        assert "shared_buffers = '64MB'" in upgraded.stderr
+        query = next((photos / "kitchen").glob("*.jpg"))
+        for debug in ([], ["--debug"]):
+            found = subprocess.run([sys.executable, "-m", "imsearch", "--database-url", url, *debug, "find",
+                                    str(query)], env={**os.environ, "IMSEARCH_WEIGHTS": weights},
+                                   capture_output=True, text=True, timeout=300)
+            assert found.returncode == 0, found.stderr
+            assert ("the HNSW indexes take" in found.stderr) == bool(debug)
