@@ -65,7 +65,8 @@ class Embedded:
 
 
 class Imsearch:
-    """One database and one model. Opens both lazily; safe to share between threads for `find`."""
+    """One database and one model. Opens both lazily; safe to share between threads for `find`: every use of the
+    shared connection holds `_lock` (a search's SET LOCAL settings live in its transaction)."""
 
     def __init__(
         self,
@@ -114,7 +115,8 @@ class Imsearch:
 
     def _calibration(self, n: int) -> np.ndarray:
         """Up to n stored photos, spread over the library, as model input: what an int8 export is calibrated on."""
-        stored = sorted(self.store.known(Path("/")))
+        with self._lock:
+            stored = sorted(self.store.known(Path("/")))
         arrays = []
         for path in stored[:: max(1, len(stored) // n)][:n]:
             try:
@@ -246,13 +248,14 @@ class Imsearch:
         """The query's class: as given, else a stored image with the same bytes, else its folder if stored."""
         if given:
             return given
-        store = self.store
-        if query.sha256:
-            cls = store.class_of_content(query.sha256)
-            if cls is not None:
-                return cls
-        if query.folder and store.count(query.folder) > 0:
-            return query.folder
+        with self._lock:
+            store = self.store
+            if query.sha256:
+                cls = store.class_of_content(query.sha256)
+                if cls is not None:
+                    return cls
+            if query.folder and store.count(query.folder) > 0:
+                return query.folder
         return None
 
     def search(
@@ -275,9 +278,10 @@ class Imsearch:
         """
         if k < 1:
             raise ImsearchError("k must be at least 1")
+        identity = self.embedder.identity  # before the lock: loading the model may need the database (int8)
         store = self.store
         with self._lock:
-            store.check_model(self.embedder.identity, action="search")
+            store.check_model(identity, action="search")
             cls = self.query_class(query, query_class)
             counts = class_counts if class_counts is not None else dict(store.classes())
             if mode in ("same", "other"):
@@ -324,7 +328,7 @@ class Imsearch:
         if isinstance(queries, (str, Path, bytes, Image.Image)):
             queries = [queries]
         self._load_model_meanwhile()
-        with phase("database"):
+        with phase("database"), self._lock:
             counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model is used
             indexed, others_indexed = self._indexes(counts, mode)
             if log.isEnabledFor(logging.DEBUG) and (note := self.store.cache_shortfall()) is not None:
@@ -377,7 +381,7 @@ class Imsearch:
         root = Path(testdir).expanduser()
         if not root.is_dir():
             raise ImsearchError(f"{testdir}: not a folder")
-        counts = dict(self.store.classes())
+        counts = dict(self.classes())
         problems: list[WalkProblem] = []
         skipped: list[tuple[str, str]] = []
         unstored: dict[str, int] = {}
@@ -396,7 +400,8 @@ class Imsearch:
             raise ImsearchError(f"{testdir}: no images in a sub-folder named after a stored class "
                                 f"(stored classes: {', '.join(sorted(counts))})")
         results: list[FindResult] = []
-        indexes = {mode: self._indexes(counts, mode) for mode in modes}  # once, not per query
+        with self._lock:
+            indexes = {mode: self._indexes(counts, mode) for mode in modes}  # once, not per query
         for start in range(0, len(queries), batch_size):
             batch = queries[start:start + batch_size]
             for f, e in zip(batch, self._embed_each([f.path for f in batch], skipped)):
