@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -112,6 +113,27 @@ def cli(ctx: click.Context, database_url: str | None, debug: bool) -> None:
         log.debug("timing: start-up %.3f s", started)
 
 
+@contextlib.contextmanager
+def progress_bar(what: str, *, shown: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callback drawing a bar with images/s on a terminal's stderr (silent elsewhere)."""
+    bar = None
+    if shown and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="img", desc=what, file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @model_options
@@ -138,24 +160,12 @@ def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: 
         stop.set()  # the first lets the current batch finish and prints the summary
 
     previous = signal.signal(signal.SIGINT, interrupt)
-    bar = None
     try:
-        if sys.stderr.isatty() and not as_json:
-            from tqdm import tqdm
-
-            bar = tqdm(total=0, unit="img", desc="ingest", file=sys.stderr, dynamic_ncols=True)
-
-        def progress(done: int, total: int) -> None:
-            if bar is not None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-        result = app.ingest(folder, batch_size=batch_size, workers=workers, prune=prune, reembed=reembed,
-                            progress=progress, stop=stop)
+        with progress_bar("ingest", shown=not as_json) as progress:
+            result = app.ingest(folder, batch_size=batch_size, workers=workers, prune=prune, reembed=reembed,
+                                progress=progress, stop=stop)
     finally:
         signal.signal(signal.SIGINT, previous)
-        if bar is not None:
-            bar.close()
     from .files import printable
 
     for failure in result.failed:
@@ -248,23 +258,9 @@ def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, 
     from .evalreport import text, write
 
     app = _app(ctx, **model)
-    bar = None
-    try:
-        if sys.stderr.isatty() and not as_json:
-            from tqdm import tqdm
-
-            bar = tqdm(total=0, unit="img", desc="evaluate", file=sys.stderr, dynamic_ncols=True)
-
-        def progress(done: int, total: int) -> None:
-            if bar is not None:
-                bar.total = total
-                bar.update(done - bar.n)
-
+    with progress_bar("evaluate", shown=not as_json) as progress:
         evaluation = app.evaluate(testdir, modes or ("all", "same", "other"), k=k, batch_size=batch_size,
                                   exact=exact, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     try:
         written = write(evaluation, out, grids=not no_grids)
     except OSError as exc:
