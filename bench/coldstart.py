@@ -35,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from imsearch import Imsearch, embedded
+from imsearch import Imsearch
+from imsearch.db import embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", ROOT.parent / "shared"))

@@ -22,7 +22,7 @@ from pgvector import HalfVector
 from PIL import Image
 
 from imsearch import Imsearch
-from imsearch.sqlaccess import DEFAULT_DUPLICATE_DISTANCE
+from imsearch.db.sqlaccess import DEFAULT_DUPLICATE_DISTANCE
 
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 

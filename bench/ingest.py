@@ -32,11 +32,11 @@ import numpy as np
 from PIL import Image
 from synthetic import bench_server, drop_database, fresh_database
 
-from imsearch import pixels
-from imsearch.embed import get_embedder
+from imsearch.db.store import Store, connect, upgrade
 from imsearch.ingest import default_workers, ingest
-from imsearch.runtimes import cpu_threads, get_model
-from imsearch.store import Store, connect, upgrade
+from imsearch.model import pixels
+from imsearch.model.embed import get_embedder
+from imsearch.model.runtimes import cpu_threads, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", ROOT.parent / "shared"))

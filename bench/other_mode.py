@@ -34,7 +34,7 @@ from psycopg import sql
 from synthetic import COMMON, GENERATORS, RARE, bench_server, drop_database, fill, fresh_database
 
 from imsearch import search
-from imsearch.store import Store, upgrade
+from imsearch.db.store import Store, upgrade
 
 OVERFETCH = """
 SELECT id FROM (SELECT id, class, embedding <=> %(q)s AS distance FROM images

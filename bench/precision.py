@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from imsearch import pixels
-from imsearch.embed import Embedder, Model
-from imsearch.runtimes import CALIBRATION_PHOTOS, get_model
+from imsearch.model import pixels
+from imsearch.model.embed import Embedder, Model
+from imsearch.model.runtimes import CALIBRATION_PHOTOS, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", ROOT.parent / "shared"))

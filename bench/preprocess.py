@@ -4,7 +4,7 @@
     .venv/bin/python bench/preprocess.py --base-per-class 8 --test-per-class 4   # a quick subset
     .venv/bin/python bench/preprocess.py --base my/base --test my/heldout --weights IMAGENET1K_V1
 
-Choices (imsearch.pixels.PREPROCESSING): `recipe` is torchvision's ImageNet recipe (resize the short side to 256,
+Choices (imsearch.model.pixels.PREPROCESSING): `recipe` is torchvision's ImageNet recipe (resize the short side to 256,
 centre-crop 224), the default; `square224` squeezes the whole frame to 224x224; `seed1028x768` is the seed
 study's whole frame at 1028x768. For each, the base folder is ingested into a fresh database and the test folder
 evaluated in mode all; printed: precision@5 (macro over classes), ingest and query images/s, and the weights.
@@ -32,9 +32,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from imsearch import Imsearch, WeightsUnavailable
-from imsearch.embed import get_embedder
-from imsearch.evaluate import PRECISION
-from imsearch.pixels import PREPROCESSING
+from imsearch.evaluation.metrics import PRECISION
+from imsearch.model.embed import get_embedder
+from imsearch.model.pixels import PREPROCESSING
 from imsearch.settings import Settings, libpq_url
 
 ROOT = Path(__file__).resolve().parent.parent

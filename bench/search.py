@@ -23,7 +23,7 @@ from pgvector import HalfVector
 from synthetic import COMMON, GENERATORS, RARE, Generator, bench_server, drop_database, fill, fresh_database
 
 from imsearch import search
-from imsearch.store import OTHER_INDEX_PREFIX, Store, upgrade
+from imsearch.db.store import OTHER_INDEX_PREFIX, Store, upgrade
 
 CASES = (("all", None), ("same", COMMON[1]), ("same", RARE), ("other", COMMON[1]), ("other", RARE))
 

@@ -16,8 +16,9 @@ import psycopg
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 
-from imsearch import embedded, search
-from imsearch.store import CLASS_INDEX_PREFIX, Store
+from imsearch import search
+from imsearch.db import embedded
+from imsearch.db.store import CLASS_INDEX_PREFIX, Store
 
 DIMS = 2048
 COMMON = ["bathroom", "bedroom", "dining_room", "kitchen", "living_room"]

@@ -14,17 +14,18 @@ import numpy as np
 import psycopg
 from PIL import Image
 
-from . import pixels, search
-from .embed import Model
+from . import search
+from .db.store import OTHER_INDEX_PREFIX, Store
 from .errors import BadImage, ImsearchError, UnknownClass
-from .evaluate import Evaluation, score
+from .evaluation.metrics import Evaluation, score
 from .files import ImageFile, WalkProblem, sha256_bytes, walk
 from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, ingest
-from .pixels import PREPROCESSING
-from .runtimes import get_model
+from .model import pixels
+from .model.embed import Model
+from .model.pixels import PREPROCESSING
+from .model.runtimes import get_model
 from .search import MODES, Match
 from .settings import Settings, libpq_url, server_log
-from .store import OTHER_INDEX_PREFIX, Store
 from .timing import done, phase
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class Imsearch:
 
     @property
     def embedder(self) -> Model:
-        """The model, on the runtime `backend` picks (imsearch.runtimes); loaded once per process."""
+        """The model, on the runtime `backend` picks (imsearch.model.runtimes); loaded once per process."""
         return get_model(self.settings.weights, device=self.device, precision=self.precision, prep=self.prep,
                          backend=self.settings.backend, calibration=self._calibration)
 
@@ -168,7 +169,7 @@ class Imsearch:
             result = ingest(self.store, self.embedder, Path(root), batch_size=batch_size, workers=workers,
                             prune=prune, reembed=reembed, progress=progress, stop=stop)
             if not result.interrupted:
-                # A class past the exact-scan size gets its own HNSW index (see imsearch/search.py).
+                # A class past the exact-scan size gets its own HNSW index (see imsearch/search/__init__.py).
                 self.store.ensure_class_indexes(search.EXACT_MAX_ROWS)
             return result
 

@@ -208,14 +208,14 @@ def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: 
 def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_class: str | None,
          include_self: bool, exact: bool, as_json: bool, grid: Path | None, model: dict[str, Any]) -> None:
     """Print the K stored images closest to each IMAGE by cosine distance."""
-    from .report import RANK_COLUMNS, rank_rows, table
+    from .terminal import RANK_COLUMNS, rank_rows, table
 
     if grid is not None and len(images) != 1:
         raise click.UsageError("--grid draws one query: give exactly one IMAGE")
     app = _app(ctx, **model)
     results = app.find(list(images), mode, k=k, query_class=query_class, include_self=include_self, exact=exact)
     if grid is not None:
-        from .pictures import grid as draw_grid
+        from .evaluation.pictures import grid as draw_grid
 
         r = results[0]
         try:
@@ -255,7 +255,7 @@ def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, 
     Prints the rank table per class and the figures: precision@k, precision@1, average precision@k and the
     correspondence share in mode all, the mean distance in mode same, the class correspondence in mode other.
     """
-    from .evalreport import text, write
+    from .evaluation.report import text, write
 
     app = _app(ctx, **model)
     with progress_bar("evaluate", shown=not as_json) as progress:
@@ -311,9 +311,9 @@ def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, allowed_
 @click.pass_context
 def duplicates(ctx: click.Context, threshold: float | None, as_json: bool) -> None:
     """Print groups of near-duplicate stored images (cosine distance at most D), found in SQL with the index."""
-    from .report import table
-    from .sqlaccess import DEFAULT_DUPLICATE_DISTANCE
-    from .sqlaccess import duplicates as duplicate_groups
+    from .db.sqlaccess import DEFAULT_DUPLICATE_DISTANCE
+    from .db.sqlaccess import duplicates as duplicate_groups
+    from .terminal import table
 
     threshold = DEFAULT_DUPLICATE_DISTANCE if threshold is None else threshold
     groups = duplicate_groups(_app(ctx).store, threshold)
@@ -336,8 +336,8 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Create or migrate imsearch's schema to the newest revision."""
+    from .db.store import Store, redact, upgrade
     from .settings import Settings, libpq_url, server_log
-    from .store import Store, redact, upgrade
 
     settings = Settings.from_env(ctx.obj["database_url"])
     url = libpq_url(settings)
@@ -361,7 +361,7 @@ def db_url(ctx: click.Context, tcp: bool) -> None:
     url = libpq_url(Settings.from_env(ctx.obj["database_url"]))
     endpoint = None
     if not ctx.obj["database_url"]:
-        from .server import serving
+        from .db.server import serving
 
         endpoint = serving()
     if tcp:
@@ -383,7 +383,7 @@ def db_url(ctx: click.Context, tcp: bool) -> None:
 @click.pass_context
 def db_grant_reader(ctx: click.Context, name: str, password: str | None) -> None:
     """Create or update NAME: a login role that can only read imsearch's SQL views and functions (BI tools)."""
-    from .sqlaccess import grant_reader
+    from .db.sqlaccess import grant_reader
 
     reader = grant_reader(_app(ctx).store, name, password)
     click.echo(f"{'created' if reader.created else 'updated'} read-only role {reader.name} "
@@ -438,7 +438,7 @@ def db_index_other(ctx: click.Context, drop: bool) -> None:
 @click.pass_context
 def db_serve(ctx: click.Context, port: int, host: str, tls_cert: Path | None, tls_key: Path | None) -> None:
     """Keep the embedded PostgreSQL running and reachable over TCP (password auth) until Ctrl-C or SIGTERM."""
-    from .server import serve, wait
+    from .db.server import serve, wait
 
     if ctx.obj["database_url"]:
         raise click.UsageError("db serve serves the embedded PostgreSQL; the server in DATABASE_URL is reached "

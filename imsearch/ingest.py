@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import pixels
-from .embed import Model
+from .db.store import Row, Store
 from .errors import BadImage, ImsearchError
 from .files import ImageFile, sha256_bytes, vanished, walk
-from .store import Row, Store
+from .model import pixels
+from .model.embed import Model
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def server_log(settings: Settings) -> Path | None:
 
 def libpq_url(settings: Settings) -> str:
     """The libpq connection URI: DATABASE_URL as given, else the embedded server's."""
-    from . import embedded
+    from .db import embedded
 
     with phase("database server"):
         url = settings.database_url or embedded.start()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, text
 
+from imsearch.db.schema import metadata
+from imsearch.db.store import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
 from imsearch.settings import Settings, libpq_url, sqlalchemy_url
-from imsearch.store import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
-from imsearch.tables import metadata
 
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
 MIGRATION_LOCK = 7_284_519_311

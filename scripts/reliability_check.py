@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from imsearch import embedded
+from imsearch.db import embedded
 from imsearch.files import printable
 
 ROOT = Path(__file__).resolve().parent.parent

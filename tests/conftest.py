@@ -53,7 +53,7 @@ def server_url():
         with PostgresContainer("pgvector/pgvector:pg17", driver=None) as pg:
             yield pg.get_connection_url()
         return
-    from imsearch import embedded
+    from imsearch.db import embedded
 
     with embedded.temporary() as url:  # PostgreSQL's default settings, as on a server nobody has tuned
         yield url

@@ -71,7 +71,7 @@ def embedded_programs() -> Path:
 
     IMSEARCH_CHECK_PGINSTALL points the checks at another installation (e.g. an older wheel's `pginstall`).
     """
-    from imsearch import embedded
+    from imsearch.db import embedded
 
     return Path(os.environ.get("IMSEARCH_CHECK_PGINSTALL") or embedded.bin_dir().parent)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imsearch import checksums, embed, pixels, runtimes
-from imsearch.embed import Embedder
 from imsearch.errors import ImsearchError
-from imsearch.runtimes import OnnxEmbedder, get_model, models_dir, paths
+from imsearch.model import checksums, embed, pixels, runtimes
+from imsearch.model.embed import Embedder
+from imsearch.model.runtimes import OnnxEmbedder, get_model, models_dir, paths
 from tests.conftest import CLASSES, ROOMS, copy_photos
 
 
@@ -127,7 +127,7 @@ def test_a_damaged_export_is_detected_and_made_again(fresh, weights, monkeypatch
     # this machine's optimized copy: made again from the export
     damage(optimized)
     reload_models(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="imsearch.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="imsearch.model.runtimes"):
         again = get_model(weights, device="cpu")
     assert "optimized.onnx: damaged" in caplog.text
     assert np.allclose(again.embed(photos), expected, atol=1e-4)
@@ -137,7 +137,7 @@ def test_a_damaged_export_is_detected_and_made_again(fresh, weights, monkeypatch
     optimized.unlink()
     caplog.clear()
     reload_models(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="imsearch.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="imsearch.model.runtimes"):
         again = get_model(weights, device="cpu")
     assert f"{export.name}: damaged" in caplog.text
     assert np.allclose(again.embed(photos), expected, atol=1e-4)
@@ -146,7 +146,7 @@ def test_a_damaged_export_is_detected_and_made_again(fresh, weights, monkeypatch
 
 def test_an_export_that_differs_from_torch_is_not_used(fresh, weights, monkeypatch, caplog):
     monkeypatch.setattr(runtimes, "MIN_COSINE", 1.5)  # no export can reach it
-    with caplog.at_level(logging.WARNING, logger="imsearch.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="imsearch.model.runtimes"):
         model = get_model(weights, device="cpu")
     assert isinstance(model, Embedder)
     [line] = caplog.messages
@@ -252,6 +252,6 @@ def test_a_torch_that_cannot_export_leaves_auto_on_torch(fresh, weights, monkeyp
         raise RuntimeError("exporter removed")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    with caplog.at_level(logging.WARNING, logger="imsearch.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="imsearch.model.runtimes"):
         assert isinstance(get_model(weights, device="cpu"), Embedder)
     assert "cannot export" in caplog.text and "exporter removed" in caplog.text

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from imsearch import cli as cli_mod
 from imsearch.cli import cli
-from imsearch.report import RANK_COLUMNS
-from imsearch.store import SCHEMA_REVISION
+from imsearch.db.store import SCHEMA_REVISION
+from imsearch.terminal import RANK_COLUMNS
 
 
 def test_ingest_json_summary_and_exit_status(run, photos):
@@ -148,7 +148,7 @@ def test_db_upgrade_and_find_debug_say_when_the_indexes_outgrow_the_buffer_cache
 
     import psycopg
 
-    from imsearch import embedded
+    from imsearch.db import embedded
 
     from .conftest import copy_photos
 

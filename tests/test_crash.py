@@ -244,7 +244,7 @@ def test_unreadable_file_and_folder_are_named_and_their_rows_never_pruned(databa
 
 def test_a_server_process_killed_by_a_signal_is_one_line_naming_statement_signal_and_log(tmp_path, weights):
     """As when pgvector hits an instruction the CPU lacks: the backend dies by SIGILL on the first INSERT."""
-    from imsearch import embedded
+    from imsearch.db import embedded
 
     home = tmp_path / "home"
     environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
@@ -278,7 +278,7 @@ def test_a_server_process_killed_by_a_signal_is_one_line_naming_statement_signal
                 assert time.monotonic() < deadline, "the server did not recover from the crash"
                 time.sleep(0.2)
     finally:
-        from imsearch.server import pg_ctl
+        from imsearch.db.server import pg_ctl
 
         pg_ctl(home / "pgdata", "-w", "-m", "immediate", "stop")  # a crashed server needs no clean shutdown
     assert code == 1 and out == ""

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from imsearch.cli import cli
-from imsearch.embedded import stop
-from imsearch.server import Endpoint, is_loopback, tls_supported
+from imsearch.db.embedded import stop
+from imsearch.db.server import Endpoint, is_loopback, tls_supported
 from tests.conftest import copy_photos
 
 IMSEARCH = [sys.executable, "-c", "from imsearch.cli import main; main()"]

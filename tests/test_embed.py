@@ -10,8 +10,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from imsearch import WeightsUnavailable, pixels
-from imsearch.embed import get_embedder, model_identity
+from imsearch import WeightsUnavailable
+from imsearch.model import pixels
+from imsearch.model.embed import get_embedder, model_identity
 from tests.conftest import ROOMS
 
 
@@ -54,7 +55,7 @@ def test_draft_decoding_of_a_large_jpeg_keeps_the_vector(weights, reference):
 
 
 def test_network_is_torchvisions_resnet50(weights):
-    from imsearch.resnet import ResNet50
+    from imsearch.model.resnet import ResNet50
 
     state = torch.load(weights, weights_only=True)
     ours, theirs = ResNet50(), torchvision.models.resnet50()
@@ -67,7 +68,7 @@ def test_network_is_torchvisions_resnet50(weights):
 
 
 def test_weights_table_matches_torchvision():
-    from imsearch.embed import WEIGHTS, WEIGHTS_ALIASES
+    from imsearch.model.embed import WEIGHTS, WEIGHTS_ALIASES
 
     for name, entry in WEIGHTS.items():
         tv = torchvision.models.ResNet50_Weights[name]

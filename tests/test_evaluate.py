@@ -16,9 +16,10 @@ from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 from PIL import Image
 
-from imsearch import pictures
 from imsearch.api import Embedded, FindResult
-from imsearch.evaluate import (
+from imsearch.db.store import upgrade
+from imsearch.evaluation import pictures
+from imsearch.evaluation.metrics import (
     AVERAGE_PRECISION,
     CORRESPONDENCE,
     MEAN_DISTANCE,
@@ -28,9 +29,8 @@ from imsearch.evaluate import (
     precision_at_k,
     score,
 )
-from imsearch.report import is_number
 from imsearch.search import Match
-from imsearch.store import upgrade
+from imsearch.terminal import is_number
 
 from .conftest import ROOMS, copy_photos
 
@@ -295,7 +295,7 @@ def test_report_tiles_open_only_the_accepted_formats_and_regular_files(tmp_path,
 
     from PIL import EpsImagePlugin
 
-    from imsearch.pictures import thumbnail
+    from imsearch.evaluation.pictures import thumbnail
 
     def ghostscript(*args, **kwargs):
         raise AssertionError("Ghostscript was called")

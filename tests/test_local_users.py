@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from imsearch import embedded
+from imsearch.db import embedded
 from imsearch.errors import DatabaseUnavailable
 
 ROOT = os.name == "posix" and os.geteuid() == 0
@@ -113,7 +113,7 @@ def wait_stopped(pgdata: Path, timeout: float = 20) -> bool:
 def test_a_killed_imsearch_process_leaves_no_server_running(tmp_path, how):
     pgdata = (tmp_path / "home" / "pgdata").resolve()
     user = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from imsearch import embedded; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from imsearch.db import embedded; "
          "embedded.start(Path(sys.argv[1]), tune=False); print('up', flush=True); time.sleep(600)", str(pgdata)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -132,7 +132,7 @@ def test_a_killed_imsearch_process_leaves_no_server_running(tmp_path, how):
 
 def test_the_server_stays_while_one_user_is_left_and_stops_with_the_last(tmp_path):
     pgdata = (tmp_path / "home" / "pgdata").resolve()
-    code = ("import sys, time; from pathlib import Path; from imsearch import embedded; "
+    code = ("import sys, time; from pathlib import Path; from imsearch.db import embedded; "
             "embedded.start(Path(sys.argv[1]), tune=False); print('up', flush=True); sys.stdin.readline()")
     users = [subprocess.Popen([sys.executable, "-c", code, str(pgdata)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]

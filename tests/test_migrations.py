@@ -6,7 +6,7 @@ import psycopg
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from imsearch.store import SCHEMA_REVISION, Store, migrations_folder, upgrade
+from imsearch.db.store import SCHEMA_REVISION, Store, migrations_folder, upgrade
 
 
 def test_code_expects_the_newest_migration():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from imsearch import embedded
+from imsearch.db import embedded
 
 from . import portability
 

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from imsearch import ImsearchError
-from imsearch.sqlaccess import READER_TEMP_FILE_LIMIT, duplicates, grant_reader
-from imsearch.store import Store
+from imsearch.db.sqlaccess import READER_TEMP_FILE_LIMIT, duplicates, grant_reader
+from imsearch.db.store import Store
 from tests.conftest import scratch_database
 
 PASSWORD = "s3cret-pass"
@@ -243,7 +243,7 @@ def test_a_reader_has_a_statement_timeout_and_a_temp_file_limit_it_cannot_lift(i
 
 def test_grant_reader_says_which_other_databases_a_reader_may_connect_to(imsearch_db, new_role, caplog):
     name = new_role()
-    with caplog.at_level(logging.WARNING, logger="imsearch.sqlaccess"):
+    with caplog.at_level(logging.WARNING, logger="imsearch.db.sqlaccess"):
         grant_reader(imsearch_db[0], name, PASSWORD)
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"{name} may also connect to database(s) ") and "template1" in warning
@@ -269,7 +269,7 @@ def test_without_a_superuser_grant_reader_closes_what_it_may_and_says_what_stays
                 grant_reader(store, name, PASSWORD)
             with psycopg.connect(admin_url, autocommit=True) as c:
                 c.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
-            with caplog.at_level(logging.WARNING, logger="imsearch.sqlaccess"):
+            with caplog.at_level(logging.WARNING, logger="imsearch.db.sqlaccess"):
                 grant_reader(store, name, PASSWORD)
             warnings = [r.getMessage() for r in caplog.records]
             assert warnings[0] == (f"{name} has no temp_file_limit: only a superuser may set one; as a superuser, "
@@ -314,8 +314,8 @@ def test_0008_refuses_what_0007_answered_with_every_pair_and_downgrade_restores_
     from alembic import command
     from alembic.config import Config
 
+    from imsearch.db.store import migrations_folder
     from imsearch.settings import sqlalchemy_url
-    from imsearch.store import migrations_folder
 
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_folder()))

@@ -25,9 +25,9 @@ from alembic.script import ScriptDirectory
 from click.testing import CliRunner, Result
 
 from imsearch.cli import cli
+from imsearch.db.store import SCHEMA_REVISION, explain_connect_error, migrations_folder, redact, upgrade
 from imsearch.files import printable
 from imsearch.settings import sqlalchemy_url
-from imsearch.store import SCHEMA_REVISION, explain_connect_error, migrations_folder, redact, upgrade
 
 from . import badfiles
 from .badfiles import BAD, GOOD, SQL
@@ -172,7 +172,7 @@ def test_a_long_thin_image_is_resized_without_making_a_huge_frame(tmp_path):
     strip = tmp_path / "strip.png"
     badfiles.strip_png(1, 20_000)(strip, sorted((ROOMS / "test").glob("*/*.jpg"))[0])
     peak = subprocess.run(  # in a fresh process, whose peak memory (VmHWM) is its own
-        [sys.executable, "-c", "import re, sys; from pathlib import Path; from imsearch import pixels; "
+        [sys.executable, "-c", "import re, sys; from pathlib import Path; from imsearch.model import pixels; "
                                "loaded = pixels.load(Path(sys.argv[1]).read_bytes(), sys.argv[1]); "
                                "assert loaded.pixels.shape == (224, 224, 3); "
                                "print(re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text())[1])",

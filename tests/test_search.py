@@ -12,9 +12,9 @@ from pgvector import HalfVector
 
 from imsearch import UnknownClass
 from imsearch import search as search_mod
-from imsearch import store as store_mod
+from imsearch.db import store as store_mod
+from imsearch.db.store import OTHER_INDEX_PREFIX, class_index_name
 from imsearch.errors import ImsearchError
-from imsearch.store import OTHER_INDEX_PREFIX, class_index_name
 from tests.conftest import ROOMS, copy_photos
 
 
@@ -215,7 +215,7 @@ def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not
     monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
     monkeypatch.setenv("IMSEARCH_BUILD_MEMORY", "100MB")
     monkeypatch.setattr(store_mod, "GRAPH_BYTES_PER_ROW", 2**30)  # 4 rows then need 4 GB
-    with caplog.at_level(logging.WARNING, logger="imsearch.store"):
+    with caplog.at_level(logging.WARNING, logger="imsearch.db.store"):
         app.ingest(photos)
     assert app.store.indexed_classes(dict(app.classes())) == {c for c, _ in app.classes()}
     assert app.store.conn.execute("SHOW maintenance_work_mem").fetchone()[0] == "100MB"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from imsearch import ImsearchError, search
 from imsearch.cli import cli
-from imsearch.sqlaccess import (
+from imsearch.db.sqlaccess import (
     DEFAULT_DUPLICATE_DISTANCE,
     READER_FUNCTIONS,
     READER_VIEWS,

@@ -13,9 +13,9 @@ from fastapi import HTTPException
 from PIL import Image
 
 from bench import hostile
-from imsearch import pixels
 from imsearch.errors import NotAnImage, TooManyPixels
 from imsearch.files import IMAGE_SUFFIXES
+from imsearch.model import pixels
 from imsearch.web.app import DecodeSlots
 from tests.conftest import ROOMS
 from tests.test_web import upload, web_client

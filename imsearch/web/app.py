@@ -35,7 +35,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import pixels
 from ..api import Imsearch
 from ..errors import (
     BadImage,
@@ -49,6 +48,7 @@ from ..errors import (
     WeightsUnavailable,
 )
 from ..files import sha256_bytes
+from ..model import pixels
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"

@@ -4,7 +4,7 @@ Every function is SECURITY DEFINER with a pinned search_path, so a read-only rol
 privilege on `images` (whose raw vectors stay out of reach); EXECUTE is revoked from PUBLIC and granted per role
 by `imsearch db grant-reader`. Views run with their owner's privileges, so SELECT on a view is all a role needs.
 
-imsearch_nearest plans each query as `imsearch find` does (imsearch/search.py), so both return the same images:
+imsearch_nearest plans each query as `imsearch find` does (imsearch/search/__init__.py), so both return the same images:
 mode all scans the HNSW index; a class of at most `imsearch.exact_max_rows` rows (default 1000) is scanned
 exactly, a larger one through its own partial index when it has one (migration 0003 names them); mode other is
 the union of those per-class queries; where that cannot be, the whole-table index is scanned iteratively

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .errors import ImsearchError, ModelMismatch
+from ..errors import ImsearchError, ModelMismatch
 from .store import Store
 
 log = logging.getLogger(__name__)

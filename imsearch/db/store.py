@@ -14,10 +14,10 @@ import psycopg
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 
-from .embed import DIMENSIONS
-from .errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOutdated, ServerCrashed
-from .search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
-from .settings import build_memory
+from ..errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOutdated, ServerCrashed
+from ..model.embed import DIMENSIONS
+from ..search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
+from ..settings import build_memory
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def upgrade(url: str, server_log: Path | None = None) -> str:
     from alembic import command
     from alembic.config import Config
 
-    from .settings import sqlalchemy_url
+    from ..settings import sqlalchemy_url
 
     conn = connect(url, register=False)
     try:
@@ -223,7 +223,7 @@ def migrations_folder() -> Path:
     spec = importlib.util.find_spec("imsearch_migrations")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 class Store:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..errors import ImsearchError, WeightsUnavailable
 from .checksums import file_sha256
-from .errors import ImsearchError, WeightsUnavailable
 from .pixels import DEFAULT_PREPROCESS, MEAN, STD, Preprocess
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 class Model(Protocol):
-    """What ingest, find and the web page need of a model, whichever runtime runs it (imsearch.runtimes)."""
+    """What ingest, find and the web page need of a model, whichever runtime runs it (imsearch.model.runtimes)."""
 
     identity: str
     prep: Preprocess

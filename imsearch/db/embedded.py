@@ -41,8 +41,8 @@ from types import ModuleType
 from typing import Any, Iterator
 from urllib.parse import quote
 
-from .errors import DatabaseUnavailable
-from .settings import build_memory_mb, embedded_pgdata, shared_buffers_mb
+from ..errors import DatabaseUnavailable
+from ..settings import build_memory_mb, embedded_pgdata, shared_buffers_mb
 
 log = logging.getLogger(__name__)
 
@@ -488,9 +488,9 @@ def _ensure_watcher(pgdata: Path) -> None:
     if pid and _start_time(pid) is not None and _is_watcher(pid):
         return
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])])}
     # sh starts it in the background and exits: the watcher belongs to no imsearch process and no terminal.
-    subprocess.run(["/bin/sh", "-c", 'exec "$0" -m imsearch.embedded watch "$1" </dev/null >/dev/null 2>&1 &',
+    subprocess.run(["/bin/sh", "-c", 'exec "$0" -m imsearch.db.embedded watch "$1" </dev/null >/dev/null 2>&1 &',
                     sys.executable, str(pgdata)], env=env, cwd="/", start_new_session=True, check=False, timeout=30)
 
 
@@ -498,7 +498,7 @@ def _is_watcher(pid: int) -> bool:
     import psutil
 
     try:
-        return "imsearch.embedded" in psutil.Process(pid).cmdline()
+        return "imsearch.db.embedded" in psutil.Process(pid).cmdline()
     except psutil.Error:
         return False
 
@@ -619,8 +619,8 @@ def crash_in_log(log_path: Path, *, since: int = 0, pid: int | None = None) -> C
     return found
 
 
-if __name__ == "__main__":  # the watcher: python -m imsearch.embedded watch PGDATA
+if __name__ == "__main__":  # the watcher: python -m imsearch.db.embedded watch PGDATA
     if len(sys.argv) == 3 and sys.argv[1] == "watch":
         watch(Path(sys.argv[2]))
     else:
-        sys.exit("usage: python -m imsearch.embedded watch PGDATA")
+        sys.exit("usage: python -m imsearch.db.embedded watch PGDATA")

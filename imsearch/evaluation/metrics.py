@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
-from .search import Match
+from ..search import Match
 
 # Metric names as they appear in summary.json, the CSV headers and the report.
 PRECISION = "precision_at_k"

@@ -24,8 +24,9 @@ from urllib.parse import quote
 
 from PIL import Image
 
+from ..terminal import is_number, table
 from . import pictures
-from .evaluate import (
+from .metrics import (
     AVERAGE_PRECISION,
     CORRESPONDENCE,
     MEAN_DISTANCE,
@@ -36,7 +37,6 @@ from .evaluate import (
     ImageScore,
     Matrix,
 )
-from .report import is_number, table
 
 PER_IMAGE_COLUMNS = ("mode", "class", "query", *METRICS, "match_classes", "match_distances", "grid")
 PER_CLASS_COLUMNS = ("mode", "class", "images", *METRICS)

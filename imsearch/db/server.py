@@ -1,6 +1,6 @@
 """TCP access to the embedded PostgreSQL for BI tools (`imsearch db serve`).
 
-The embedded server starts on a private Unix socket only (imsearch.embedded). Serving restarts it on the same data
+The embedded server starts on a private Unix socket only (imsearch.db.embedded). Serving restarts it on the same data
 and socket folders, listening on HOST:PORT as well, with a password (SCRAM) required of every TCP connection by
 pg_hba.conf, and beyond loopback TLS with a certificate the user gives; imsearch's own processes keep using the
 socket. When serving ends the server stops, or goes back to socket-only (on the same port, so their URIs still
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import DatabaseUnavailable, ImsearchError
+from ..settings import embedded_pgdata
 from . import embedded
 from .embedded import DATABASE, pg_ctl, postmaster
-from .errors import DatabaseUnavailable, ImsearchError
-from .settings import embedded_pgdata
 
 
 @dataclass(frozen=True)

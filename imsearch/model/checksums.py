@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .settings import home
+from ..settings import home
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from .errors import BadImage
-from .pixels import FORMATS, MAX_PIXELS, read_file, to_rgb
-from .search import Match
+from ..errors import BadImage
+from ..model.pixels import FORMATS, MAX_PIXELS, read_file, to_rgb
+from ..search import Match
 
 SAME = (31, 119, 180)  # blue: a match of the query's class
 OTHER = (255, 127, 14)  # orange: a match of another class

@@ -17,7 +17,7 @@ from sqlalchemy import (
     func,
 )
 
-from .embed import DIMENSIONS
+from ..model.embed import DIMENSIONS
 
 metadata = MetaData()
 

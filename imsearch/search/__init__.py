@@ -109,7 +109,7 @@ SQL_FUNCTIONS = ("imsearch_nearest", "imsearch_class_correspondence")
 
 
 def function_sql(name: str) -> str:
-    """The full text of the SQL function `name` as this planner plans: imsearch/sql/NAME.sql with the constants
+    """The full text of the SQL function `name` as this planner plans: imsearch/search/sql/NAME.sql with the constants
     above filled in. A migration that changes a function carries this text frozen in migrations/sql, and a test
     checks that the migrated database runs exactly this, so find and the SQL functions cannot drift apart."""
     from importlib.resources import files

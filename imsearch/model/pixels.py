@@ -18,7 +18,7 @@ from typing import IO, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import BadImage, NotAnImage, TooManyPixels
+from ..errors import BadImage, NotAnImage, TooManyPixels
 
 # The formats of files.IMAGE_SUFFIXES, and the only ones Pillow is asked to open: with all its plugins, an EPS file
 # named .jpg went to Ghostscript, and every other decoder Pillow carries was one upload away.

@@ -34,12 +34,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..errors import ImsearchError
+from ..settings import home
+from ..timing import phase
 from .checksums import file_sha256, write_atomically
 from .embed import DEVICES, Model, checkpoint_file, get_embedder, model_identity, recipe, resolve_device
-from .errors import ImsearchError
 from .pixels import DEFAULT_PREPROCESS, Preprocess
-from .settings import home
-from .timing import phase
 
 log = logging.getLogger(__name__)
 
