@@ -65,6 +65,15 @@ class Embedded:
     folder: str | None
 
 
+@dataclass(frozen=True)
+class _Library:
+    """What the planner needs to know of the stored library, read once for a batch of queries."""
+
+    counts: dict[str, int]
+    indexed: frozenset[str]
+    others_indexed: frozenset[str]
+
+
 class Imsearch:
     """One database and one model. Opens both lazily; safe to share between threads for `find`: every use of the
     shared connection holds `_lock` (a search's SET LOCAL settings live in its transaction)."""
@@ -192,19 +201,19 @@ class Imsearch:
         """
         with self._lock:
             store = self.store
-            counts = dict(store.classes())
-            indexed, others = self._indexes(counts, "other")
+            library = self._library("other")
             rows = store.conn.execute(
                 "SELECT embedding, class, sha256 FROM images WHERE class = ANY(%s) ORDER BY random() LIMIT %s",
-                (sorted(others), sample),
+                (sorted(library.others_indexed), sample),
             ).fetchall()
             found = wanted = 0
             for embedding, cls, sha in rows:
                 vector = np.asarray(embedding.to_numpy(), dtype=np.float32)
                 answers = []
                 for exact in (False, True):
-                    query_plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed,
-                                             others_indexed=others, pgvector=store.pgvector, exact=exact)
+                    query_plan = search.plan("other", k=k, cls=cls, counts=library.counts, indexed=library.indexed,
+                                             others_indexed=library.others_indexed, pgvector=store.pgvector,
+                                             exact=exact)
                     answers.append({m.id for m in search.run(store.conn, vector, "other", k=k, cls=cls,
                                                              skip_sha=sha, query_plan=query_plan)})
                 found += len(answers[0] & answers[1])
@@ -268,23 +277,22 @@ class Imsearch:
         query_class: str | None = None,
         include_self: bool = False,
         exact: bool = False,
-        class_counts: dict[str, int] | None = None,
-        indexed: set[str] | None = None,
-        others_indexed: set[str] | None = None,
     ) -> FindResult:
-        """Rank the stored images against one embedded query in one mode.
+        """Rank the stored images against one embedded query in one mode."""
+        return self._search(query, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
+                            library=self._library(mode))
 
-        `class_counts`, `indexed` (classes with their own index) and `others_indexed` (classes with an other-class
-        index) may be passed in to save small queries per search when many queries run together.
-        """
+    def _search(self, query: Embedded, mode: str, *, k: int, query_class: str | None, include_self: bool,
+                exact: bool, library: _Library) -> FindResult:
+        """`search` with the library's classes and indexes read once for many queries."""
         if k < 1:
             raise ImsearchError("k must be at least 1")
         identity = self.embedder.identity  # before the lock: loading the model may need the database (int8)
         store = self.store
+        counts = library.counts
         with self._lock:
             store.check_model(identity, action="search")
             cls = self.query_class(query, query_class)
-            counts = class_counts if class_counts is not None else dict(store.classes())
             if mode in ("same", "other"):
                 if cls is None:
                     known = ", ".join(sorted(counts)) or "none stored"
@@ -297,10 +305,8 @@ class Imsearch:
                     raise UnknownClass(f"{query.name}: class {cls!r} is not stored (stored classes: {known})")
             elif mode != "all":
                 raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
-            if indexed is None or others_indexed is None:
-                indexed, others_indexed = self._indexes(counts, mode)
-            query_plan = search.plan(mode, k=k, cls=cls, counts=counts, indexed=indexed,
-                                     others_indexed=others_indexed, pgvector=store.pgvector, exact=exact)
+            query_plan = search.plan(mode, k=k, cls=cls, counts=counts, indexed=library.indexed,
+                                     others_indexed=library.others_indexed, pgvector=store.pgvector, exact=exact)
             try:
                 matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
                                      skip_sha=None if include_self else query.sha256, query_plan=query_plan)
@@ -308,11 +314,13 @@ class Imsearch:
                 raise store.lost(exc, "searching") from None
         return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact)
 
-    def _indexes(self, counts: dict[str, int], mode: str) -> tuple[set[str], set[str]]:
-        """The classes with their own index, and (mode other only) those with an other-class index."""
-        indexed = self.store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
-        others = self.store.indexed_classes(counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
-        return indexed, others
+    def _library(self, mode: str) -> _Library:
+        """The stored classes, those with their own index, and (mode other only) those with an other-class index."""
+        with self._lock:
+            counts = dict(self.store.classes())
+            indexed = self.store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
+            others = self.store.indexed_classes(counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
+        return _Library(counts, frozenset(indexed), frozenset(others))
 
     def find(
         self,
@@ -330,15 +338,14 @@ class Imsearch:
             queries = [queries]
         self._load_model_meanwhile()
         with phase("database"), self._lock:
-            counts = dict(self.store.classes())  # the database first: a wrong URL fails before the model is used
-            indexed, others_indexed = self._indexes(counts, mode)
+            library = self._library(mode)  # the database first: a wrong URL fails before the model is used
             if log.isEnabledFor(logging.DEBUG) and (note := self.store.cache_shortfall()) is not None:
                 log.debug(note)
         embedded = self.embed(list(queries), names=names)
         with phase("search"):
             return [
-                self.search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                            class_counts=counts, indexed=indexed, others_indexed=others_indexed)
+                self._search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
+                             library=library)
                 for e in embedded
             ]
 
@@ -401,14 +408,13 @@ class Imsearch:
             raise ImsearchError(f"{testdir}: no images in a sub-folder named after a stored class "
                                 f"(stored classes: {', '.join(sorted(counts))})")
         results: list[FindResult] = []
-        with self._lock:
-            indexes = {mode: self._indexes(counts, mode) for mode in modes}  # once, not per query
+        libraries = {mode: self._library(mode) for mode in modes}  # once, not per query
         for start in range(0, len(queries), batch_size):
             batch = queries[start:start + batch_size]
             for f, e in zip(batch, self._embed_each([f.path for f in batch], skipped)):
                 if e is not None:
-                    results += [self.search(e, mode, k=k, query_class=f.cls, exact=exact, class_counts=counts,
-                                            indexed=indexes[mode][0], others_indexed=indexes[mode][1])
+                    results += [self._search(e, mode, k=k, query_class=f.cls, include_self=False, exact=exact,
+                                             library=libraries[mode])
                                 for mode in modes]
             if progress:
                 progress(start + len(batch), len(queries))

@@ -320,14 +320,14 @@ def search_upload(
     cls = imsearch.query_class(query, given)
     source = "given" if given else "stored copy" if cls else None
     if cls is None and mode != "all":
-        top = imsearch.search(query, "all", k=1, class_counts=counts)
+        top = imsearch.search(query, "all", k=1)
         if top.matches and top.matches[0].cls is not None:
             cls, source = top.matches[0].cls, "top match"
         else:
             known = ", ".join(sorted(counts)) or "none stored"
             raise UnknownClass(f"{name}: cannot tell the query's class for mode {mode!r}; "
                                f"choose one (stored classes: {known})")
-    result = imsearch.search(query, mode, k=k, query_class=cls, class_counts=counts)
+    result = imsearch.search(query, mode, k=k, query_class=cls)
     done = time.perf_counter()
     item = result.to_json()
     item["class_source"] = source
