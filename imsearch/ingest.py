@@ -7,6 +7,7 @@ memory does not grow with the folder. An interrupted run keeps every batch it co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -15,7 +16,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 from .db.store import Row, Store
 from .errors import BadImage, ImsearchError
@@ -98,7 +99,11 @@ def ingest(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> IngestResult:
-    """Store every image under root (class = first-level sub-folder); skip unchanged files, re-embed changed ones."""
+    """Store every image under root (class = first-level sub-folder); skip unchanged files, re-embed changed ones.
+
+    The stages: walk the folder, decode in worker threads (skipping unchanged files before decoding), embed and
+    write each full batch in one transaction, and at the end report (or prune) rows whose files vanished.
+    """
     started = time.perf_counter()
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -107,16 +112,7 @@ def ingest(
     identity = embedder.identity
     if not reembed:
         store.check_model(identity, action="ingest")
-
-    problems: list = []
-    files = list(walk(root, problems))
-    tally = _Tally(failed=[Failure(p.path, p.reason) for p in problems])
-    known = store.known(root)
-    if reembed:
-        seen = {str(f.path) for f in files}
-        for path, cls in store.other_model_rows(identity):
-            if path not in seen:
-                files.append(ImageFile(Path(path), cls))
+    files, known, tally = _walk(store, root, identity, reembed)
 
     def prepare(f: ImageFile) -> _Prepared:
         data = pixels.read_file(f.path)
@@ -126,62 +122,26 @@ def ingest(
         return _Prepared(f, sha, len(data), pixels.load(data, str(f.path), embedder.prep))
 
     batch: list[_Prepared] = []
-    done = 0
-
-    def flush() -> None:
-        if not batch:
-            return
-        import numpy as np
-
-        vectors = embedder.embed(np.stack([p.loaded.pixels for p in batch if p.loaded is not None]))
-        rows = [
-            Row(str(p.file.path), p.file.cls, p.sha256, p.loaded.width, p.loaded.height, p.size, identity, v)
-            for p, v in zip(batch, vectors)
-            if p.loaded is not None
-        ]
-        added, updated = store.upsert(rows)
-        tally.added += added
-        tally.updated += updated
-        batch.clear()
-
     interrupted = False
-    workers = workers or default_workers()
-    in_flight: deque[Future[_Prepared]] = deque()
-    depth = max(2 * batch_size, 4 * workers)  # bounded queue: memory stays flat however many files there are
-    pending = iter(files)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imsearch-decode") as pool:
-        exhausted = False
-        while True:
-            while not exhausted and len(in_flight) < depth:
-                nxt = next(pending, None)
-                if nxt is None:
-                    exhausted = True
-                else:
-                    in_flight.append(pool.submit(prepare, nxt))
-            if not in_flight:
-                break
-            fut = in_flight.popleft()
-            try:
-                item = fut.result()
-            except BadImage as exc:
-                tally.failed.append(Failure(exc.path, exc.reason))
-                log.info("%s", exc)
+    depth = max(2 * batch_size, 4 * (workers or default_workers()))
+    with contextlib.closing(_decoded(files, prepare, workers or default_workers(), depth)) as decoded:
+        for done, item in enumerate(decoded, start=1):
+            if isinstance(item, BadImage):
+                tally.failed.append(Failure(item.path, item.reason))
+                log.info("%s", item)
+            elif item.loaded is None:
+                tally.skipped += 1
             else:
-                if item.loaded is None:
-                    tally.skipped += 1
-                else:
-                    batch.append(item)
-            done += 1
+                batch.append(item)
             if len(batch) >= batch_size:
-                flush()
+                _write(store, embedder, identity, batch, tally)
+                batch = []
             if progress:
                 progress(done, len(files))
             if stop is not None and stop.is_set():
                 interrupted = True
-                for f in in_flight:
-                    f.cancel()
                 break
-        flush()
+    _write(store, embedder, identity, batch, tally)
 
     missing: tuple[str, ...] = ()
     pruned = 0
@@ -200,6 +160,63 @@ def ingest(
         pruned=pruned,
         interrupted=interrupted,
     )
+
+
+def _walk(store: Store, root: Path, identity: str, reembed: bool
+          ) -> tuple[list[ImageFile], dict[str, tuple[str, str]], _Tally]:
+    """The files to look at (with `reembed`, also stored rows of other models outside root), what is stored
+    under root, and a tally holding the folders and links the walk could not follow."""
+    problems: list = []
+    files = list(walk(root, problems))
+    tally = _Tally(failed=[Failure(p.path, p.reason) for p in problems])
+    known = store.known(root)
+    if reembed:
+        seen = {str(f.path) for f in files}
+        files += [ImageFile(Path(path), cls) for path, cls in store.other_model_rows(identity) if path not in seen]
+    return files, known, tally
+
+
+def _decoded(files: list[ImageFile], prepare: Callable[[ImageFile], _Prepared], workers: int, depth: int
+             ) -> Generator[_Prepared | BadImage, None, None]:
+    """Each file prepared by a worker thread, in order, at most `depth` in flight: memory stays flat however many
+    files there are. Closing the generator cancels what has not started."""
+    in_flight: deque[Future[_Prepared]] = deque()
+    pending = iter(files)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imsearch-decode") as pool:
+        try:
+            for f in pending:
+                in_flight.append(pool.submit(prepare, f))
+                if len(in_flight) >= depth:
+                    yield _outcome(in_flight.popleft())
+            while in_flight:
+                yield _outcome(in_flight.popleft())
+        finally:
+            for future in in_flight:
+                future.cancel()
+
+
+def _outcome(future: Future[_Prepared]) -> _Prepared | BadImage:
+    try:
+        return future.result()
+    except BadImage as exc:
+        return exc
+
+
+def _write(store: Store, embedder: Model, identity: str, batch: list[_Prepared], tally: _Tally) -> None:
+    """Embed one batch and write its rows in one transaction."""
+    if not batch:
+        return
+    import numpy as np
+
+    vectors = embedder.embed(np.stack([p.loaded.pixels for p in batch if p.loaded is not None]))
+    rows = [
+        Row(str(p.file.path), p.file.cls, p.sha256, p.loaded.width, p.loaded.height, p.size, identity, v)
+        for p, v in zip(batch, vectors)
+        if p.loaded is not None
+    ]
+    added, updated = store.upsert(rows)
+    tally.added += added
+    tally.updated += updated
 
 
 __all__ = ["IngestResult", "Failure", "ingest", "default_workers", "DEFAULT_BATCH_SIZE"]
