@@ -42,6 +42,7 @@ class FindResult:
     mode: str
     matches: tuple[Match, ...]
     exact: bool = False
+    class_source: str | None = None  # given, stored copy, folder, top match (the page shows it)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -256,17 +257,20 @@ class Imsearch:
 
     def query_class(self, query: Embedded, given: str | None = None) -> str | None:
         """The query's class: as given, else a stored image with the same bytes, else its folder if stored."""
+        return self._class_and_source(query, given)[0]
+
+    def _class_and_source(self, query: Embedded, given: str | None) -> tuple[str | None, str | None]:
         if given:
-            return given
+            return given, "given"
         with self._lock:
             store = self.store
             if query.sha256:
                 cls = store.class_of_content(query.sha256)
                 if cls is not None:
-                    return cls
+                    return cls, "stored copy"
             if query.folder and store.count(query.folder) > 0:
-                return query.folder
-        return None
+                return query.folder, "folder"
+        return None, None
 
     def search(
         self,
@@ -277,13 +281,19 @@ class Imsearch:
         query_class: str | None = None,
         include_self: bool = False,
         exact: bool = False,
+        class_from_top_match: bool = False,
     ) -> FindResult:
-        """Rank the stored images against one embedded query in one mode."""
+        """Rank the stored images against one embedded query in one mode.
+
+        The class modes need the query's class: as given, else a stored copy's, else its folder's; with
+        `class_from_top_match` (an upload has no folder), else the class of the top match over all images.
+        """
+        library = self._library("other" if mode == "other" else "all")
         return self._search(query, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                            library=self._library(mode))
+                            library=library, class_from_top_match=class_from_top_match)
 
     def _search(self, query: Embedded, mode: str, *, k: int, query_class: str | None, include_self: bool,
-                exact: bool, library: _Library) -> FindResult:
+                exact: bool, library: _Library, class_from_top_match: bool = False) -> FindResult:
         """`search` with the library's classes and indexes read once for many queries."""
         if k < 1:
             raise ImsearchError("k must be at least 1")
@@ -292,13 +302,18 @@ class Imsearch:
         counts = library.counts
         with self._lock:
             store.check_model(identity, action="search")
-            cls = self.query_class(query, query_class)
+            cls, source = self._class_and_source(query, query_class)
+            if cls is None and mode in ("same", "other") and class_from_top_match:
+                top = self._search(query, "all", k=1, query_class=None, include_self=include_self, exact=exact,
+                                   library=library)
+                if top.matches and top.matches[0].cls is not None:
+                    cls, source = top.matches[0].cls, "top match"
             if mode in ("same", "other"):
                 if cls is None:
                     known = ", ".join(sorted(counts)) or "none stored"
                     raise UnknownClass(
                         f"{query.name}: cannot tell the query's class for mode {mode!r}; "
-                        f"pass --class NAME (stored classes: {known})"
+                        f"pass --class NAME, or pick one on the page (stored classes: {known})"
                     )
                 if cls not in counts:
                     known = ", ".join(sorted(counts)) or "none stored"
@@ -312,7 +327,7 @@ class Imsearch:
                                      skip_sha=None if include_self else query.sha256, query_plan=query_plan)
             except psycopg.OperationalError as exc:
                 raise store.lost(exc, "searching") from None
-        return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact)
+        return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact, class_source=source)
 
     def _library(self, mode: str) -> _Library:
         """The stored classes, those with their own index, and (mode other only) those with an other-class index."""

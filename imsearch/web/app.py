@@ -44,7 +44,6 @@ from ..errors import (
     NotAnImage,
     SchemaOutdated,
     TooManyPixels,
-    UnknownClass,
     WeightsUnavailable,
 )
 from ..files import sha256_bytes
@@ -314,23 +313,12 @@ def search_upload(
     over all images (the page says which, and lets a person pick another).
     """
     started = time.perf_counter()
-    counts = dict(imsearch.classes())
     [query] = imsearch.embed([data], names=[name], max_decode_pixels=pixels.UPLOAD_MAX_PIXELS)
     embedded = time.perf_counter()
-    cls = imsearch.query_class(query, given)
-    source = "given" if given else "stored copy" if cls else None
-    if cls is None and mode != "all":
-        top = imsearch.search(query, "all", k=1)
-        if top.matches and top.matches[0].cls is not None:
-            cls, source = top.matches[0].cls, "top match"
-        else:
-            known = ", ".join(sorted(counts)) or "none stored"
-            raise UnknownClass(f"{name}: cannot tell the query's class for mode {mode!r}; "
-                               f"choose one (stored classes: {known})")
-    result = imsearch.search(query, mode, k=k, query_class=cls)
+    result = imsearch.search(query, mode, k=k, query_class=given, class_from_top_match=True)
     done = time.perf_counter()
     item = result.to_json()
-    item["class_source"] = source
+    item["class_source"] = result.class_source
     item["seconds"] = {"total": round(done - started, 4), "embed": round(embedded - started, 4),
                        "search": round(done - embedded, 4)}
     return item
