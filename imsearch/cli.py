@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from .errors import ImsearchError
+from .modes import MODES
 from .timing import phase, since_process_start
 
 log = logging.getLogger("imsearch")
@@ -194,7 +195,7 @@ def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: 
               help="How many matches per query.")
 @click.option("--same-class", "mode", flag_value="same", help="Only images of the query's class.")
 @click.option("--exclude-class", "mode", flag_value="other", help="Only images of other classes.")
-@click.option("--mode", "mode", type=click.Choice(["all", "same", "other"]), default="all", show_default=True,
+@click.option("--mode", "mode", type=click.Choice(MODES), default="all", show_default=True,
               help="all, same (as --same-class) or other (as --exclude-class).")
 @click.option("--class", "query_class", metavar="NAME",
               help="The query's class [default: of a stored copy, else its folder's name].")
@@ -234,7 +235,7 @@ def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_
 
 @cli.command()
 @click.argument("testdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--mode", "modes", multiple=True, type=click.Choice(["all", "same", "other"]),
+@click.option("--mode", "modes", multiple=True, type=click.Choice(MODES),
               help="A mode to evaluate; repeat for several [default: all three].")
 @click.option("-k", "--top", "k", type=click.IntRange(1, 1000), default=5, show_default=True,
               help="How many matches per query are scored.")
@@ -259,7 +260,7 @@ def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, 
 
     app = _app(ctx, **model)
     with progress_bar("evaluate", shown=not as_json) as progress:
-        evaluation = app.evaluate(testdir, modes or ("all", "same", "other"), k=k, batch_size=batch_size,
+        evaluation = app.evaluate(testdir, modes or MODES, k=k, batch_size=batch_size,
                                   exact=exact, progress=progress)
     try:
         written = write(evaluation, out, grids=not no_grids)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
+from ..modes import MODES
 from ..search import Match
 
 # Metric names as they appear in summary.json, the CSV headers and the report.
@@ -22,7 +23,7 @@ CORRESPONDENCE = "correspondence"
 MEAN_DISTANCE = "mean_distance"
 RETRIEVAL_METRICS = (PRECISION, PRECISION_1, AVERAGE_PRECISION, CORRESPONDENCE)
 METRICS = (*RETRIEVAL_METRICS, MEAN_DISTANCE)
-MODE_ORDER = ("all", "same", "other")
+MODE_ORDER: tuple[str, ...] = MODES
 
 
 class Ranked(Protocol):

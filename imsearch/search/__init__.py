@@ -19,16 +19,16 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import psycopg
 from pgvector import HalfVector
 
+from ..modes import MODES
+
 log = logging.getLogger(__name__)
 
-Mode = Literal["all", "same", "other"]
-MODES: tuple[Mode, ...] = ("all", "same", "other")
 
 # A mode's filter lives here and nowhere else (the web page and the CLI both come through `run`).
 MODE_FILTERS: dict[str, str] = {
@@ -122,6 +122,7 @@ def function_sql(name: str) -> str:
         "OTHER_DEPTH": OTHER_DEPTH, "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
         "MAX_BRANCHES": MAX_BRANCHES, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX,
         "OTHER_INDEX_PREFIX": OTHER_INDEX_PREFIX, "FOLD_ROW": FOLD.replace("embedding", "i.embedding"),
+        "MODES": ", ".join(f"'{m}'" for m in MODES),
         "FOLD_QUERY": FOLD.replace("embedding", "q"),
     }
     for key, value in values.items():

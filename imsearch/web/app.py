@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import psycopg
@@ -48,6 +48,7 @@ from ..errors import (
 )
 from ..files import sha256_bytes
 from ..model import pixels
+from ..modes import Mode
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
@@ -389,7 +390,7 @@ def create_app(
     async def find(
         request: Request,
         file: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, BMP, TIFF or GIF).")],
-        mode: Annotated[Literal["all", "same", "other"], Form(
+        mode: Annotated[Mode, Form(
             description="all: every stored image; same: the query's class only; other: every other class.")] = "all",
         k: Annotated[int, Form(ge=1, le=MAX_K, description="How many matches.")] = 5,
         query_class: Annotated[str | None, Form(

@@ -27,7 +27,7 @@ BEGIN
     IF k IS NULL OR k < 1 OR k > 1000 THEN
         RAISE EXCEPTION 'k must be between 1 and 1000, not %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF mode IS NULL OR mode NOT IN ('all', 'same', 'other') THEN
+    IF mode IS NULL OR mode NOT IN (@MODES@) THEN
         RAISE EXCEPTION 'unknown mode %; use one of all, same, other', quote_nullable(mode)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
