@@ -123,8 +123,8 @@ def ingest(
 
     batch: list[_Prepared] = []
     interrupted = False
-    depth = max(2 * batch_size, 4 * (workers or default_workers()))
-    with contextlib.closing(_decoded(files, prepare, workers or default_workers(), depth)) as decoded:
+    workers = workers or default_workers()
+    with contextlib.closing(_decoded(files, prepare, workers, max(2 * batch_size, 4 * workers))) as decoded:
         for done, item in enumerate(decoded, start=1):
             if isinstance(item, BadImage):
                 tally.failed.append(Failure(item.path, item.reason))

@@ -156,19 +156,22 @@ def own_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl makes the test certificate")
 def test_db_serve_beyond_loopback_speaks_tls_only_or_refuses_on_a_build_without_it(home, tmp_path):
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=imsearch",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     port = free_port()
-    if not tls_supported():
+    if not tls_supported():  # refused before the certificate is read
+        cert.write_text("certificate")
+        key.write_text("key")
         result = imsearch(home, "db", "serve", "--host", "0.0.0.0", "--port", str(port), "--tls-cert", str(cert),
                           "--tls-key", str(key))
         assert result.returncode == 1 and "this embedded PostgreSQL build has no TLS" in result.stderr
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         return
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is missing: it makes this test's certificate")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=imsearch",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     assert imsearch(home, "db", "grant-reader", ROLE, "--password", PASSWORD).returncode == 0
     proc = subprocess.Popen([*IMSEARCH, "db", "serve", "--host", "0.0.0.0", "--port", str(port),
                              "--tls-cert", str(cert), "--tls-key", str(key)], env=home, text=True,

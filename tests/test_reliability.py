@@ -326,8 +326,8 @@ def test_malformed_url_is_one_line_without_the_password(weights):
 def wrong_password_url(server_url):
     """A URL with a wrong password, on a server that checks it.
 
-    A server whose URL carries a password checks it already. The embedded test server trusts local connections;
-    there a role is given a password and a first pg_hba.conf line makes the server check it, then both go.
+    A server whose URL carries a password checks it already. Elsewhere a role is given a password and a first
+    pg_hba.conf line makes the server check it (a server may trust local connections), then both go.
     """
     parts = urlsplit(server_url)
     host = parts.netloc.rsplit("@", 1)[-1]

@@ -269,6 +269,7 @@ def start(pgdata: Path | None = None, *, tune: bool = True) -> str:
             server = postmaster(pgdata)
             if server is not None and not _private(server, pgdata):
                 server = _restart_private(pgdata, server)
+            launched = server is None
             server = server or _launch(pgdata)
             _register(pgdata)
             _ensure_watcher(pgdata)
@@ -282,7 +283,7 @@ def start(pgdata: Path | None = None, *, tune: bool = True) -> str:
         _joined.add(pgdata)
         atexit.register(_leave, pgdata)
     uri = server.url()
-    if tune:
+    if tune and launched:  # a server another process started was tuned by it
         _tune(uri)
     return uri
 
@@ -292,8 +293,10 @@ def stop(pgdata: Path | None = None) -> bool:
     pgdata = (pgdata or embedded_pgdata()).resolve()
     if not pgdata.parent.is_dir():
         return False
+    _forget(pgdata)
     with lock(pgdata):
-        leave(pgdata)
+        if pgdata.is_dir():
+            _unregister(pgdata)
         server = postmaster(pgdata)
         if server is None:
             return False
@@ -303,12 +306,17 @@ def stop(pgdata: Path | None = None) -> bool:
 
 def leave(pgdata: Path) -> None:
     """This process no longer uses the server (at exit, or when `db serve` ends); the last one stops it."""
+    _forget(pgdata)
+    _leave(pgdata)
+
+
+def _forget(pgdata: Path) -> None:
+    """No exit handler for this data folder any more."""
     if pgdata in _joined:
         _joined.discard(pgdata)
         atexit.unregister(_leave)
         for other in _joined:
             atexit.register(_leave, other)
-    _leave(pgdata)
 
 
 def _leave(pgdata: Path) -> None:
@@ -351,17 +359,17 @@ def temporary(*, tune: bool = False) -> Iterator[str]:
 
 
 def _make_parent(pgdata: Path) -> None:
-    """Create the data folder's parent; run by root, check that the server's user can pass every folder above it.
-
-    No folder's mode is widened for it (earlier builds made a 0700 home folder 0755): one it cannot pass is an error.
-    """
+    """Create the data folder's parent; run by root, the server's user may pass (not list) the folders made here."""
     missing = [p for p in [pgdata.parent, *pgdata.parent.parents] if not p.exists()]
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    user = server_user()
-    if user is None:
-        return
-    for folder in reversed(missing):  # folders imsearch made itself: the server's user may pass (not list) them
-        folder.chmod(folder.stat().st_mode | 0o011)
+    if missing and server_user() is not None:
+        for folder in reversed(missing):
+            folder.chmod(folder.stat().st_mode | 0o011)
+
+
+def _check_passable(pgdata: Path, user: Any) -> None:
+    """Run by root, the server's user must pass every folder above the data folder. No folder's mode is widened
+    for it (earlier builds made a 0700 home folder 0755): one it cannot pass is an error."""
     if subprocess.run(["/bin/sh", "-c", 'test -x "$0"', str(pgdata.parent)], cwd="/", check=False,
                       **_as_server()).returncode == 0:
         return
@@ -384,6 +392,8 @@ def _passable(folder: Path, user: Any) -> bool:
 def _launch(pgdata: Path) -> Postmaster:
     """initdb when the folder is new, then start the server on a private socket and no TCP port."""
     user = server_user()
+    if user is not None:
+        _check_passable(pgdata, user)
     pgdata.mkdir(mode=0o700, exist_ok=True)
     if user is not None:
         adopt(pgdata)
@@ -425,7 +435,7 @@ def write_hba(pgdata: Path, host: str | None = None) -> None:
 
     from .server import is_loopback
 
-    users = sorted({getpass.getuser(), SYSTEM_USER if server_user() is not None else getpass.getuser()})
+    users = sorted({getpass.getuser(), *([SYSTEM_USER] if server_user() is not None else [])})
     hba = HBA_HEADER + ("" if host is None else HBA_LOOPBACK + ("" if is_loopback(host) else HBA_ANY_ADDRESS))
     ident = "".join(f"{IDENT_MAP:<15} {shlex.quote(u):<31} {SUPERUSER}\n" for u in users)
     for name, text in (("pg_hba.conf", hba), ("pg_ident.conf", ident)):

@@ -86,10 +86,6 @@ def is_loopback(host: str) -> bool:
     return True
 
 
-def _socket_url(info: Any) -> str:
-    return info.url()
-
-
 def _check_port_free(host: str, port: int) -> None:
     for item in (h.strip() for h in host.split(",")):
         address = {"*": "0.0.0.0", "localhost": "127.0.0.1"}.get(item, item)
@@ -107,7 +103,7 @@ def _readers(info: Any) -> tuple[str, ...]:
     from .sqlaccess import readers
     from .store import connect
 
-    conn = connect(_socket_url(info), register=False)
+    conn = connect(info.url(), register=False)
     try:
         return tuple(readers(conn))
     finally:
