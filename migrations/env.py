@@ -20,7 +20,7 @@ def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-
     """Compare only imsearch's own tables; views, functions and per-class indexes are managed by hand."""
     if type_ == "index" and reflected and name and name.startswith((CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX)):
         return False
-    return not (type_ == "table" and reflected and compare_to is None and name != "images")
+    return not (type_ == "table" and reflected and compare_to is None and name not in metadata.tables)
 
 
 def run_migrations_online() -> None:

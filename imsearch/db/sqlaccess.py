@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # What a reader may use: SELECT on the views, EXECUTE on the functions (all created by migration 0002).
 READER_VIEWS = ("image_catalog", "class_summary", "class_correspondence")
+# ... and SELECT on these tables (migration 0009): the last audit's findings and the per-model calibration.
+READER_TABLES = ("image_audit", "model_calibration")
 READER_FUNCTIONS = (
     "imsearch_nearest(bigint, integer, text)",
     "imsearch_class_correspondence(integer, text)",
@@ -108,7 +110,7 @@ def grant_reader(store: Store, name: str, password: str | None = None) -> Reader
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), role))
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
         conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
-            sql.SQL(", ").join(sql.Identifier(v) for v in READER_VIEWS), role))
+            sql.SQL(", ").join(sql.Identifier(v) for v in READER_VIEWS + READER_TABLES), role))
         conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
             sql.SQL(", ").join(sql.SQL(f) for f in READER_FUNCTIONS), role))
         _check_read_only(conn, name)
@@ -169,7 +171,8 @@ def _refuse_more_than_a_login(conn: psycopg.Connection[Any], name: str, oid: int
                    AND (d.classid, d.objid) IN (SELECT classid, objid FROM granted))
         ORDER BY 1 DESC, 2
         """,
-        {"oid": oid, "views": [f"public.{v}" for v in READER_VIEWS], "functions": list(READER_FUNCTIONS)},
+        {"oid": oid, "views": [f"public.{v}" for v in READER_VIEWS + READER_TABLES],
+         "functions": list(READER_FUNCTIONS)},
     ).fetchall()
     owned = [what for is_owner, what in rows if is_owner]
     if owned:
@@ -186,7 +189,7 @@ def _refuse_more_than_a_login(conn: psycopg.Connection[Any], name: str, oid: int
             SELECT 'database ' || datname AS what, datacl AS acl, 'CONNECT' AS granted
             FROM pg_database WHERE datname = current_database()
             UNION ALL SELECT 'schema public', nspacl, 'USAGE' FROM pg_namespace WHERE nspname = 'public'
-            UNION ALL SELECT 'view ' || oid::regclass, relacl, 'SELECT' FROM pg_class
+            UNION ALL SELECT CASE relkind WHEN 'v' THEN 'view ' ELSE 'table ' END || oid::regclass, relacl, 'SELECT' FROM pg_class
             WHERE oid = ANY (%(views)s::regclass[])
             UNION ALL SELECT 'function ' || oid::regprocedure, proacl, 'EXECUTE' FROM pg_proc
             WHERE oid = ANY (%(functions)s::regprocedure[])
@@ -194,7 +197,8 @@ def _refuse_more_than_a_login(conn: psycopg.Connection[Any], name: str, oid: int
         WHERE a.grantee = %(oid)s AND (a.privilege_type <> x.granted OR a.is_grantable)
         ORDER BY 1
         """,
-        {"oid": oid, "views": [f"public.{v}" for v in READER_VIEWS], "functions": list(READER_FUNCTIONS)},
+        {"oid": oid, "views": [f"public.{v}" for v in READER_VIEWS + READER_TABLES],
+         "functions": list(READER_FUNCTIONS)},
     ).fetchall()]
     privileges = [what for _, what in rows] + beyond
     if privileges:

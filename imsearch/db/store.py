@@ -22,7 +22,7 @@ from ..settings import build_memory
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 MIN_PGVECTOR = (0, 7, 0)
 # An HNSW build keeps its graph in maintenance_work_mem while it fits: pgvector reported the 64 MB default full after
 # 11,894 rows of a class index (m = 32), and that build of 19,900 rows took 103 s instead of 31 s (docs/scaling.md).
@@ -53,6 +53,7 @@ class Row:
     bytes: int
     model: str
     embedding: np.ndarray
+    phash: int | None = None  # 64-bit perceptual hash (imsearch.model.phash); None when not computed
 
 
 def redact(url: str) -> str:
@@ -463,19 +464,20 @@ class Store:
     # -- writes --------------------------------------------------------------------------------------------
 
     UPSERT = """
-        INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding, phash)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::bit(64))
         ON CONFLICT (path) DO UPDATE SET
             class = EXCLUDED.class, sha256 = EXCLUDED.sha256, width = EXCLUDED.width,
             height = EXCLUDED.height, bytes = EXCLUDED.bytes, model = EXCLUDED.model,
-            embedding = EXCLUDED.embedding, ingested_at = now()
+            embedding = EXCLUDED.embedding, phash = EXCLUDED.phash, ingested_at = now()
         RETURNING (xmax = 0) AS inserted
     """
 
     def upsert(self, rows: Sequence[Row], *, retries: int = 3) -> tuple[int, int]:
         """Write a batch in one transaction; returns (added, updated). Retried after a dropped connection."""
         params = [
-            (r.path, r.cls, r.sha256, r.width, r.height, r.bytes, r.model, HalfVector(r.embedding))
+            (r.path, r.cls, r.sha256, r.width, r.height, r.bytes, r.model, HalfVector(r.embedding),
+             None if r.phash is None else format(r.phash, "064b"))
             for r in rows
         ]
         for attempt in range(retries + 1):

@@ -1,0 +1,1 @@
+"""Audit a library: label suspects, leaks between classes, duplicate groups and outliers (`imsearch audit`)."""
