@@ -71,7 +71,7 @@ model_calibration = Table(
     Column("duplicate_distance", Float, nullable=True,
            comment="largest distance counted as a duplicate; NULL where copies and neighbours overlap"),
     Column("hash_copy_bits_max", Integer, nullable=True),
-    Column("hash_neighbour_bits_min", Integer, nullable=True),
+    Column("hash_neighbour_bits_p05", Integer, nullable=True),
     Column("hash_bits", Integer, nullable=False, comment="largest Hamming distance counted as a duplicate"),
     Column("override_distance", Float, nullable=True, comment="set by the user; wins over duplicate_distance"),
     Column("override_hash_bits", Integer, nullable=True, comment="set by the user; wins over hash_bits"),

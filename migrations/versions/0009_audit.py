@@ -49,7 +49,7 @@ def upgrade() -> None:
         sa.Column("duplicate_distance", sa.Float, nullable=True,
                   comment="largest distance counted as a duplicate; NULL where copies and neighbours overlap"),
         sa.Column("hash_copy_bits_max", sa.Integer, nullable=True),
-        sa.Column("hash_neighbour_bits_min", sa.Integer, nullable=True),
+        sa.Column("hash_neighbour_bits_p05", sa.Integer, nullable=True),
         sa.Column("hash_bits", sa.Integer, nullable=False, comment="largest Hamming distance counted as a duplicate"),
         sa.Column("override_distance", sa.Float, nullable=True, comment="set by the user; wins over duplicate_distance"),
         sa.Column("override_hash_bits", sa.Integer, nullable=True, comment="set by the user; wins over hash_bits"),

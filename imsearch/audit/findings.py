@@ -1,0 +1,506 @@
+"""The audit pass: every stored image's nearest neighbours, through the indexes, turned into findings.
+
+One pass over the table in id order, a batch of images per statement: each image's K nearest by the embedding
+(mode all, HNSW) and its nearest by the perceptual hash (HNSW on bit(64)). Only those neighbour lists are kept
+(n x K ids and distances, 8 MB per 100k images at K = 10): never an all-pairs matrix.
+
+- duplicates: the same bytes, a hash within the calibrated bits, or (where the model separates copies from
+  neighbours) an embedding within the calibrated distance; linked into groups, each naming one image to keep;
+- leaks: such duplicates filed under different classes;
+- label suspects: a distance-weighted vote of the neighbours, the image itself and its duplicates left out, gives
+  class scores; an image is suspect when another class scores above its own and above that class's own
+  threshold, the mean score its own members give it (confident learning, as cleanlab's find_label_issues);
+- outliers: a nearest-neighbour distance beyond the library's far-out fence, Q3 + 3 x IQR (Tukey).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import psycopg
+
+from ..errors import ImsearchError, ModelMismatch
+from .calibration import Calibration
+
+KINDS = ("label", "leak", "duplicate", "outlier")
+K = 10
+# Images per statement: one round trip per batch, short enough to show progress.
+BATCH = 200
+# Hash neighbours looked at per image; larger groups still join up through their members.
+HASH_NEIGHBOURS = 8
+# Among duplicates, the one kept: the most pixels, then the largest file, then the first stored.
+KEEP_RULE = "most pixels, then largest file, then first stored"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    id: int
+    path: str
+    cls: str | None
+    distance: float | None  # None: not measured (a pair the hash found, deleted meanwhile)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem with one stored image. `partner` is the other image of a leak or duplicate, or the nearest
+    neighbour of a label suspect or an outlier; `neighbours` what the report shows beside it."""
+
+    kind: str
+    id: int
+    path: str
+    cls: str | None
+    score: float
+    suggested_class: str | None = None
+    partner: Neighbour | None = None
+    hash_bits: int | None = None
+    group: int | None = None
+    neighbours: tuple[Neighbour, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "id": self.id, "path": self.path, "class": self.cls, "score": round(self.score, 6),
+            "suggested_class": self.suggested_class,
+            "partner": None if self.partner is None else {
+                "id": self.partner.id, "path": self.partner.path, "class": self.partner.cls,
+                "distance": None if self.partner.distance is None else round(self.partner.distance, 6)},
+            "hash_bits": self.hash_bits, "group": self.group,
+        }
+
+
+@dataclass(frozen=True)
+class Audit:
+    """What `imsearch audit` found, with the thresholds it used and where they came from."""
+
+    model: str
+    images: int
+    k: int
+    calibration: Calibration
+    findings: tuple[Finding, ...]
+    classes: dict[str, int]
+    unhashed: int
+    outlier_fence: float | None
+    class_thresholds: dict[str, float]
+    seconds: float
+    files_readable: bool = True
+    keep_rule: str = KEEP_RULE
+    notes: tuple[str, ...] = field(default=())
+
+    def of(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per class, how many of its images have a finding of each kind."""
+        out: dict[str, dict[str, int]] = {c: {k: 0 for k in KINDS} for c in self.classes}
+        seen: set[tuple[str, int]] = set()
+        for f in self.findings:
+            if f.cls is not None and (f.kind, f.id) not in seen:
+                seen.add((f.kind, f.id))
+                out.setdefault(f.cls, {k: 0 for k in KINDS})[f.kind] += 1
+        return out
+
+    def confusions(self) -> dict[tuple[str, str], int]:
+        """(stored class, suggested class) -> label suspects."""
+        return dict(Counter((f.cls, f.suggested_class) for f in self.of("label")
+                            if f.cls is not None and f.suggested_class is not None))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "images": self.images, "k": self.k, "seconds": round(self.seconds, 3),
+            "calibration": self.calibration.to_json(),
+            "thresholds": {"duplicate_distance": self.calibration.distance, "hash_bits": self.calibration.bits,
+                           "outlier_distance": self.outlier_fence,
+                           "label_class_thresholds": {c: round(t, 6) for c, t in self.class_thresholds.items()}},
+            "keep_rule": self.keep_rule, "unhashed": self.unhashed, "notes": list(self.notes),
+            "counts": {kind: len({f.id for f in self.of(kind)}) for kind in KINDS},
+            "per_class": self.counts(),
+            "confusions": [{"class": a, "suggested_class": b, "images": n}
+                           for (a, b), n in sorted(self.confusions().items())],
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+def stored_model(conn: psycopg.Connection[Any]) -> str:
+    """The one model identity of the stored rows; mixed models have no common distances."""
+    models = [r[0] for r in conn.execute("SELECT DISTINCT model FROM images ORDER BY 1 LIMIT 3").fetchall()]
+    if not models:
+        raise ImsearchError("nothing is stored yet: run `imsearch ingest FOLDER` first")
+    if len(models) > 1:
+        raise ModelMismatch(f"the database holds images embedded with several models ({', '.join(models)}), whose "
+                            "distances do not compare; run `imsearch ingest DIR --reembed` to re-embed them")
+    return models[0]
+
+
+@dataclass
+class _Rows:
+    """Per-image columns of the whole table, in id order (a few dozen bytes per image)."""
+
+    ids: np.ndarray
+    paths: list[str]
+    classes: np.ndarray  # class code, -1 for none
+    names: list[str]
+    pixels: np.ndarray
+    bytes: np.ndarray
+    sha: list[str]
+
+    def at(self, image_id: int) -> int:
+        return int(np.searchsorted(self.ids, image_id))
+
+    def cls(self, i: int) -> str | None:
+        c = int(self.classes[i])
+        return None if c < 0 else self.names[c]
+
+    def neighbour(self, i: int, distance: float | None) -> Neighbour:
+        return Neighbour(int(self.ids[i]), self.paths[i], self.cls(i), None if distance is None else float(distance))
+
+
+def _rows(conn: psycopg.Connection[Any]) -> _Rows:
+    rows = conn.execute("SELECT id, path, class, width::bigint * height, bytes, sha256 FROM images ORDER BY id"
+                        ).fetchall()
+    names = sorted({r[2] for r in rows if r[2] is not None})
+    code = {c: i for i, c in enumerate(names)}
+    return _Rows(
+        ids=np.array([r[0] for r in rows], dtype=np.int64),
+        paths=[r[1] for r in rows],
+        classes=np.array([code.get(r[2], -1) for r in rows], dtype=np.int32),
+        names=names,
+        pixels=np.array([r[3] for r in rows], dtype=np.int64),
+        bytes=np.array([r[4] for r in rows], dtype=np.int64),
+        sha=[r[5] for r in rows],
+    )
+
+
+NEIGHBOURS_SQL = """
+SELECT s.id, m.id, m.distance, (m.phash <~> s.phash)::int
+FROM images s
+CROSS JOIN LATERAL (
+    SELECT i.id, i.phash, i.embedding <=> s.embedding AS distance
+    FROM images i
+    WHERE i.id <> s.id
+    ORDER BY i.embedding <=> s.embedding
+    LIMIT %(k)s
+) m
+WHERE s.id = ANY(%(ids)s)
+"""
+
+HASH_SQL = """
+SELECT s.id, m.id, m.bits
+FROM images s
+CROSS JOIN LATERAL (
+    SELECT i.id, (i.phash <~> s.phash)::int AS bits
+    FROM images i
+    WHERE i.id <> s.id AND i.phash IS NOT NULL
+    ORDER BY i.phash <~> s.phash
+    LIMIT %(n)s
+) m
+WHERE s.id = ANY(%(ids)s) AND s.phash IS NOT NULL AND m.bits <= %(bits)s
+"""
+
+
+def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K, progress: Progress | None = None,
+          files_readable: bool = True) -> Audit:
+    """Look at every stored image's neighbours and return the findings (see the module's docstring)."""
+    if not 1 <= k <= 100:
+        raise ImsearchError(f"k must be between 1 and 100, not {k}")
+    started = time.perf_counter()
+    rows = _rows(conn)
+    near = _neighbours(conn, rows, 2 * k, calibration.bits, progress)  # room for the copies left out of the vote
+    duplicate = _duplicate_mask(rows, calibration, near)
+    pairs = _pairs(conn, rows, near, duplicate)
+    findings: list[Finding] = []
+    findings += _leaks_and_groups(rows, pairs)
+    thresholds, labels = _label_suspects(rows, near.nbr, near.dist, duplicate, k)
+    findings += labels
+    fence, outliers = _outliers(rows, near.nbr, near.dist, k)
+    findings += outliers
+    notes = []
+    if near.unhashed:
+        notes.append(f"{near.unhashed} image(s) have no perceptual hash (stored before it existed): "
+                     "`imsearch db backfill-hashes` computes them")
+    if not files_readable:
+        notes.append("no stored file could be read: the model's distances are not calibrated, and the audit works "
+                     "from the stored rows alone (exact content and the stored hashes find duplicates)")
+    return Audit(calibration.model, len(rows.ids), k, calibration, tuple(findings),
+                 dict(Counter(rows.names[c] for c in rows.classes if c >= 0)), near.unhashed, fence, thresholds,
+                 time.perf_counter() - started, files_readable, notes=tuple(notes))
+
+
+@dataclass(frozen=True)
+class DuplicateImage:
+    id: int
+    path: str
+    cls: str | None
+    nearest: float | None  # cosine distance to the nearest member of its group
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Stored images linked by the copy rule (same bytes, hash or calibrated distance), across classes."""
+
+    number: int
+    images: tuple[DuplicateImage, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.number,
+            "images": [{"id": i.id, "path": i.path, "class": i.cls,
+                        "nearest": None if i.nearest is None else round(i.nearest, 6)} for i in self.images],
+        }
+
+
+# `imsearch duplicates` checks each image's this many nearest; larger groups still join up through their members.
+DUPLICATE_NEIGHBOURS = 10
+
+
+def duplicate_groups(conn: psycopg.Connection[Any], calibration: Calibration,
+                     progress: Progress | None = None) -> list[DuplicateGroup]:
+    """Groups of stored images that are copies of each other by the audit's rule, whatever their classes."""
+    rows = _rows(conn)
+    near = _neighbours(conn, rows, DUPLICATE_NEIGHBOURS, calibration.bits, progress)
+    pairs = _pairs(conn, rows, near, _duplicate_mask(rows, calibration, near))
+    parent: dict[int, int] = {}
+    nearest: dict[int, float] = {}
+    for p in pairs.values():
+        parent[_root(parent, p.a)] = _root(parent, p.b)
+        for i in (p.a, p.b):
+            if p.distance is not None:
+                nearest[i] = min(nearest.get(i, p.distance), p.distance)
+    members: dict[int, list[int]] = {}
+    for i in parent:
+        members.setdefault(_root(parent, i), []).append(i)
+    ordered = sorted((sorted(m, key=lambda i: rows.paths[i]) for m in members.values() if len(m) > 1),
+                     key=lambda m: rows.paths[m[0]])
+    return [DuplicateGroup(number, tuple(DuplicateImage(int(rows.ids[i]), rows.paths[i], rows.cls(i), nearest.get(i))
+                                         for i in m))
+            for number, m in enumerate(ordered, start=1)]
+
+
+def _root(parent: dict[int, int], x: int) -> int:
+    parent.setdefault(x, x)
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+@dataclass
+class _Near:
+    """Each image's nearest by the embedding (row indexes, -1 for none; cosine distances; Hamming distances of the
+    hashes, 65 where either is missing), and the pairs the hash index found within the threshold."""
+
+    nbr: np.ndarray
+    dist: np.ndarray
+    bits: np.ndarray
+    hash_pairs: list[tuple[int, int, int]]
+    unhashed: int
+
+
+def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bits: int,
+                progress: Progress | None) -> _Near:
+    """One pass over the table, BATCH images per statement, through the HNSW indexes."""
+    n = len(rows.ids)
+    near = _Near(np.full((n, fetch), -1, dtype=np.int32), np.full((n, fetch), np.inf, dtype=np.float32),
+                 np.full((n, fetch), 65, dtype=np.int16), [],
+                 int(conn.execute("SELECT count(*) FROM images WHERE phash IS NULL").fetchone()[0]))  # type: ignore[index]
+    for start in range(0, n, BATCH):
+        ids = rows.ids[start:start + BATCH].tolist()
+        with conn.transaction():
+            conn.execute("SELECT set_config('hnsw.ef_search', %s, true), set_config('enable_seqscan', 'off', true)",
+                         (str(max(64, 2 * fetch)),))
+            if _iterates(conn):
+                conn.execute("SELECT set_config('hnsw.iterative_scan', 'off', true)")
+            found = conn.execute(NEIGHBOURS_SQL, {"k": fetch, "ids": ids}).fetchall()
+            if near.unhashed < n:
+                near.hash_pairs += conn.execute(
+                    HASH_SQL, {"n": HASH_NEIGHBOURS, "ids": ids, "bits": hash_bits}).fetchall()
+        filled: dict[int, int] = {}
+        for sid, mid, d, b in sorted(found, key=lambda r: (r[0], r[2])):
+            i, j = rows.at(sid), rows.at(mid)
+            if j >= n or rows.ids[j] != mid:
+                continue  # stored after the table was read
+            col = filled.get(i, 0)
+            if col < fetch:
+                near.nbr[i, col], near.dist[i, col], near.bits[i, col] = j, d, 65 if b is None else b
+                filled[i] = col + 1
+        if progress:
+            progress(min(start + BATCH, n), n)
+    return near
+
+
+def _iterates(conn: psycopg.Connection[Any]) -> bool:
+    return conn.execute("SELECT current_setting('hnsw.iterative_scan', true) IS NOT NULL").fetchone()[0]  # type: ignore[index]
+
+
+def _duplicate_mask(rows: _Rows, c: Calibration, near: _Near) -> np.ndarray:
+    """Which neighbours are copies of the image: the same bytes, a hash within the bits, or (where the model
+    separates copies from neighbours) an embedding within the duplicate distance. The copy rule, once."""
+    same = np.zeros(near.nbr.shape, dtype=bool)
+    for i, j in zip(*np.nonzero(near.nbr >= 0)):
+        same[i, j] = rows.sha[int(near.nbr[i, j])] == rows.sha[i]
+    out = same | (near.bits <= c.bits)
+    if c.distance is not None:
+        out |= near.dist <= c.distance
+    return out
+
+
+@dataclass
+class _Pair:
+    a: int
+    b: int
+    distance: float | None
+    bits: int | None
+    score: float
+
+
+def _pairs(conn: psycopg.Connection[Any], rows: _Rows, near: _Near, duplicate: np.ndarray
+           ) -> dict[tuple[int, int], _Pair]:
+    """Duplicate pairs (row indexes, a < b) from the embedding neighbours and the hash neighbours, each with its
+    cosine distance (read from the table for pairs only the hash found)."""
+    out: dict[tuple[int, int], _Pair] = {}
+
+    def add(i: int, j: int, d: float | None, b: int | None) -> None:
+        key = (min(i, j), max(i, j))
+        old = out.get(key)
+        d = d if d is not None else (old.distance if old else None)
+        b = b if b is not None and b <= 64 else (old.bits if old else None)
+        score = 1.0 if rows.sha[i] == rows.sha[j] else (1.0 - b / 64 if b is not None else 1.0 - (d or 0.0))
+        out[key] = _Pair(key[0], key[1], d, b, score)
+
+    for i, j in zip(*np.nonzero(duplicate & (near.nbr >= 0))):
+        add(int(i), int(near.nbr[i, j]), float(near.dist[i, j]), int(near.bits[i, j]))
+    n = len(rows.ids)
+    for sid, mid, b in near.hash_pairs:
+        i, j = rows.at(sid), rows.at(mid)
+        if i < n and j < n and rows.ids[i] == sid and rows.ids[j] == mid:
+            add(i, j, None, b)
+    missing = [key for key, p in out.items() if p.distance is None]
+    if missing:
+        found = conn.execute(
+            "SELECT u.a, u.b, x.embedding <=> y.embedding FROM unnest(%s::bigint[], %s::bigint[]) AS u(a, b) "
+            "JOIN images x ON x.id = u.a JOIN images y ON y.id = u.b",
+            ([int(rows.ids[a]) for a, _ in missing], [int(rows.ids[b]) for _, b in missing]),
+        ).fetchall()
+        for a, b, d in found:
+            out[(rows.at(a), rows.at(b))].distance = float(d)
+    return out
+
+
+def _leaks_and_groups(rows: _Rows, pairs: dict[tuple[int, int], _Pair]) -> list[Finding]:
+    """Leaks (duplicates across classes, one finding per image of the pair) and duplicate groups within a class
+    (linked pairs; every member but the one kept is a finding naming the kept one)."""
+    findings: list[Finding] = []
+    parent: dict[int, int] = {}
+    best: dict[int, _Pair] = {}
+    for p in sorted(pairs.values(), key=lambda p: (p.a, p.b)):
+        if rows.classes[p.a] != rows.classes[p.b] and rows.classes[p.a] >= 0 and rows.classes[p.b] >= 0:
+            for i, j in ((p.a, p.b), (p.b, p.a)):
+                findings.append(Finding("leak", int(rows.ids[i]), rows.paths[i], rows.cls(i), p.score,
+                                        partner=rows.neighbour(j, p.distance),
+                                        hash_bits=p.bits))
+        else:
+            parent[_root(parent, p.a)] = _root(parent, p.b)
+            for i in (p.a, p.b):
+                if i not in best or p.score > best[i].score:
+                    best[i] = p
+    members: dict[int, list[int]] = {}
+    for i in parent:
+        members.setdefault(_root(parent, i), []).append(i)
+    groups = sorted((sorted(m, key=lambda i: rows.ids[i]) for m in members.values() if len(m) > 1),
+                    key=lambda m: rows.ids[m[0]])
+    for number, group in enumerate(groups, start=1):
+        keep = max(group, key=lambda i: (rows.pixels[i], rows.bytes[i], -rows.ids[i]))
+        for i in group:
+            if i == keep:
+                continue
+            p = best[i]
+            findings.append(Finding("duplicate", int(rows.ids[i]), rows.paths[i], rows.cls(i), p.score,
+                                    partner=rows.neighbour(keep, _distance_between(pairs, i, keep)),
+                                    hash_bits=p.bits if keep in (p.a, p.b) else None, group=number))
+    return findings
+
+
+def _distance_between(pairs: dict[tuple[int, int], _Pair], i: int, j: int) -> float | None:
+    p = pairs.get((min(i, j), max(i, j)))
+    return None if p is None else p.distance
+
+
+def _label_suspects(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, duplicate: np.ndarray, k: int
+                    ) -> tuple[dict[str, float], list[Finding]]:
+    """Class scores from each image's k nearest that are not its copies, weighted by 1/distance; an image is
+    suspect when another class outscores its own and reaches that class's threshold."""
+    n, c = len(rows.ids), len(rows.names)
+    if c < 2 or n == 0:
+        return {}, []
+    voters = (nbr >= 0) & ~duplicate
+    voters &= np.cumsum(voters, axis=1) <= k  # the first k that are not copies
+    codes = np.where(nbr >= 0, rows.classes[np.maximum(nbr, 0)], -1)
+    voters &= codes >= 0
+    weight = np.where(voters, 1.0 / np.maximum(dist, 1e-6), 0.0)
+    scores = np.zeros((n, c))
+    for col in range(nbr.shape[1]):
+        np.add.at(scores, (np.arange(n), np.maximum(codes[:, col], 0)), weight[:, col])
+    total = scores.sum(axis=1, keepdims=True)
+    share = np.divide(scores, total, out=np.zeros_like(scores), where=total > 0)
+    labelled = (rows.classes >= 0) & (total[:, 0] > 0)
+    own = np.where(labelled, share[np.arange(n), np.maximum(rows.classes, 0)], 0.0)
+    threshold = np.array([share[labelled & (rows.classes == j), j].mean() if np.any(labelled & (rows.classes == j))
+                          else 1.0 for j in range(c)])
+    findings = []
+    for i in np.flatnonzero(labelled):
+        given = rows.classes[i]
+        rivals = [(share[i, j], j) for j in range(c) if j != given and share[i, j] >= threshold[j]
+                  and share[i, j] > own[i]]
+        if not rivals:
+            continue
+        top, j = max(rivals)
+        shown = tuple(rows.neighbour(int(x), float(d)) for x, d, v in zip(nbr[i], dist[i], voters[i]) if v)
+        findings.append(Finding("label", int(rows.ids[i]), rows.paths[i], rows.cls(i), float(top - own[i]),
+                                suggested_class=rows.names[j], partner=shown[0] if shown else None,
+                                neighbours=shown))
+    findings.sort(key=lambda f: -f.score)
+    return {rows.names[j]: float(threshold[j]) for j in range(c)}, findings
+
+
+def _outliers(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, k: int) -> tuple[float | None, list[Finding]]:
+    """Images whose nearest neighbour lies beyond Q3 + 3 x IQR of every image's nearest-neighbour distance."""
+    nearest = dist[:, 0]
+    known = np.isfinite(nearest)
+    if known.sum() < 4:
+        return None, []
+    q1, q3 = np.percentile(nearest[known], [25, 75])
+    fence = float(q3 + 3 * (q3 - q1))
+    findings = [
+        Finding("outlier", int(rows.ids[i]), rows.paths[i], rows.cls(i), float(nearest[i] / fence) if fence else 0.0,
+                partner=rows.neighbour(int(nbr[i, 0]), float(nearest[i])),
+                neighbours=tuple(rows.neighbour(int(x), float(d)) for x, d in zip(nbr[i, :k], dist[i, :k]) if x >= 0))
+        for i in np.flatnonzero(known & (nearest > fence))
+    ]
+    findings.sort(key=lambda f: -f.score)
+    return fence, findings
+
+
+def write(conn: psycopg.Connection[Any], result: Audit) -> int:
+    """Replace image_audit with these findings in one transaction; rows deleted meanwhile are left out."""
+    f = result.findings
+    with conn.transaction():
+        conn.execute("DELETE FROM image_audit")
+        cur = conn.execute(
+            """
+            INSERT INTO image_audit (image_id, kind, score, suggested_class, partner_id, distance, hash_bits, model)
+            SELECT u.image_id, u.kind, u.score, u.suggested, u.partner, u.distance, u.bits, %s
+            FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::text[], %s::bigint[], %s::float8[], %s::int[])
+                AS u(image_id, kind, score, suggested, partner, distance, bits)
+            WHERE EXISTS (SELECT FROM images WHERE id = u.image_id)
+              AND (u.partner IS NULL OR EXISTS (SELECT FROM images WHERE id = u.partner))
+            """,
+            (result.model, [x.id for x in f], [x.kind for x in f], [x.score for x in f],
+             [x.suggested_class for x in f], [x.partner.id if x.partner else None for x in f],
+             [x.partner.distance if x.partner else None for x in f],
+             [x.hash_bits for x in f]),
+        )
+        return cur.rowcount
