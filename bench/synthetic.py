@@ -1,5 +1,5 @@
 """Synthetic ResNet-like vectors clustered by class, and throwaway databases to load them into (for the search
-benchmarks: bench/search.py, bench/other_mode.py).
+benchmarks: bench/search.py, bench/other_mode.py; with hashes and flipped labels for the audit: bench/audit.py).
 
 The scripts run as `.venv/bin/python bench/NAME.py`, so this module, beside them, imports as `synthetic`.
 """
@@ -10,10 +10,11 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import psycopg
-from pgvector import HalfVector
+from pgvector import Bit, HalfVector
 from pgvector.psycopg import register_vector
 
 from imsearch import search
@@ -44,12 +45,19 @@ class Generator:
         raise NotImplementedError
 
     def vectors(self, cls: str, n: int) -> np.ndarray:
+        return self.vectors_and_sources(cls, n)[0]
+
+    def vectors_and_sources(self, cls: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors, and for each the row it is a near-duplicate of (-1: none). A copy that follows a copy was
+        made from that row's photo before it was replaced: a copy of a photo that is not stored, so it has none."""
         out = self.photos(cls, n)
         dup = self.rng.random(n) < 0.05
         dup[0] = False
         idx = np.flatnonzero(dup)
         out[idx] = out[idx - 1] + self.rng.normal(0, 0.01, (len(idx), DIMS)).clip(0)
-        return out.astype(np.float32)
+        source = np.full(n, -1, dtype=np.int64)
+        source[idx] = np.where(dup[idx - 1], -1, idx - 1)
+        return out.astype(np.float32), source
 
     def class_sizes(self, rows: int) -> dict[str, int]:
         rare = max(1, int(rows * RARE_SHARE))
@@ -151,6 +159,84 @@ def fill(url: str, gen: Generator, rows: int, plain: bool = False) -> tuple[floa
             "SELECT coalesce(sum(pg_relation_size(indexrelid)), 0) FROM pg_index JOIN pg_class c ON c.oid = indexrelid "
             "WHERE starts_with(c.relname, %s)", (CLASS_INDEX_PREFIX,)).fetchone()[0]
     return load_s, build_s, size, len(classes), class_s, class_size
+
+
+# -- rows for `imsearch audit` (bench/audit.py, tests/test_audit_labels.py): hashes, and labels flipped on purpose
+
+AUDIT_MODEL = "synthetic"
+FLIP_SHARE = 0.02
+COPY_BITS = 2  # a near-duplicate's hash is its source's with 0 to this many bits changed
+SIZES = ((640, 480), (480, 640), (1024, 768), (1600, 1200))
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Synthetic rows loaded for `imsearch audit`, and the truth its findings are scored against."""
+
+    rows: int
+    copies: list[tuple[str, str]]  # (path, its source's path) of the near-duplicates, with their source's hash
+    flipped: dict[str, str]  # path -> true class, of the rows stored under another class
+    load_s: float
+    build_s: float
+
+
+def fill_audit(url: str, gen: Generator, rows: int, seed: int = 0, flip: float = FLIP_SHARE) -> Labelled:
+    """Load `rows` synthetic rows into the imsearch database at `url` by COPY, the two HNSW indexes (embedding and
+    hash) dropped meanwhile and rebuilt as the migrations define them; an empty database gets imsearch's schema.
+
+    Each row: path /synthetic/<stored class>/<n>.jpg (no such file: the audit works from the rows alone), a unique
+    fake sha256, one model identity, a random 64-bit perceptual hash, except that the generator's near-duplicates
+    carry their source's hash with 0-COPY_BITS bits changed. `flip` of the rows, picked at random, are stored under
+    another class, each picked at random.
+    """
+    with Store(url):
+        pass  # migrates an empty database
+    rng = np.random.default_rng(seed)  # hashes, sizes and flips: the generator's own draws stay as elsewhere
+    sizes = gen.class_sizes(rows)
+    total = sum(sizes.values())
+    picked = rng.choice(total, round(total * flip), replace=False)
+    shift = dict(zip(picked.tolist(), rng.integers(1, len(gen.classes), len(picked)).tolist()))  # to another class
+    flipped: dict[str, str] = {}
+    copies: list[tuple[str, str]] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_vector(conn)
+        indexdefs = [r[0] for r in conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname IN ('images_embedding_hnsw', 'images_phash_hnsw')")]
+        conn.execute("DROP INDEX images_embedding_hnsw, images_phash_hnsw")
+        t = time.perf_counter()
+        n = 0
+        with conn.cursor() as cur, cur.copy(
+            "COPY images (path, class, sha256, width, height, bytes, model, embedding, phash) "
+            "FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["text", "text", "varchar", "int4", "int4", "int8", "text", "halfvec", "bit"])
+            for c, (cls, size) in enumerate(sizes.items()):
+                for start in range(0, size, 5000):
+                    vectors, source = gen.vectors_and_sources(cls, min(5000, size - start))
+                    hashes = [int(h) for h in rng.integers(0, 2**64, len(vectors), dtype=np.uint64)]
+                    classes = [gen.classes[(c + shift[m]) % len(gen.classes)] if m in shift else cls
+                               for m in range(n, n + len(vectors))]
+                    paths = [f"/synthetic/{stored}/{m:08d}.jpg" for m, stored in enumerate(classes, n)]
+                    for i in np.flatnonzero(source >= 0):
+                        changed = rng.choice(64, rng.integers(0, COPY_BITS + 1), replace=False)
+                        hashes[i] = hashes[source[i]] ^ sum(1 << int(b) for b in changed)
+                        copies.append((paths[i], paths[source[i]]))
+                    for v, h, stored, path in zip(vectors, hashes, classes, paths):
+                        if stored != cls:
+                            flipped[path] = cls
+                        w, ht = SIZES[int(rng.integers(len(SIZES)))]
+                        copy.write_row((path, stored, f"{n:064x}", w, ht, int(rng.integers(40_000, 400_000)),
+                                        AUDIT_MODEL, HalfVector(v), Bit(h.to_bytes(8, "big"))))
+                        n += 1
+        load_s = time.perf_counter() - t
+        conn.execute("SET maintenance_work_mem = '4GB'")
+        conn.execute("SET max_parallel_maintenance_workers = 1")  # 2 cores: the leader plus one worker
+        t = time.perf_counter()
+        for indexdef in indexdefs:
+            conn.execute(indexdef)
+        build_s = time.perf_counter() - t
+        conn.execute("ANALYZE images")
+    return Labelled(n, copies, flipped, load_s, build_s)
 
 
 def fresh_database(admin_url: str, name: str) -> str:
