@@ -62,14 +62,19 @@ def grid(
     query_class: str | None,
     matches: Sequence[Match],
     *,
-    mode: str = "all",
+    mode: str | None = "all",
     title: str | None = None,
     tile: int = 200,
     cache: dict[str, Image.Image] | None = None,
+    subject: str = "query",
+    captions: Sequence[tuple[str, str]] | None = None,
 ) -> Image.Image:
     """The query on the left, then its matches by rank, each framed and captioned.
 
     `cache` keeps match thumbnails by path across grids (a report draws the same stored images many times).
+    Other pictures than a query's (the audit's) set `mode` None (the header is the title alone, shortened to fit
+    beside the legend), `subject` (the first tile's caption) and `captions` (each match's two lines, in place of
+    its rank and class, and its distance).
     """
     pad, border, header = PAD, BORDER, HEADER
     cell = tile + 2 * border
@@ -79,13 +84,17 @@ def grid(
     draw = ImageDraw.Draw(out)
     small, big = font(13), font(15)
     name = title if title is not None else (Path(query).name if not isinstance(query, Image.Image) else "query")
-    draw.text((pad, 8), f"{name}  ·  mode {mode}", fill=TEXT, font=big)
+    legend: list[tuple[str, tuple[int, int, int], int, int]] = []
     legend_x = width - pad
     for label, colour in (("other class", OTHER), ("same class", SAME)):
         w = int(draw.textlength(label, font=small))
-        draw.text((legend_x - w, 10), label, fill=TEXT, font=small)
-        draw.rectangle((legend_x - w - 18, 10, legend_x - w - 6, 22), fill=colour)
+        legend.append((label, colour, legend_x, w))
         legend_x -= w + 32
+    heading = f"{name}  ·  mode {mode}" if mode is not None else _fit(name, legend_x - 2 * pad, draw, big)
+    draw.text((pad, 8), heading, fill=TEXT, font=big)
+    for label, colour, x, w in legend:
+        draw.text((x - w, 10), label, fill=TEXT, font=small)
+        draw.rectangle((x - w - 18, 10, x - w - 6, 22), fill=colour)
 
     def place(i: int, image: Image.Image, colour: tuple[int, int, int], lines: tuple[str, str]) -> None:
         x, _ = frame_origin(i, tile)
@@ -96,17 +105,20 @@ def grid(
         draw.text((x + cell // 2, header + cell + 4), lines[0], fill=TEXT, font=small, anchor="ma")
         draw.text((x + cell // 2, header + cell + 22), lines[1], fill=MUTED, font=small, anchor="ma")
 
-    place(0, thumbnail(query, tile), QUERY, ("query", _fit(query_class or "no class", tile, draw, small)))
+    place(0, thumbnail(query, tile), QUERY, (subject, _fit(query_class or "no class", tile, draw, small)))
     for i, m in enumerate(matches, start=1):
         colour = SAME if query_class is not None and m.cls == query_class else OTHER
-        label = _fit(f"#{m.rank} {m.cls or 'no class'}", tile, draw, small)
+        if captions is None:
+            label, second = _fit(f"#{m.rank} {m.cls or 'no class'}", tile, draw, small), f"distance {m.distance:.4f}"
+        else:
+            label, second = (_fit(line, tile, draw, small) for line in captions[i - 1])
         if cache is None:
             thumb = thumbnail(m.path, tile)
         elif m.path in cache:
             thumb = cache[m.path]
         else:
             thumb = cache[m.path] = thumbnail(m.path, tile)
-        place(i, thumb, colour, (label, f"distance {m.distance:.4f}"))
+        place(i, thumb, colour, (label, second))
     return out
 
 

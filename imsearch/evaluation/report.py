@@ -75,23 +75,23 @@ def write(evaluation: Evaluation, out: Path, *, grids: bool = True, tile: int = 
     written = Written(out)
     if grids:
         written.grids = write_grids(evaluation, out, tile=tile)
-    _json(out / "summary.json", evaluation.to_json())
-    _csv(out / "per_image.csv", PER_IMAGE_COLUMNS, [
+    write_json(out / "summary.json", evaluation.to_json())
+    write_csv(out / "per_image.csv", PER_IMAGE_COLUMNS, [
         [s.mode, s.cls, s.query, *(_num(s.figures.get(n)) for n in METRICS),
          ";".join(m.cls or "" for m in s.matches), ";".join(f"{m.distance:.6f}" for m in s.matches),
          written.grids.get((s.mode, s.query), "")]
         for s in evaluation.images
     ])
-    _csv(out / "per_class.csv", PER_CLASS_COLUMNS, [
+    write_csv(out / "per_class.csv", PER_CLASS_COLUMNS, [
         [c.mode, c.cls, c.images, *(_num(c.figures.get(n)) for n in METRICS)] for c in evaluation.classes
     ])
-    _csv(out / "matches.csv", MATCH_COLUMNS, [
+    write_csv(out / "matches.csv", MATCH_COLUMNS, [
         [s.mode, s.query, s.cls, m.rank, m.id, m.cls or "", m.path, f"{m.distance:.6f}"]
         for s in evaluation.images for m in s.matches
     ])
     matrices = [evaluation.matrices[m] for m in ("other", "all") if m in evaluation.matrices]
     columns = list(dict.fromkeys(c for mx in matrices for c in mx.columns))
-    _csv(out / "correspondence.csv", ("mode", "query_class", "matches", *columns), [
+    write_csv(out / "correspondence.csv", ("mode", "query_class", "matches", *columns), [
         [mx.mode, row, sum(counts), *(_num(dict(zip(mx.columns, shares)).get(c, 0.0)) for c in columns)]
         for mx in matrices for row, counts, shares in zip(mx.rows, mx.counts, mx.shares)
     ])
@@ -200,7 +200,7 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
         f"<p>{counts['queries']} query images in {counts['query_classes']} classes against "
         f"{counts['stored_images']} stored images in {counts['stored_classes']} classes; top {k} per query; "
         f"modes {', '.join(evaluation.modes)}.<br>Model: <code>{_e(evaluation.model)}</code></p>",
-        "<p>Files: " + " · ".join(_link(f, f) for f in written.files if f != "report.html") + "</p>",
+        "<p>Files: " + " · ".join(html_link(f, f) for f in written.files if f != "report.html") + "</p>",
     ]
     if evaluation.unstored:
         h.append("<p>Classes in the test folder that are not stored (left out of every figure): "
@@ -214,21 +214,22 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
              f"mean cosine distance of the top {k}.</p>")
     rows = [[mode, label(n, k), _fmt(o.micro), _fmt(o.macro)]
             for mode in evaluation.modes for n, o in evaluation.overall.get(mode, {}).items()]
-    h.append(_table(["mode", "figure", "micro", "macro"], rows))
+    h.append(html_table(["mode", "figure", "micro", "macro"], rows))
     h.append("<h2>Per class</h2>")
     for mode in evaluation.modes:
         names = [n for n in METRICS if any(n in c.figures for c in evaluation.classes_of(mode))]
         h.append(f"<h3>mode {_e(mode)}</h3>")
-        h.append(_table(["class", "images", *(label(n, k) for n in names)],
-                        [[c.cls, c.images, *(_fmt(c.figures.get(n)) for n in names)]
-                         for c in evaluation.classes_of(mode)]))
+        h.append(html_table(["class", "images", *(label(n, k) for n in names)],
+                            [[c.cls, c.images, *(_fmt(c.figures.get(n)) for n in names)]
+                             for c in evaluation.classes_of(mode)]))
     if matrices:
         h.append("<h2>Class correspondence</h2>")
-        h.append(f"<p>{_link('correspondence.png', _img('correspondence.png', 'class correspondence heatmap'))}</p>")
+        heat = html_img("correspondence.png", "class correspondence heatmap")
+        h.append(f"<p>{html_link('correspondence.png', heat)}</p>")
         for mx in matrices:
             h.append(f"<h3>{_e(MATRIX_TITLES.get(mx.mode, mx.mode))}</h3>")
-            h.append(_table(["query class", *mx.columns],
-                            [[r, *(f"{v:.2f}" for v in shares)] for r, shares in zip(mx.rows, mx.shares)]))
+            h.append(html_table(["query class", *mx.columns],
+                                [[r, *(f"{v:.2f}" for v in shares)] for r, shares in zip(mx.rows, mx.shares)]))
     h.append("<h2>Per image</h2><p>Each query's matches by rank (class and cosine distance)"
              + (", then its grid: <span class='same'>blue frame</span> a match of the query's class, "
                 "<span class='other'>orange frame</span> another class" if written.grids else "") + ".</p>")
@@ -240,7 +241,7 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
         for cls, group in sorted(by_class.items()):
             h.append(f"<details><summary>{_e(cls)} ({len(group)})</summary>")
             extra = [label(PRECISION, k), label(AVERAGE_PRECISION, k)] if mode == "all" else []
-            h.append(_table(["query", *(str(r) for r in range(1, k + 1)), *extra], [
+            h.append(html_table(["query", *(str(r) for r in range(1, k + 1)), *extra], [
                 [Path(s.query).name, *(f"{m.cls or '-'} {m.distance:.4f}" for m in s.matches),
                  *([None] * (k - len(s.matches))), *(_fmt(s.figures.get(n)) for n in (PRECISION, AVERAGE_PRECISION)
                                                      if mode == "all")]
@@ -250,13 +251,14 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
             for s in group:
                 rel = written.grids.get((mode, s.query))
                 if rel:
-                    h.append(_link(rel, _img(rel, f"{Path(s.query).name}, mode {mode}")))
+                    h.append(html_link(rel, html_img(rel, f"{Path(s.query).name}, mode {mode}")))
             h.append("</div></details>")
     h.append("</body></html>")
     return "\n".join(h) + "\n"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table, every cell escaped; numbers right-aligned, None shown as '-'."""
     head = "".join(f"<th>{_e(x)}</th>" for x in headers)
     body = "".join(
         "<tr>" + "".join(f"<td{' class=n' if is_number(v) else ''}>{_e('-' if v is None else v)}</td>" for v in row)
@@ -266,11 +268,13 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _link(rel: str, inner: str) -> str:
+def html_link(rel: str, inner: str) -> str:
+    """A link to a path relative to the report; `inner` is text (escaped) or an html_img."""
     return f'<a href="{_e(quote(rel))}">{inner if inner.startswith("<img") else _e(inner)}</a>'
 
 
-def _img(rel: str, alt: str) -> str:
+def html_img(rel: str, alt: str) -> str:
+    """A lazily loaded image at a path relative to the report."""
     return f'<img src="{_e(quote(rel))}" alt="{_e(alt)}" loading="lazy">'
 
 
@@ -292,7 +296,8 @@ def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.6f}"
 
 
-def _json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """Indented JSON, UTF-8, ending in a newline."""
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
@@ -308,7 +313,8 @@ def spreadsheet_safe(value: Any) -> Any:
     return value
 
 
-def _csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A CSV file whose text cells a spreadsheet cannot run as formulas (spreadsheet_safe)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow([spreadsheet_safe(h) for h in headers])
