@@ -427,6 +427,37 @@ def db_index_other(ctx: click.Context, drop: bool) -> None:
                        err=True)
 
 
+@db.command("backfill-hashes")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Decoding threads [default: from the CPU count].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def db_backfill_hashes(ctx: click.Context, workers: int | None, as_json: bool) -> None:
+    """Give rows stored before imsearch hashed images their perceptual hash, from their files; no re-embedding.
+
+    Ingest stores a 64-bit perceptual hash of every image (it finds byte copies, re-encodes, resizes and
+    EXIF-rotated copies, whatever the model). This reads the file of each row without one, hashes it as ingest
+    would, and stores it; it needs no model. A file that is missing, unreadable, or changed since it was stored
+    is reported as `PATH: reason` and keeps no hash (a changed one needs `imsearch ingest` again). Exit 1 when
+    some rows could not be hashed; running it again retries only those.
+    """
+    from .db.hashes import backfill_hashes
+    from .files import printable
+
+    store = _app(ctx).store
+    with progress_bar("hashes", shown=not as_json) as progress:
+        result = backfill_hashes(store, workers=workers, progress=progress)
+    for failure in result.failed:
+        click.echo(f"{printable(failure.path)}: {failure.error}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(f"hashed {result.hashed} row(s)"
+                   + (f"; {len(result.failed)} could not be (see above)" if result.failed else ""))
+    if result.failed:
+        ctx.exit(1)
+
+
 @db.command("serve")
 @click.option("--port", type=click.IntRange(1, 65535), default=5432, show_default=True,
               help="TCP port to listen on.")

@@ -210,7 +210,8 @@ def _write(store: Store, embedder: Model, identity: str, batch: list[_Prepared],
 
     vectors = embedder.embed(np.stack([p.loaded.pixels for p in batch if p.loaded is not None]))
     rows = [
-        Row(str(p.file.path), p.file.cls, p.sha256, p.loaded.width, p.loaded.height, p.size, identity, v)
+        Row(str(p.file.path), p.file.cls, p.sha256, p.loaded.width, p.loaded.height, p.size, identity, v,
+            p.loaded.phash)
         for p, v in zip(batch, vectors)
         if p.loaded is not None
     ]

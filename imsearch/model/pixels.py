@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import BadImage, NotAnImage, TooManyPixels
+from .phash import phash
 
 # The formats of files.IMAGE_SUFFIXES, and the only ones Pillow is asked to open: with all its plugins, an EPS file
 # named .jpg went to Ghostscript, and every other decoder Pillow carries was one upload away.
@@ -95,6 +96,7 @@ class Loaded:
     pixels: np.ndarray
     width: int
     height: int
+    phash: int  # perceptual hash of the upright image (imsearch.model.phash), taken before `prepare`
 
 
 # What Pillow raises on a file it cannot read (UnidentifiedImageError is an OSError); see `bad_image`.
@@ -290,10 +292,14 @@ def load(
     data: bytes, path: str, prep: Preprocess = DEFAULT_PREPROCESS, *, max_pixels: int = MAX_PIXELS,
     max_decode_pixels: int | None = None,
 ) -> Loaded:
-    """Bytes of one file -> model input, decoding a JPEG only at the scale the resize needs."""
+    """Bytes of one file -> model input and perceptual hash, decoding a JPEG only at the scale the resize needs.
+
+    The hash is taken from the same upright decode (a JPEG at its draft scale): `imsearch db backfill-hashes`
+    decodes with the row's preprocessing, so it gets the same hash.
+    """
     img, (width, height) = open_image(data, path, max_pixels=max_pixels, max_decode_pixels=max_decode_pixels,
                                       prep=prep)
-    return Loaded(prepare(img, prep), width, height)
+    return Loaded(prepare(img, prep), width, height, phash(img))
 
 
 def read_file(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
