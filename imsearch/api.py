@@ -15,6 +15,7 @@ import psycopg
 from PIL import Image
 
 from . import search
+from .audit.calibration import DUPLICATE, duplicate_distance
 from .db.store import OTHER_INDEX_PREFIX, Store
 from .errors import BadImage, ImsearchError, UnknownClass
 from .evaluation.metrics import Evaluation, score
@@ -73,6 +74,18 @@ class _Library:
     counts: dict[str, int]
     indexed: frozenset[str]
     others_indexed: frozenset[str]
+
+
+def _limit(value: float | str | None) -> float | str | None:
+    """A max_distance checked: None, a cosine distance (from a number or its text), or the name DUPLICATE."""
+    if isinstance(value, str):
+        if value.strip() == DUPLICATE:
+            return DUPLICATE
+        try:
+            value = float(value)
+        except ValueError:
+            raise ImsearchError(f"max_distance must be a cosine distance or {DUPLICATE!r}, not {value!r}") from None
+    return None if value is None else search.check_max_distance(value)
 
 
 class Imsearch:
@@ -282,19 +295,35 @@ class Imsearch:
         include_self: bool = False,
         exact: bool = False,
         class_from_top_match: bool = False,
+        max_distance: float | str | None = None,
     ) -> FindResult:
         """Rank the stored images against one embedded query in one mode.
 
         The class modes need the query's class: as given, else a stored copy's, else its folder's; with
         `class_from_top_match` (an upload has no folder), else the class of the top match over all images.
+        `max_distance` drops the matches farther away, after ranking (see `max_distance`).
         """
+        limit = self.max_distance(max_distance)
         library = self._library("other" if mode == "other" else "all")
         return self._search(query, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                            library=library, class_from_top_match=class_from_top_match)
+                            library=library, class_from_top_match=class_from_top_match, max_distance=limit)
+
+    def max_distance(self, value: float | str | None) -> float | None:
+        """A cosine distance beyond which matches are dropped, from a number, its text, or the name DUPLICATE:
+        the duplicate distance calibrated for the model in use (NotCalibrated when there is none). None: no
+        limit. Resolved once per call of search or find, not per query."""
+        limit = _limit(value)
+        if not isinstance(limit, str):
+            return limit
+        identity = self.embedder.identity  # before the lock: loading the model may need the database (int8)
+        with self._lock:
+            return duplicate_distance(self.store.conn, identity)
 
     def _search(self, query: Embedded, mode: str, *, k: int, query_class: str | None, include_self: bool,
-                exact: bool, library: _Library, class_from_top_match: bool = False) -> FindResult:
-        """`search` with the library's classes and indexes read once for many queries."""
+                exact: bool, library: _Library, class_from_top_match: bool = False,
+                max_distance: float | None = None) -> FindResult:
+        """`search` with the library's classes and indexes read once for many queries, and max_distance
+        resolved once (`max_distance`)."""
         if k < 1:
             raise ImsearchError("k must be at least 1")
         identity = self.embedder.identity  # before the lock: loading the model may need the database (int8)
@@ -324,7 +353,8 @@ class Imsearch:
                                      others_indexed=library.others_indexed, pgvector=store.pgvector, exact=exact)
             try:
                 matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
-                                     skip_sha=None if include_self else query.sha256, query_plan=query_plan)
+                                     skip_sha=None if include_self else query.sha256, query_plan=query_plan,
+                                     max_distance=max_distance)
             except psycopg.OperationalError as exc:
                 raise store.lost(exc, "searching") from None
         return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact, class_source=source)
@@ -347,10 +377,13 @@ class Imsearch:
         include_self: bool = False,
         exact: bool = False,
         names: Sequence[str] | None = None,
+        max_distance: float | str | None = None,
     ) -> list[FindResult]:
-        """The k closest stored images for each query (path, bytes or PIL image), in one mode."""
+        """The k closest stored images for each query (path, bytes or PIL image), in one mode; with
+        `max_distance`, less those farther away (see `max_distance`), so a query may get fewer than k."""
         if isinstance(queries, (str, Path, bytes, Image.Image)):
             queries = [queries]
+        _limit(max_distance)  # a bad value fails before the model loads
         self._load_model_meanwhile()
         with phase("database"), self._lock:
             library = self._library(mode)  # the database first: a wrong URL fails before the model is used
@@ -358,9 +391,10 @@ class Imsearch:
                 log.debug(note)
         embedded = self.embed(list(queries), names=names)
         with phase("search"):
+            limit = self.max_distance(max_distance)  # after embed: the name needs the model's identity
             return [
                 self._search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                             library=library)
+                             library=library, max_distance=limit)
                 for e in embedded
             ]
 

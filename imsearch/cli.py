@@ -201,20 +201,25 @@ def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: 
               help="The query's class [default: of a stored copy, else its folder's name].")
 @click.option("--include-self", is_flag=True, help="Keep stored images with the query's exact content.")
 @click.option("--exact", is_flag=True, help="Exact scan instead of the HNSW index.")
+@click.option("--max-distance", metavar="D",
+              help="Drop the matches farther than cosine distance D (0 to 2) from the query, after ranking, so "
+                   "fewer than K may be shown; `duplicate` is the duplicate distance calibrated for the model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one item per query.")
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
               help="Also write a picture of the query beside its ranked matches (one IMAGE only).")
 @model_options
 @click.pass_context
 def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_class: str | None,
-         include_self: bool, exact: bool, as_json: bool, grid: Path | None, model: dict[str, Any]) -> None:
+         include_self: bool, exact: bool, max_distance: str | None, as_json: bool, grid: Path | None,
+         model: dict[str, Any]) -> None:
     """Print the K stored images closest to each IMAGE by cosine distance."""
     from .terminal import RANK_COLUMNS, rank_rows, table
 
     if grid is not None and len(images) != 1:
         raise click.UsageError("--grid draws one query: give exactly one IMAGE")
     app = _app(ctx, **model)
-    results = app.find(list(images), mode, k=k, query_class=query_class, include_self=include_self, exact=exact)
+    results = app.find(list(images), mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
+                       max_distance=max_distance)
     if grid is not None:
         from .evaluation.pictures import grid as draw_grid
 
@@ -230,7 +235,8 @@ def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_
     click.echo(table(RANK_COLUMNS, rows))
     for r in results:
         if len(r.matches) < k:
-            click.echo(f"{r.query}: only {len(r.matches)} stored image(s) match mode {r.mode}", err=True)
+            within = f" within --max-distance {max_distance}" if max_distance is not None else ""
+            click.echo(f"{r.query}: only {len(r.matches)} stored image(s) match mode {r.mode}{within}", err=True)
 
 
 @cli.command()

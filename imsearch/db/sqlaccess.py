@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 READER_VIEWS = ("image_catalog", "class_summary", "class_correspondence")
 # ... and SELECT on these tables (migration 0009): the last audit's findings and the per-model calibration.
 READER_TABLES = ("image_audit", "model_calibration")
+# imsearch_nearest's signature and imsearch_duplicate_distance() are of migration 0010.
 READER_FUNCTIONS = (
-    "imsearch_nearest(bigint, integer, text)",
+    "imsearch_nearest(bigint, integer, text, double precision)",
     "imsearch_class_correspondence(integer, text)",
     "imsearch_duplicate_pairs(double precision, integer)",
+    "imsearch_duplicate_distance()",
 )
 # Each reader's session defaults (ALTER ROLE ... SET). The reader may change these itself: they are defaults.
 READER_SETTINGS = (("default_transaction_read_only", "on"), ("statement_timeout", "60s"))
@@ -321,9 +323,10 @@ def readers(conn: psycopg.Connection[Any]) -> list[str]:
         SELECT a.rolname
         FROM pg_authid a
         WHERE a.rolcanlogin AND NOT a.rolsuper AND a.rolpassword IS NOT NULL
-          AND has_function_privilege(a.oid, 'imsearch_nearest(bigint, integer, text)', 'EXECUTE')
+          AND has_function_privilege(a.oid, %s, 'EXECUTE')
         ORDER BY a.rolname
-        """
+        """,
+        (READER_FUNCTIONS[0],),
     ).fetchall()
     return [r[0] for r in rows]
 

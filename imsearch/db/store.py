@@ -22,7 +22,7 @@ from ..settings import build_memory
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 MIN_PGVECTOR = (0, 7, 0)
 # An HNSW build keeps its graph in maintenance_work_mem while it fits: pgvector reported the 64 MB default full after
 # 11,894 rows of a class index (m = 32), and that build of 19,900 rows took 103 s instead of 31 s (docs/scaling.md).

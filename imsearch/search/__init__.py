@@ -17,6 +17,7 @@ scanned iteratively (pgvector >= 0.8), and exactly on older pgvector. docs/scali
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import psycopg
 from pgvector import HalfVector
 
+from ..errors import ImsearchError
 from ..modes import MODES
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,21 @@ class Match:
     distance: float
 
 
+def check_max_distance(value: float) -> float:
+    """A max_distance as find and imsearch_nearest take it: a cosine distance, at least 0 and below 2 (not NaN)."""
+    if math.isnan(value) or not 0 <= value < 2:
+        raise ImsearchError(f"max_distance must be a cosine distance, at least 0 and below 2, not {value}")
+    return float(value)
+
+
+def within(matches: list[Match], max_distance: float | None) -> list[Match]:
+    """The ranked matches at most max_distance away (all of them with None): after ranking, so a query may get
+    fewer than k; ranks are kept, since what is dropped is the tail."""
+    if max_distance is None:
+        return matches
+    return [m for m in matches if m.distance <= max_distance]
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one query runs: the planner settings, and for mode other the classes whose queries are merged."""
@@ -252,15 +269,18 @@ def run(
     cls: str | None,
     skip_sha: str | None,
     query_plan: Plan,
+    max_distance: float | None = None,
 ) -> list[Match]:
-    """Run one mode's query with its plan's settings (SET LOCAL: they end with the transaction)."""
+    """Run one mode's query with its plan's settings (SET LOCAL: they end with the transaction); with
+    `max_distance`, the k nearest less those farther away (as imsearch_nearest's argument of that name)."""
     sql, params = _statement(mode, vector, k, cls, skip_sha, query_plan)
     with conn.transaction():
         set_local(conn, query_plan.settings)
         rows = conn.execute(sql, params).fetchall()
     # relaxed_order may hand back neighbours slightly out of order; ranks follow the true distances.
     rows.sort(key=lambda r: r[3])
-    return [Match(rank=i + 1, id=r[0], path=r[1], cls=r[2], distance=float(r[3])) for i, r in enumerate(rows)]
+    ranked = [Match(rank=i + 1, id=r[0], path=r[1], cls=r[2], distance=float(r[3])) for i, r in enumerate(rows)]
+    return within(ranked, max_distance)
 
 
 def explain(conn: psycopg.Connection[Any], vector: np.ndarray, mode: str, *, k: int, cls: str | None,

@@ -36,6 +36,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import Imsearch
+from ..audit.calibration import DUPLICATE
 from ..errors import (
     BadImage,
     DatabaseUnavailable,
@@ -306,7 +307,8 @@ def stored_file(imsearch: Imsearch, image_id: int) -> tuple[dict[str, Any], byte
 
 
 def search_upload(
-    imsearch: Imsearch, data: bytes, name: str, mode: str, k: int, given: str | None
+    imsearch: Imsearch, data: bytes, name: str, mode: str, k: int, given: str | None,
+    max_distance: float | None = None,
 ) -> dict[str, Any]:
     """Embed one upload and rank the stored images, as `imsearch find --json` does for one file.
 
@@ -316,7 +318,8 @@ def search_upload(
     started = time.perf_counter()
     [query] = imsearch.embed([data], names=[name], max_decode_pixels=pixels.UPLOAD_MAX_PIXELS)
     embedded = time.perf_counter()
-    result = imsearch.search(query, mode, k=k, query_class=given, class_from_top_match=True)
+    result = imsearch.search(query, mode, k=k, query_class=given, class_from_top_match=True,
+                             max_distance=max_distance)
     done = time.perf_counter()
     item = result.to_json()
     item["class_source"] = result.class_source
@@ -346,6 +349,7 @@ def create_app(
     hosts = allowed_hosts_from_env() if allowed_hosts is None else list(allowed_hosts)
     page = string.Template((STATIC / "index.html").read_text(encoding="utf-8")).substitute(
         max_upload_bytes=max_upload_bytes, max_upload=megabytes(max_upload_bytes), max_k=MAX_K, model=identity,
+        duplicate=DUPLICATE,
     )
 
     app = FastAPI(
@@ -381,7 +385,8 @@ def create_app(
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.post("/api/find", tags=["search"], responses={
-        400: {"description": "Empty or unreadable image, or a class that is not stored"},
+        400: {"description": "Empty or unreadable image, a class that is not stored, or a max_distance that is no "
+                             f"cosine distance (or `{DUPLICATE}` without a calibration)"},
         413: {"description": "Upload over the size limit, or too many pixels"},
         415: {"description": "Not an image in an accepted format"},
         422: {"description": "Invalid mode or k"},
@@ -397,10 +402,17 @@ def create_app(
             alias="class",
             description="The query's class for the class modes [default: a stored copy's, else the top match's].",
         )] = None,
+        max_distance: Annotated[str | None, Form(
+            description="Drop the matches farther than this cosine distance (0 to 2), after ranking, so fewer than "
+                        f"k may come back; `{DUPLICATE}`: the duplicate distance calibrated for the model [default: "
+                        "no limit].",
+        )] = None,
     ) -> list[dict[str, Any]]:
         """The k stored images closest to the uploaded one: the JSON of `imsearch find --json` (a list with one
         item), each match with its image and thumbnail URL, plus where the query class came from and timings."""
         name = upload_name(file.filename)
+        # checked (and the name resolved) once, before the upload is decoded
+        limit = await run_in_threadpool(imsearch.max_distance, (max_distance or "").strip() or None)
         file_too_large = HTTPException(413, f"{name}: larger than the {megabytes(max_upload_bytes)} upload limit")
         if file.size is not None and file.size > max_upload_bytes:
             raise file_too_large
@@ -412,7 +424,7 @@ def create_app(
             data = await file.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise file_too_large
-            item = await run_in_threadpool(search_upload, imsearch, data, name, mode, k, query_class or None)
+            item = await run_in_threadpool(search_upload, imsearch, data, name, mode, k, query_class or None, limit)
         for match in item["matches"]:
             match["image"] = str(request.url_for("image", image_id=match["id"]))
             match["thumbnail"] = str(request.url_for("thumbnail", image_id=match["id"]))

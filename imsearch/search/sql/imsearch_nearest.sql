@@ -1,4 +1,4 @@
-CREATE OR REPLACE FUNCTION public.imsearch_nearest(image_id bigint, k integer DEFAULT 5, mode text DEFAULT 'all'::text)
+CREATE OR REPLACE FUNCTION public.imsearch_nearest(image_id bigint, k integer DEFAULT 5, mode text DEFAULT 'all'::text, max_distance double precision DEFAULT NULL::double precision)
  RETURNS TABLE(rank integer, id bigint, path text, class text, distance double precision)
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
@@ -31,6 +31,11 @@ BEGIN
         RAISE EXCEPTION 'unknown mode %; use one of all, same, other', quote_nullable(mode)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- NULL: no limit. NaN sorts above every number, so NaN >= 2 holds; said on its own for a clearer condition
+    IF max_distance = 'NaN' OR max_distance < 0 OR max_distance >= 2 THEN
+        RAISE EXCEPTION 'max_distance must be a cosine distance, at least 0 and below 2, or NULL, not %',
+            max_distance USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT i.embedding, i.class, i.sha256 INTO q, q_class, q_sha FROM images i WHERE i.id = image_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no stored image has id %', image_id USING ERRCODE = 'no_data_found';
@@ -54,6 +59,7 @@ BEGIN
             ORDER BY i.embedding <=> q
             LIMIT k
         ) n
+        WHERE max_distance IS NULL OR n.distance <= max_distance
         ORDER BY 1;
         RETURN;
     END IF;
@@ -82,6 +88,7 @@ BEGIN
                 ORDER BY l2_normalize(i.embedding)::halfvec(2048) <#> l2_normalize(q)
                 LIMIT k
             ) n
+            WHERE max_distance IS NULL OR n.distance <= max_distance
             ORDER BY 1;
             RETURN;
         END IF;
@@ -94,6 +101,7 @@ BEGIN
             ORDER BY i.embedding <=> q
             LIMIT k
         ) n
+        WHERE max_distance IS NULL OR n.distance <= max_distance
         ORDER BY 1;
         RETURN;
     END IF;
@@ -123,6 +131,7 @@ BEGIN
             ORDER BY 4
             LIMIT k
         ) n
+        WHERE max_distance IS NULL OR n.distance <= max_distance
         ORDER BY 1;
         RETURN;
     END IF;
@@ -155,8 +164,9 @@ BEGIN
         PERFORM set_config('enable_sort', 'off', true);
         RETURN QUERY EXECUTE
             'SELECT (row_number() OVER (ORDER BY u.distance, u.id))::integer, u.id, u.path, u.class, u.distance '
-            'FROM (' || array_to_string(branches, ' UNION ALL ') || ' ORDER BY distance LIMIT $3) u ORDER BY 1'
-        USING q, q_sha, k, l2_normalize(q);
+            'FROM (' || array_to_string(branches, ' UNION ALL ') || ' ORDER BY distance LIMIT $3) u '
+            'WHERE $5 IS NULL OR u.distance <= $5 ORDER BY 1'
+        USING q, q_sha, k, l2_normalize(q), max_distance;
         RETURN;
     END IF;
     IF small_only OR NOT iterative THEN
@@ -171,6 +181,7 @@ BEGIN
         ORDER BY i.embedding <=> q
         LIMIT k
     ) n
+    WHERE max_distance IS NULL OR n.distance <= max_distance
     ORDER BY 1;
 END
 $function$

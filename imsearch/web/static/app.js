@@ -12,6 +12,7 @@
   const classField = $("class-field");
   const classSelect = $("class");
   const kInput = $("k");
+  const maxDistanceInput = $("max-distance");
   const errorBox = $("error");
   const statusBox = $("status");
   const results = $("results");
@@ -81,6 +82,8 @@
     body.append("file", file, file.name);
     body.append("mode", mode());
     body.append("k", String(k));
+    const maxDistance = maxDistanceInput.value.trim();  // the server checks it: a number, or the calibrated name
+    if (maxDistance) body.append("max_distance", maxDistance);
     if (mode() !== "all" && chosenClass) body.append("class", chosenClass);
     const request = ++latest;
     statusBox.textContent = `Searching for ${file.name}…`;
@@ -183,7 +186,7 @@
       chosenClass = classSelect.value;
       search();
     }
-    if (event.target === kInput) search();
+    if (event.target === kInput || event.target === maxDistanceInput) search();
   });
   form.addEventListener("submit", (event) => {
     event.preventDefault();
