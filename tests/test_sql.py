@@ -17,10 +17,8 @@ from PIL import Image
 from imsearch import ImsearchError, search
 from imsearch.cli import cli
 from imsearch.db.sqlaccess import (
-    DEFAULT_DUPLICATE_DISTANCE,
     READER_FUNCTIONS,
     READER_VIEWS,
-    duplicates,
     grant_reader,
 )
 from tests.conftest import copy_photos, scratch_database
@@ -140,7 +138,7 @@ def test_nearest_equals_find_through_the_other_class_indexes(shared, conn, monke
 
 def test_functions_search_other_classes_with_finds_beam(conn):
     """The functions mirror find's planning in SQL; a beam changed in imsearch.search needs a migration too."""
-    for function in ("imsearch_nearest(bigint, integer, text)", "imsearch_class_correspondence(integer, text)"):
+    for function in READER_FUNCTIONS[:2]:
         definition = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)", (function,)).fetchone()[0]
         assert f"greatest({search.BRANCH_EF_SEARCH}, 2 * k)" in definition, function
         assert f"greatest({search.EF_SEARCH}, 2 * k)" in definition, function
@@ -270,8 +268,8 @@ def test_grant_reader_updates_a_role_and_refuses_a_superuser(shared, reader_role
     assert conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (reader_role,)).fetchone()[0] != hashed
     grants = conn.execute(
         "SELECT has_table_privilege(%(r)s, 'image_catalog', 'SELECT'), "
-        "has_function_privilege(%(r)s, 'imsearch_nearest(bigint, integer, text)', 'EXECUTE'), "
-        "has_table_privilege(%(r)s, 'images', 'SELECT')", {"r": reader_role}).fetchone()
+        "has_function_privilege(%(r)s, %(f)s, 'EXECUTE'), "
+        "has_table_privilege(%(r)s, 'images', 'SELECT')", {"r": reader_role, "f": READER_FUNCTIONS[0]}).fetchone()
     assert grants == (True, True, False)
     me = conn.execute("SELECT current_user").fetchone()[0]
     with pytest.raises(ImsearchError, match="is the role imsearch connects as"):
@@ -301,14 +299,14 @@ def test_reader_objects_are_the_ones_the_migration_made(conn):
         assert row == (False,), signature  # the function exists, and only granted roles may call it
 
 
-def test_duplicates_finds_a_copy_and_a_reencode_and_nothing_else(app, photos, database_url):
+def test_duplicates_finds_a_copy_and_a_reencode_and_nothing_else(app, photos, database_url, weights):
     copied = sorted(photos.glob("kitchen/*.jpg"))[0]
     shutil.copy2(copied, photos / "living_room" / "copied.jpg")
     reencoded = sorted(photos.glob("bedroom/*.jpg"))[1]
     with Image.open(reencoded) as im:
         im.convert("RGB").save(photos / "bedroom" / "reencoded.jpg", "JPEG", quality=75)
     assert app.ingest(photos).added == 22
-    groups = duplicates(app.store)
+    groups, used = app.duplicates()
     expected = [
         [str(reencoded.resolve()), str((photos / "bedroom" / "reencoded.jpg").resolve())],
         [str(copied.resolve()), str((photos / "living_room" / "copied.jpg").resolve())],
@@ -316,18 +314,15 @@ def test_duplicates_finds_a_copy_and_a_reencode_and_nothing_else(app, photos, da
     assert [[i.path for i in g.images] for g in groups] == [sorted(e) for e in expected]
     byte_copy = groups[1]
     assert [i.nearest for i in byte_copy.images] == pytest.approx([0.0, 0.0], abs=1e-6)
-    [only] = duplicates(app.store, threshold=1e-6)
-    assert only.images == byte_copy.images
+    assert used.sample > 0 and used.bits < used.hash_neighbour_bits_p05  # calibrated on the stored photos
 
     runner = CliRunner()
-    base = ["--database-url", database_url, "duplicates"]
+    base = ["--database-url", database_url, "duplicates", "--weights", weights]
     result = runner.invoke(cli, base, catch_exceptions=False)
     assert result.exit_code == 0
     assert result.stdout.splitlines()[0].split() == ["group", "id", "class", "nearest", "path"]
-    assert f"2 group(s) of near-duplicates, 4 image(s), at cosine distance <= {DEFAULT_DUPLICATE_DISTANCE}" \
-        in result.stdout
+    assert f"2 group(s) of duplicates, 4 image(s); {used.verdict()}" in result.stdout
     printed = json.loads(runner.invoke(cli, [*base, "--json"], catch_exceptions=False).stdout)
     assert [[i["path"] for i in g["images"]] for g in printed] == [sorted(e) for e in expected]
     assert [g["group"] for g in printed] == [1, 2]
-    assert str(DEFAULT_DUPLICATE_DISTANCE) in runner.invoke(cli, ["duplicates", "--help"]).stdout
     assert runner.invoke(cli, [*base, "--threshold", "2"]).exit_code == 2

@@ -20,8 +20,8 @@ from ..errors import BadImage, ImsearchError
 from ..files import sha256_bytes
 from ..model import pixels
 from ..model.embed import Model
-from ..model.pixels import Preprocess
 from ..model.phash import hamming
+from ..model.pixels import Preprocess
 
 # `find --max-distance duplicate`, the web API's max_distance and SQL's imsearch_duplicate_distance() take this name
 DUPLICATE = "duplicate"
@@ -172,10 +172,7 @@ def save(conn: psycopg.Connection[Any], c: Calibration) -> None:
 def override(conn: psycopg.Connection[Any], model: str, *, distance: float | None = None,
              hash_bits: int | None = None, clear: bool = False) -> None:
     """Set (or with `clear`, remove) the user's duplicate distance and hash threshold for a calibrated model."""
-    if distance is not None and not (0 <= distance < 2):  # NaN fails both
-        raise ImsearchError(f"the duplicate distance is a cosine distance, at least 0 and below 2, not {distance}")
-    if hash_bits is not None and not 0 <= hash_bits <= 64:
-        raise ImsearchError(f"the hash threshold is a number of bits from 0 to 64, not {hash_bits}")
+    check(distance, hash_bits)
     cur = conn.execute(
         "UPDATE model_calibration SET override_distance = CASE WHEN %(clear)s THEN NULL "
         "ELSE coalesce(%(d)s, override_distance) END, override_hash_bits = CASE WHEN %(clear)s THEN NULL "
@@ -184,6 +181,14 @@ def override(conn: psycopg.Connection[Any], model: str, *, distance: float | Non
     )
     if cur.rowcount == 0:
         raise NotCalibrated(f"model {model} is not calibrated yet: run `imsearch calibrate` first")
+
+
+def check(distance: float | None, hash_bits: int | None) -> None:
+    """Refuse a duplicate distance that is no cosine distance (NaN included) and a hash threshold beyond 64 bits."""
+    if distance is not None and not (0 <= distance < 2):  # NaN fails both
+        raise ImsearchError(f"the duplicate distance is a cosine distance, at least 0 and below 2, not {distance}")
+    if hash_bits is not None and not 0 <= hash_bits <= 64:
+        raise ImsearchError(f"the hash threshold is a number of bits from 0 to 64, not {hash_bits}")
 
 
 @dataclass(frozen=True)

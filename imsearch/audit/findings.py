@@ -88,6 +88,8 @@ class Audit:
     class_thresholds: dict[str, float]
     seconds: float
     files_readable: bool = True
+    agreement: float | None = None  # share of labelled images whose neighbours' vote picks their stored class
+    chance: float | None = None  # the same for a vote that knew nothing: the largest class's share
     keep_rule: str = KEEP_RULE
     notes: tuple[str, ...] = field(default=())
 
@@ -117,6 +119,8 @@ class Audit:
                            "outlier_distance": self.outlier_fence,
                            "label_class_thresholds": {c: round(t, 6) for c, t in self.class_thresholds.items()}},
             "keep_rule": self.keep_rule, "unhashed": self.unhashed, "notes": list(self.notes),
+            "agreement": None if self.agreement is None else round(self.agreement, 4),
+            "chance": None if self.chance is None else round(self.chance, 4),
             "counts": {kind: len({f.id for f in self.of(kind)}) for kind in KINDS},
             "per_class": self.counts(),
             "confusions": [{"class": a, "suggested_class": b, "images": n}
@@ -151,7 +155,7 @@ class _Rows:
     def at(self, image_id: int) -> int:
         return int(np.searchsorted(self.ids, image_id))
 
-    def cls(self, i: int) -> str | None:
+    def cls(self, i: int | np.integer) -> str | None:
         c = int(self.classes[i])
         return None if c < 0 else self.names[c]
 
@@ -214,7 +218,9 @@ def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K
     pairs = _pairs(conn, rows, near, duplicate)
     findings: list[Finding] = []
     findings += _leaks_and_groups(rows, pairs)
-    thresholds, labels = _label_suspects(rows, near.nbr, near.dist, duplicate, k)
+    thresholds, labels, agreement = _label_suspects(rows, near.nbr, near.dist, duplicate, k)
+    counts = Counter(rows.names[c] for c in rows.classes if c >= 0)
+    chance = max(counts.values()) / sum(counts.values()) if counts else None
     findings += labels
     fence, outliers = _outliers(rows, near.nbr, near.dist, k)
     findings += outliers
@@ -225,9 +231,13 @@ def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K
     if not files_readable:
         notes.append("no stored file could be read: the model's distances are not calibrated, and the audit works "
                      "from the stored rows alone (exact content and the stored hashes find duplicates)")
-    return Audit(calibration.model, len(rows.ids), k, calibration, tuple(findings),
-                 dict(Counter(rows.names[c] for c in rows.classes if c >= 0)), near.unhashed, fence, thresholds,
-                 time.perf_counter() - started, files_readable, notes=tuple(notes))
+    if agreement is not None:
+        notes.append(f"the neighbours' vote picks the stored class for {agreement:.1%} of the images (a vote that "
+                     f"knew nothing: {chance:.1%}, the largest class's share); the nearer the two, the less a label "
+                     "suspect means")
+    return Audit(calibration.model, len(rows.ids), k, calibration, tuple(findings), dict(counts), near.unhashed,
+                 fence, thresholds, time.perf_counter() - started, files_readable, agreement, chance,
+                 notes=tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -430,12 +440,12 @@ def _distance_between(pairs: dict[tuple[int, int], _Pair], i: int, j: int) -> fl
 
 
 def _label_suspects(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, duplicate: np.ndarray, k: int
-                    ) -> tuple[dict[str, float], list[Finding]]:
+                    ) -> tuple[dict[str, float], list[Finding], float | None]:
     """Class scores from each image's k nearest that are not its copies, weighted by 1/distance; an image is
     suspect when another class outscores its own and reaches that class's threshold."""
     n, c = len(rows.ids), len(rows.names)
     if c < 2 or n == 0:
-        return {}, []
+        return {}, [], None
     voters = (nbr >= 0) & ~duplicate
     voters &= np.cumsum(voters, axis=1) <= k  # the first k that are not copies
     codes = np.where(nbr >= 0, rows.classes[np.maximum(nbr, 0)], -1)
@@ -463,7 +473,8 @@ def _label_suspects(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, duplicate: n
                                 suggested_class=rows.names[j], partner=shown[0] if shown else None,
                                 neighbours=shown))
     findings.sort(key=lambda f: -f.score)
-    return {rows.names[j]: float(threshold[j]) for j in range(c)}, findings
+    agreement = float(np.mean(share[labelled].argmax(axis=1) == rows.classes[labelled])) if labelled.any() else None
+    return {rows.names[j]: float(threshold[j]) for j in range(c)}, findings, agreement
 
 
 def _outliers(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, k: int) -> tuple[float | None, list[Finding]]:

@@ -86,7 +86,7 @@ def calibration_text(c: Calibration) -> str:
     if rows:
         lines.append(table(("copy", "distance p50", "distance max", "hash bits p50", "hash bits max"), rows))
         lines.append(f"nearest distinct photo: cosine distance p05 {_n(c.neighbour_distance_p05)}, "
-                     f"p50 {_n(c.details.get('neighbour_distance_p50'))}; hash bits min "
+                     f"p50 {_n(c.details.get('neighbour_distance_p50'))}; hash bits p05 "
                      f"{c.hash_neighbour_bits_p05}")
     lines.append(c.verdict())
     return "\n".join(lines)

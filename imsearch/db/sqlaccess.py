@@ -1,4 +1,4 @@
-"""Plain SQL for BI tools: a read-only login role, and groups of near-duplicate stored images.
+"""Plain SQL for BI tools: a read-only login role that can read imsearch's views, tables and functions.
 
 The SQL objects themselves (imsearch_nearest, imsearch_class_correspondence, imsearch_duplicate_pairs and the
 views image_catalog, class_summary, class_correspondence) belong to migration 0002, imsearch_duplicate_pairs as
@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..errors import ImsearchError, ModelMismatch
+from ..errors import ImsearchError
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,6 @@ PUBLIC_WRITERS = ("lo_creat", "lo_create", "lo_from_bytea", "lo_import", "pg_log
 # The attributes a reader must not have, as pg_roles names them and as ALTER ROLE takes them away.
 PRIVILEGED_ATTRIBUTES = (("rolcreatedb", "CREATEDB"), ("rolcreaterole", "CREATEROLE"),
                          ("rolreplication", "REPLICATION"), ("rolbypassrls", "BYPASSRLS"))
-
-# Cosine distance at or below which two stored images count as duplicates. Measured with bench/duplicates.py on
-# the shared base photos with the stand-in weights (docs/sql.md): byte copies and JPEG re-encodes fall below
-# it (at most 0.0043), every distinct photo above (at least 0.0172).
-DEFAULT_DUPLICATE_DISTANCE = 0.008
-# Each image's nearest neighbours that are checked; larger groups still join up through their members.
-DUPLICATE_NEIGHBOURS = 10
 
 ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -191,7 +184,8 @@ def _refuse_more_than_a_login(conn: psycopg.Connection[Any], name: str, oid: int
             SELECT 'database ' || datname AS what, datacl AS acl, 'CONNECT' AS granted
             FROM pg_database WHERE datname = current_database()
             UNION ALL SELECT 'schema public', nspacl, 'USAGE' FROM pg_namespace WHERE nspname = 'public'
-            UNION ALL SELECT CASE relkind WHEN 'v' THEN 'view ' ELSE 'table ' END || oid::regclass, relacl, 'SELECT' FROM pg_class
+            UNION ALL SELECT CASE relkind WHEN 'v' THEN 'view ' ELSE 'table ' END || oid::regclass, relacl, 'SELECT'
+            FROM pg_class
             WHERE oid = ANY (%(views)s::regclass[])
             UNION ALL SELECT 'function ' || oid::regprocedure, proacl, 'EXECUTE' FROM pg_proc
             WHERE oid = ANY (%(functions)s::regprocedure[])
@@ -329,71 +323,3 @@ def readers(conn: psycopg.Connection[Any]) -> list[str]:
         (READER_FUNCTIONS[0],),
     ).fetchall()
     return [r[0] for r in rows]
-
-
-@dataclass(frozen=True)
-class DuplicateImage:
-    """One member of a duplicate group; `nearest` is its distance to the closest other member."""
-
-    id: int
-    path: str
-    cls: str | None
-    nearest: float
-
-
-@dataclass(frozen=True)
-class DuplicateGroup:
-    """Stored images linked by cosine distances at or below the threshold (connected components)."""
-
-    number: int
-    images: tuple[DuplicateImage, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.number,
-            "images": [{"id": i.id, "path": i.path, "class": i.cls, "nearest": round(i.nearest, 6)}
-                       for i in self.images],
-        }
-
-
-def duplicates(store: Store, threshold: float = DEFAULT_DUPLICATE_DISTANCE,
-               neighbours: int = DUPLICATE_NEIGHBOURS) -> list[DuplicateGroup]:
-    """Groups of near-duplicate stored images: pairs from the HNSW index in SQL, joined into components here."""
-    if not 0 <= threshold < 2:
-        raise ImsearchError(f"the threshold is a cosine distance between 0 and 2, not {threshold}")
-    conn = store.conn
-    models = conn.execute("SELECT count(DISTINCT model) FROM images").fetchone()
-    if models is not None and models[0] > 1:
-        raise ModelMismatch(
-            f"the database holds images embedded with {models[0]} models, whose distances do not compare; "
-            "run `imsearch ingest DIR --reembed` to re-embed them with one model"
-        )
-    pairs = conn.execute(
-        "SELECT id, duplicate_id, distance FROM imsearch_duplicate_pairs(%s, %s)", (threshold, neighbours)
-    ).fetchall()
-    parent: dict[int, int] = {}
-
-    def root(x: int) -> int:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    nearest: dict[int, float] = {}
-    for a, b, distance in pairs:
-        parent[root(a)] = root(b)
-        nearest[a] = min(nearest.get(a, distance), distance)
-        nearest[b] = min(nearest.get(b, distance), distance)
-    info = {
-        r[0]: (r[1], r[2])
-        for r in conn.execute("SELECT id, path, class FROM images WHERE id = ANY(%s)", (list(nearest),)).fetchall()
-    }
-    members: dict[int, list[DuplicateImage]] = {}
-    for image_id, distance in nearest.items():
-        if image_id in info:  # else deleted meanwhile
-            path, cls = info[image_id]
-            members.setdefault(root(image_id), []).append(DuplicateImage(image_id, path, cls, float(distance)))
-    ordered = sorted((sorted(m, key=lambda i: i.path) for m in members.values() if len(m) > 1),
-                     key=lambda m: m[0].path)
-    return [DuplicateGroup(n, tuple(m)) for n, m in enumerate(ordered, start=1)]
