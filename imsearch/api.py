@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import psycopg
@@ -19,7 +19,7 @@ from . import search
 from .audit import calibration, findings
 from .audit.calibration import DUPLICATE, SAMPLE, Calibration, duplicate_distance
 from .audit.findings import Audit, DuplicateGroup, stored_model
-from .db.store import OTHER_INDEX_PREFIX, Store
+from .db.store import OTHER_INDEX_PREFIX, Store, connect
 from .errors import BadImage, ImsearchError, UnknownClass
 from .evaluation.metrics import Evaluation, score
 from .files import ImageFile, WalkProblem, sha256_bytes, walk
@@ -524,7 +524,8 @@ class Imsearch:
         with self._lock:
             measured = self._thresholds(recalibrate, duplicate_distance, hash_bits, calibrating)
             conn = self.store.conn
-            result = findings.audit(conn, measured, k=k, progress=progress, files_readable=measured.sample > 0)
+            result = findings.audit(conn, measured, k=k, progress=progress, files_readable=measured.sample > 0,
+                                    connect=self._connector(), same_class=self._same_class())
             findings.write(conn, result)
             return result
 
@@ -534,7 +535,25 @@ class Imsearch:
         """Groups of stored copies by the audit's copy rule, and the thresholds used (calibrated first if needed)."""
         with self._lock:
             used = self._thresholds(False, distance, hash_bits, calibrating)
-            return findings.duplicate_groups(self.store.conn, used, progress), used
+            return findings.duplicate_groups(self.store.conn, used, progress, self._connector()), used
+
+    def _connector(self) -> Callable[[], psycopg.Connection[Any]]:
+        """Opens more connections to this database, for work on several at once (the audit's pass); it does not
+        touch `self`, so threads may call it while the caller holds `_lock`."""
+        url = self.store.url
+        return lambda: connect(url)
+
+    def _same_class(self) -> Callable[[np.ndarray, str, str, int], list[tuple[int, float]]]:
+        """Mode same for stored vectors, planned as find plans it: what the audit searches its suspects again with."""
+        library = self._library("same")
+        store = self.store
+
+        def run(vector: np.ndarray, cls: str, sha: str, k: int) -> list[tuple[int, float]]:
+            query_plan = search.plan("same", k=k, cls=cls, counts=library.counts, indexed=library.indexed,
+                                     pgvector=store.pgvector)
+            return [(m.id, m.distance) for m in search.run(store.conn, vector, "same", k=k, cls=cls, skip_sha=sha,
+                                                           query_plan=query_plan)]
+        return run
 
     def _thresholds(self, recalibrate: bool, distance: float | None, hash_bits: int | None,
                     progress: Progress | None) -> Calibration:
@@ -543,7 +562,7 @@ class Imsearch:
         conn = self.store.conn
         model = stored_model(conn)
         measured = None if recalibrate else calibration.load(conn, model)
-        if measured is None:
+        if measured is None or measured.sample == 0:  # none, or none from files: they may be readable now
             measured = self._calibrate(model, SAMPLE, progress)
         if distance is not None:
             measured = dataclasses.replace(measured, override_distance=distance)

@@ -41,7 +41,8 @@ def test_rows_without_files_are_audited_without_the_model(audited):
     assert result.calibration.sample == 0 and result.calibration.bits == UNMEASURED_HASH_BITS
     assert result.calibration.distance is None
     assert len(loaded.flipped) == ROWS // 50
-    print(f"{ROWS:,} rows: COPY {loaded.load_s:.1f} s, HNSW builds {loaded.build_s:.1f} s, audit {result.seconds:.1f} s")
+    print(f"{ROWS:,} rows: COPY {loaded.load_s:.1f} s, HNSW builds {loaded.build_s:.1f} s, "
+          f"audit {result.seconds:.1f} s")
 
 
 def test_label_suspects_are_the_flipped_rows(audited):

@@ -1,29 +1,33 @@
 """The audit pass: every stored image's nearest neighbours, through the indexes, turned into findings.
 
-One pass over the table in id order, a batch of images per statement: each image's K nearest by the embedding
-(mode all, HNSW) and its nearest by the perceptual hash (HNSW on bit(64)). Only those neighbour lists are kept
-(n x K ids and distances, 8 MB per 100k images at K = 10): never an all-pairs matrix.
+One pass over the table, a batch of images per statement on a few connections at once: each image's 2K nearest by
+the embedding (mode all, HNSW) and its nearest by the perceptual hash (HNSW on bit(64)). Only those neighbour
+lists are kept (n x 2K ids and distances, 16 MB per 100k images at K = 10): never an all-pairs matrix.
 
 - duplicates: the same bytes, a hash within the calibrated bits, or (where the model separates copies from
   neighbours) an embedding within the calibrated distance; linked into groups, each naming one image to keep;
 - leaks: such duplicates filed under different classes;
-- label suspects: a distance-weighted vote of the neighbours, the image itself and its duplicates left out, gives
-  class scores; an image is suspect when another class scores above its own and above that class's own
-  threshold, the mean score its own members give it (confident learning, as cleanlab's find_label_issues);
+- label suspects: a vote of the K nearest that are not the image's copies, weighted by 1/distance, gives class
+  scores; an image is suspect when another class outscores its own, by a margin that ranks the suspects (the
+  vote is out-of-sample, as cleanlab's kNN label issues: no image votes for itself or through its copies);
 - outliers: a nearest-neighbour distance beyond the library's far-out fence, Q3 + 3 x IQR (Tukey).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import psycopg
 
 from ..errors import ImsearchError, ModelMismatch
+from ..model.phash import hamming
 from .calibration import Calibration
 
 KINDS = ("label", "leak", "duplicate", "outlier")
@@ -35,7 +39,15 @@ HASH_NEIGHBOURS = 8
 # Among duplicates, the one kept: the most pixels, then the largest file, then the first stored.
 KEEP_RULE = "most pixels, then largest file, then first stored"
 
+# Connections searching at once: the server runs each search in its own process.
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+# HNSW candidate list per search (hnsw.ef_search), at least twice the neighbours fetched.
+EF_SEARCH = 64
+
 Progress = Callable[[int, int], None]
+Connect = Callable[[], psycopg.Connection[Any]]
+# (embedding, class, sha256 to leave out, k) -> [(id, cosine distance)], nearest first: find's mode same.
+SameClass = Callable[[np.ndarray, str, str, int], list[tuple[int, float]]]
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,7 @@ class Audit:
     classes: dict[str, int]
     unhashed: int
     outlier_fence: float | None
-    class_thresholds: dict[str, float]
+    class_agreement: dict[str, float]  # per class: the share of its images whose neighbours' vote picks it
     seconds: float
     files_readable: bool = True
     agreement: float | None = None  # share of labelled images whose neighbours' vote picks their stored class
@@ -116,8 +128,8 @@ class Audit:
             "model": self.model, "images": self.images, "k": self.k, "seconds": round(self.seconds, 3),
             "calibration": self.calibration.to_json(),
             "thresholds": {"duplicate_distance": self.calibration.distance, "hash_bits": self.calibration.bits,
-                           "outlier_distance": self.outlier_fence,
-                           "label_class_thresholds": {c: round(t, 6) for c, t in self.class_thresholds.items()}},
+                           "outlier_distance": self.outlier_fence},
+            "class_agreement": {c: round(t, 6) for c, t in self.class_agreement.items()},
             "keep_rule": self.keep_rule, "unhashed": self.unhashed, "notes": list(self.notes),
             "agreement": None if self.agreement is None else round(self.agreement, 4),
             "chance": None if self.chance is None else round(self.chance, 4),
@@ -151,6 +163,7 @@ class _Rows:
     pixels: np.ndarray
     bytes: np.ndarray
     sha: list[str]
+    phash: list[int | None]
 
     def at(self, image_id: int) -> int:
         return int(np.searchsorted(self.ids, image_id))
@@ -164,8 +177,8 @@ class _Rows:
 
 
 def _rows(conn: psycopg.Connection[Any]) -> _Rows:
-    rows = conn.execute("SELECT id, path, class, width::bigint * height, bytes, sha256 FROM images ORDER BY id"
-                        ).fetchall()
+    rows = conn.execute("SELECT id, path, class, width::bigint * height, bytes, sha256, phash::text FROM images "
+                        "ORDER BY id").fetchall()
     names = sorted({r[2] for r in rows if r[2] is not None})
     code = {c: i for i, c in enumerate(names)}
     return _Rows(
@@ -176,6 +189,7 @@ def _rows(conn: psycopg.Connection[Any]) -> _Rows:
         pixels=np.array([r[3] for r in rows], dtype=np.int64),
         bytes=np.array([r[4] for r in rows], dtype=np.int64),
         sha=[r[5] for r in rows],
+        phash=[None if r[6] is None else int(r[6], 2) for r in rows],
     )
 
 
@@ -207,20 +221,31 @@ WHERE s.id = ANY(%(ids)s) AND s.phash IS NOT NULL AND m.bits <= %(bits)s
 
 
 def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K, progress: Progress | None = None,
-          files_readable: bool = True) -> Audit:
-    """Look at every stored image's neighbours and return the findings (see the module's docstring)."""
+          files_readable: bool = True, connect: Connect | None = None, same_class: SameClass | None = None) -> Audit:
+    """Look at every stored image's neighbours and return the findings (see the module's docstring).
+
+    `connect` opens more connections for the pass; `same_class` searches one class (find's mode same), with which
+    the images that look mislabelled or alone are searched again within their own class before they are reported.
+    """
     if not 1 <= k <= 100:
         raise ImsearchError(f"k must be between 1 and 100, not {k}")
     started = time.perf_counter()
     rows = _rows(conn)
-    near = _neighbours(conn, rows, 2 * k, calibration.bits, progress)  # room for the copies left out of the vote
+    near = _neighbours(conn, rows, 2 * k, calibration.bits, progress, connect)  # room for copies left out of votes
     duplicate = _duplicate_mask(rows, calibration, near)
+    if same_class is not None:
+        _, suspects = _label_suspects(rows, near.nbr, near.dist, duplicate, k)
+        _, alone = _outliers(rows, near.nbr, near.dist, k)
+        _recheck(conn, rows, near, {rows.at(f.id) for f in suspects + alone}, same_class)
+        duplicate = _duplicate_mask(rows, calibration, near)
     pairs = _pairs(conn, rows, near, duplicate)
     findings: list[Finding] = []
     findings += _leaks_and_groups(rows, pairs)
-    thresholds, labels, agreement = _label_suspects(rows, near.nbr, near.dist, duplicate, k)
+    per_class, labels = _label_suspects(rows, near.nbr, near.dist, duplicate, k)
     counts = Counter(rows.names[c] for c in rows.classes if c >= 0)
     chance = max(counts.values()) / sum(counts.values()) if counts else None
+    agreement = sum(per_class[c] * counts[c] for c in per_class) / sum(counts[c] for c in per_class) \
+        if per_class else None
     findings += labels
     fence, outliers = _outliers(rows, near.nbr, near.dist, k)
     findings += outliers
@@ -236,7 +261,7 @@ def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K
                      f"knew nothing: {chance:.1%}, the largest class's share); the nearer the two, the less a label "
                      "suspect means")
     return Audit(calibration.model, len(rows.ids), k, calibration, tuple(findings), dict(counts), near.unhashed,
-                 fence, thresholds, time.perf_counter() - started, files_readable, agreement, chance,
+                 fence, per_class, time.perf_counter() - started, files_readable, agreement, chance,
                  notes=tuple(notes))
 
 
@@ -268,10 +293,10 @@ DUPLICATE_NEIGHBOURS = 10
 
 
 def duplicate_groups(conn: psycopg.Connection[Any], calibration: Calibration,
-                     progress: Progress | None = None) -> list[DuplicateGroup]:
+                     progress: Progress | None = None, connect: Connect | None = None) -> list[DuplicateGroup]:
     """Groups of stored images that are copies of each other by the audit's rule, whatever their classes."""
     rows = _rows(conn)
-    near = _neighbours(conn, rows, DUPLICATE_NEIGHBOURS, calibration.bits, progress)
+    near = _neighbours(conn, rows, DUPLICATE_NEIGHBOURS, calibration.bits, progress, connect)
     pairs = _pairs(conn, rows, near, _duplicate_mask(rows, calibration, near))
     parent: dict[int, int] = {}
     nearest: dict[int, float] = {}
@@ -311,23 +336,62 @@ class _Near:
 
 
 def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bits: int,
-                progress: Progress | None) -> _Near:
-    """One pass over the table, BATCH images per statement, through the HNSW indexes."""
+                progress: Progress | None, connect: Connect | None = None) -> _Near:
+    """One pass over the table, BATCH images per statement, through the HNSW indexes; with `connect`, on up to
+    WORKERS connections at once (the server searches each in its own process)."""
     n = len(rows.ids)
     near = _Near(np.full((n, fetch), -1, dtype=np.int32), np.full((n, fetch), np.inf, dtype=np.float32),
                  np.full((n, fetch), 65, dtype=np.int16), [],
                  int(conn.execute("SELECT count(*) FROM images WHERE phash IS NULL").fetchone()[0]))  # type: ignore[index]
-    for start in range(0, n, BATCH):
-        ids = rows.ids[start:start + BATCH].tolist()
-        with conn.transaction():
-            conn.execute("SELECT set_config('hnsw.ef_search', %s, true), set_config('enable_seqscan', 'off', true)",
-                         (str(max(64, 2 * fetch)),))
-            if _iterates(conn):
-                conn.execute("SELECT set_config('hnsw.iterative_scan', 'off', true)")
-            found = conn.execute(NEIGHBOURS_SQL, {"k": fetch, "ids": ids}).fetchall()
-            if near.unhashed < n:
-                near.hash_pairs += conn.execute(
-                    HASH_SQL, {"n": HASH_NEIGHBOURS, "ids": ids, "bits": hash_bits}).fetchall()
+    hashed = near.unhashed < n
+    starts = range(0, n, BATCH)
+    workers = min(WORKERS, len(starts)) if connect is not None else 1
+    if workers <= 1:
+        batches: Iterator[tuple[int, list[Any], list[Any]]] = (
+            (start, *_batch(conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed))
+            for start in starts)
+        _fill(rows, near, fetch, batches, progress)
+        return near
+    local = threading.local()
+    opened: list[psycopg.Connection[Any]] = []
+    lock = threading.Lock()
+
+    def run(start: int) -> tuple[int, list[Any], list[Any]]:
+        if not hasattr(local, "conn"):
+            local.conn = connect()  # type: ignore[misc]
+            with lock:
+                opened.append(local.conn)
+        return (start, *_batch(local.conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed))
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imsearch-audit") as pool:
+            _fill(rows, near, fetch, (f.result() for f in as_completed([pool.submit(run, s) for s in starts])),
+                  progress)
+    finally:
+        for c in opened:
+            c.close()
+    return near
+
+
+def _batch(conn: psycopg.Connection[Any], ids: list[int], fetch: int, hash_bits: int, hashed: bool
+           ) -> tuple[list[Any], list[Any]]:
+    """The embedding neighbours and the hash pairs of one batch of images, in one transaction."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('hnsw.ef_search', %s, true), set_config('enable_seqscan', 'off', true)",
+                     (str(max(EF_SEARCH, 2 * fetch)),))
+        if _iterates(conn):
+            conn.execute("SELECT set_config('hnsw.iterative_scan', 'off', true)")
+        found = conn.execute(NEIGHBOURS_SQL, {"k": fetch, "ids": ids}).fetchall()
+        pairs = conn.execute(HASH_SQL, {"n": HASH_NEIGHBOURS, "ids": ids, "bits": hash_bits}).fetchall() \
+            if hashed else []
+    return found, pairs
+
+
+def _fill(rows: _Rows, near: _Near, fetch: int, batches: Iterable[tuple[int, list[Any], list[Any]]],
+          progress: Progress | None) -> None:
+    n, done = len(rows.ids), 0
+    for start, found, pairs in batches:
+        near.hash_pairs += pairs
         filled: dict[int, int] = {}
         for sid, mid, d, b in sorted(found, key=lambda r: (r[0], r[2])):
             i, j = rows.at(sid), rows.at(mid)
@@ -337,9 +401,39 @@ def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bit
             if col < fetch:
                 near.nbr[i, col], near.dist[i, col], near.bits[i, col] = j, d, 65 if b is None else b
                 filled[i] = col + 1
+        done += len(rows.ids[start:start + BATCH])
         if progress:
-            progress(min(start + BATCH, n), n)
-    return near
+            progress(done, n)
+
+
+def _recheck(conn: psycopg.Connection[Any], rows: _Rows, near: _Near, candidates: set[int],
+             same_class: SameClass) -> None:
+    """Search the candidates' own class again and merge what it finds into their neighbour lists.
+
+    One graph over the whole table can strand a search in a crowded cluster of another class: at 100k synthetic
+    rows, the clean images that looked mislabelled had recall@10 0.08 against 0.97 for the rest (docs/audit.md).
+    Their own class's search (its own index, or an exact scan of a small class) finds the neighbours it missed.
+    """
+    labelled = sorted(i for i in candidates if rows.classes[i] >= 0)
+    if not labelled:
+        return
+    vectors = dict(conn.execute("SELECT id, embedding FROM images WHERE id = ANY(%s)",
+                                ([int(rows.ids[i]) for i in labelled],)).fetchall())
+    n, fetch = len(rows.ids), near.nbr.shape[1]
+    for i in labelled:
+        vector = vectors.get(int(rows.ids[i]))
+        if vector is None:
+            continue  # deleted meanwhile
+        merged = {int(j): (float(d), int(b)) for j, d, b in zip(near.nbr[i], near.dist[i], near.bits[i]) if j >= 0}
+        for mid, d in same_class(np.asarray(vector.to_numpy(), dtype=np.float32), rows.cls(i) or "", rows.sha[i],
+                                 fetch):
+            j = rows.at(mid)
+            if j < n and rows.ids[j] == mid and j != i and j not in merged:
+                a, b = rows.phash[i], rows.phash[j]
+                merged[j] = (d, 65 if a is None or b is None else hamming(a, b))
+        nearest = sorted(merged.items(), key=lambda item: item[1][0])[:fetch]
+        for col, (j, (d, b)) in enumerate(nearest):
+            near.nbr[i, col], near.dist[i, col], near.bits[i, col] = j, d, b
 
 
 def _iterates(conn: psycopg.Connection[Any]) -> bool:
@@ -440,12 +534,15 @@ def _distance_between(pairs: dict[tuple[int, int], _Pair], i: int, j: int) -> fl
 
 
 def _label_suspects(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, duplicate: np.ndarray, k: int
-                    ) -> tuple[dict[str, float], list[Finding], float | None]:
-    """Class scores from each image's k nearest that are not its copies, weighted by 1/distance; an image is
-    suspect when another class outscores its own and reaches that class's threshold."""
+                    ) -> tuple[dict[str, float], list[Finding]]:
+    """Class scores from each image's k nearest that are not its copies, weighted by 1/distance and summing to 1;
+    an image is suspect when another class outscores its own. Its score is the margin, from 0 to 1.
+
+    Returns, per class, the share of its images whose vote picks it, and the findings, largest margin first.
+    """
     n, c = len(rows.ids), len(rows.names)
     if c < 2 or n == 0:
-        return {}, [], None
+        return {}, []
     voters = (nbr >= 0) & ~duplicate
     voters &= np.cumsum(voters, axis=1) <= k  # the first k that are not copies
     codes = np.where(nbr >= 0, rows.classes[np.maximum(nbr, 0)], -1)
@@ -457,24 +554,22 @@ def _label_suspects(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, duplicate: n
     total = scores.sum(axis=1, keepdims=True)
     share = np.divide(scores, total, out=np.zeros_like(scores), where=total > 0)
     labelled = (rows.classes >= 0) & (total[:, 0] > 0)
-    own = np.where(labelled, share[np.arange(n), np.maximum(rows.classes, 0)], 0.0)
-    threshold = np.array([share[labelled & (rows.classes == j), j].mean() if np.any(labelled & (rows.classes == j))
-                          else 1.0 for j in range(c)])
+    given = np.maximum(rows.classes, 0)
+    own = share[np.arange(n), given]
+    rivals = share.copy()
+    rivals[np.arange(n), given] = -1.0
+    rival, suggested = rivals.max(axis=1), rivals.argmax(axis=1)
     findings = []
-    for i in np.flatnonzero(labelled):
-        given = rows.classes[i]
-        rivals = [(share[i, j], j) for j in range(c) if j != given and share[i, j] >= threshold[j]
-                  and share[i, j] > own[i]]
-        if not rivals:
-            continue
-        top, j = max(rivals)
+    for i in np.flatnonzero(labelled & (rival > own)):
         shown = tuple(rows.neighbour(int(x), float(d)) for x, d, v in zip(nbr[i], dist[i], voters[i]) if v)
-        findings.append(Finding("label", int(rows.ids[i]), rows.paths[i], rows.cls(i), float(top - own[i]),
-                                suggested_class=rows.names[j], partner=shown[0] if shown else None,
+        findings.append(Finding("label", int(rows.ids[i]), rows.paths[i], rows.cls(i), float(rival[i] - own[i]),
+                                suggested_class=rows.names[int(suggested[i])], partner=shown[0] if shown else None,
                                 neighbours=shown))
     findings.sort(key=lambda f: -f.score)
-    agreement = float(np.mean(share[labelled].argmax(axis=1) == rows.classes[labelled])) if labelled.any() else None
-    return {rows.names[j]: float(threshold[j]) for j in range(c)}, findings, agreement
+    picked = share.argmax(axis=1) == rows.classes
+    agreement = {rows.names[j]: float(picked[labelled & (rows.classes == j)].mean())
+                 for j in range(c) if np.any(labelled & (rows.classes == j))}
+    return agreement, findings
 
 
 def _outliers(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, k: int) -> tuple[float | None, list[Finding]]:
