@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from ..model.embed import DIMENSIONS
+from ..vectors import DIMENSIONS
 
 metadata = MetaData()
 

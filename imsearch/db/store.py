@@ -15,9 +15,9 @@ from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 
 from ..errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOutdated, ServerCrashed
-from ..model.embed import DIMENSIONS
 from ..search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
 from ..settings import build_memory
+from ..vectors import DIMENSIONS
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DIMENSIONS = 2048
-
 
 @dataclass(frozen=True)
 class NamedWeights:
