@@ -32,7 +32,9 @@ import numpy as np
 from PIL import Image
 from synthetic import bench_server, drop_database, fresh_database
 
-from imsearch.db.store import Store, connect, upgrade
+from imsearch.db.connect import connect
+from imsearch.db.migrate import upgrade
+from imsearch.db.store import Store
 from imsearch.ingest import default_workers, ingest
 from imsearch.model import pixels
 from imsearch.model.embed import get_embedder

@@ -34,7 +34,9 @@ from psycopg import sql
 from synthetic import COMMON, GENERATORS, RARE, bench_server, drop_database, fill, fresh_database
 
 from imsearch import search
-from imsearch.db.store import Store, upgrade
+from imsearch.db import indexes
+from imsearch.db.migrate import upgrade
+from imsearch.db.store import Store
 
 OVERFETCH = """
 SELECT id FROM (SELECT id, class, embedding <=> %(q)s AS distance FROM images
@@ -76,7 +78,7 @@ def report(label: str, got: list[list[int]], truth: list[set[int]], seconds: lis
 def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
     conn = store.conn
     counts = dict(store.classes())
-    indexed = store.indexed_classes(counts)
+    indexed = indexes.indexed_classes(store.conn, counts)
     qs = gen.vectors(cls, 2 * queries)
     exact = search.plan("other", k=k, cls=cls, counts=counts, exact=True)
     truth = [{m.id for m in search.run(conn, q, "other", k=k, cls=cls, skip_sha=None, query_plan=exact)}
@@ -113,7 +115,7 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
     conn.execute("SET max_parallel_maintenance_workers = 1")
     t = time.perf_counter()
     conn.execute("SELECT imsearch_index_other(%s)", (cls,))
-    size = sum(n for _, n in store.other_indexes())
+    size = sum(n for _, n in indexes.other_indexes(store.conn))
     print(f"  other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
 
     def through_imsearch(label: str, efs: tuple[int, ...], ours: bool = True) -> None:
@@ -132,7 +134,7 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
     try:
         through_imsearch("other-class index", OTHER_EFS)
     finally:
-        store.drop_other_indexes()
+        indexes.drop_other_indexes(store.conn)
     # -- the same fold in the denser graph it was first built as: imsearch's query, whichever graph is there
     with scratch_index(conn, "other_fold32", search.FOLD, cls, "folded index, m 32, ef_construction 200"):
         through_imsearch("folded m 32", (200, 250), ours=False)

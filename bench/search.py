@@ -23,7 +23,10 @@ from pgvector import HalfVector
 from synthetic import COMMON, GENERATORS, RARE, Generator, bench_server, drop_database, fill, fresh_database
 
 from imsearch import search
-from imsearch.db.store import OTHER_INDEX_PREFIX, Store, upgrade
+from imsearch.db import indexes
+from imsearch.db.migrate import upgrade
+from imsearch.db.store import Store
+from imsearch.search import OTHER_INDEX_PREFIX
 
 CASES = (("all", None), ("same", COMMON[1]), ("same", RARE), ("other", COMMON[1]), ("other", RARE))
 
@@ -36,8 +39,8 @@ def measure(store: Store, gen: Generator, queries: int, k: int,
     interleaved, each exact scan would push the index pages the next query needs out of the server's cache.
     """
     counts = dict(store.classes())
-    indexed = store.indexed_classes(counts)
-    others_indexed = store.indexed_classes(counts, OTHER_INDEX_PREFIX)
+    indexed = indexes.indexed_classes(store.conn, counts)
+    others_indexed = indexes.indexed_classes(store.conn, counts, OTHER_INDEX_PREFIX)
     plans = {case: search.plan(case[0], k=k, cls=case[1], counts=counts, indexed=indexed,
                                others_indexed=others_indexed, pgvector=store.pgvector)
              for case in cases}
@@ -143,9 +146,9 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
                 store.conn.execute("SET maintenance_work_mem = '4GB'")
                 store.conn.execute("SET max_parallel_maintenance_workers = 1")
                 t = time.perf_counter()
-                built = store.ensure_other_indexes(search.EXACT_MAX_ROWS)
+                built = indexes.ensure_other_indexes(store, search.EXACT_MAX_ROWS)
                 seconds = time.perf_counter() - t
-                size = sum(n for _, n in store.other_indexes())
+                size = sum(n for _, n in indexes.other_indexes(store.conn))
                 print(f"imsearch db index-other: {len(built)} other-class indexes {seconds:.1f} s, "
                       f"{size / 2**20:,.0f} MiB")
                 after = insert_ms(store, gen)

@@ -19,7 +19,9 @@ from pgvector.psycopg import register_vector
 
 from imsearch import search
 from imsearch.db import embedded
-from imsearch.db.store import CLASS_INDEX_PREFIX, Store
+from imsearch.db.indexes import ensure_class_indexes
+from imsearch.db.store import Store
+from imsearch.search import CLASS_INDEX_PREFIX
 
 DIMS = 2048
 COMMON = ["bathroom", "bedroom", "dining_room", "kitchen", "living_room"]
@@ -153,7 +155,7 @@ def fill(url: str, gen: Generator, rows: int, plain: bool = False) -> tuple[floa
         store.conn.execute("SET maintenance_work_mem = '4GB'")
         store.conn.execute("SET max_parallel_maintenance_workers = 1")
         t = time.perf_counter()
-        classes = store.ensure_class_indexes(search.EXACT_MAX_ROWS)
+        classes = ensure_class_indexes(store, search.EXACT_MAX_ROWS)
         class_s = time.perf_counter() - t
         class_size = store.conn.execute(
             "SELECT coalesce(sum(pg_relation_size(indexrelid)), 0) FROM pg_index JOIN pg_class c ON c.oid = indexrelid "
@@ -236,7 +238,7 @@ def fill_audit(url: str, gen: Generator, rows: int, seed: int = 0, flip: float =
             conn.execute(indexdef)
         conn.execute("ANALYZE images")
     with Store(url) as store:  # as `imsearch ingest` leaves a library: a class past the exact size has its index
-        store.ensure_class_indexes(search.EXACT_MAX_ROWS)
+        ensure_class_indexes(store, search.EXACT_MAX_ROWS)
     build_s = time.perf_counter() - t
     return Labelled(n, copies, flipped, load_s, build_s)
 

@@ -19,7 +19,10 @@ from . import search
 from .audit import calibration, findings
 from .audit.calibration import DUPLICATE, SAMPLE, Calibration, duplicate_distance
 from .audit.findings import Audit, DuplicateGroup, stored_model
-from .db.store import OTHER_INDEX_PREFIX, Store, connect
+from .db import indexes
+from .db.connect import connect
+from .db.indexes import Library
+from .db.store import Store
 from .errors import BadImage, ImsearchError, UnknownClass
 from .evaluation.metrics import Evaluation, score
 from .files import ImageFile, WalkProblem, sha256_bytes, walk
@@ -68,15 +71,6 @@ class Embedded:
     vector: np.ndarray
     sha256: str | None
     folder: str | None
-
-
-@dataclass(frozen=True)
-class _Library:
-    """What the planner needs to know of the stored library, read once for a batch of queries."""
-
-    counts: dict[str, int]
-    indexed: frozenset[str]
-    others_indexed: frozenset[str]
 
 
 def _limit(value: float | str | None) -> float | str | None:
@@ -196,7 +190,7 @@ class Imsearch:
                             prune=prune, reembed=reembed, progress=progress, stop=stop)
             if not result.interrupted:
                 # A class past the exact-scan size gets its own HNSW index (see imsearch/search/__init__.py).
-                self.store.ensure_class_indexes(search.EXACT_MAX_ROWS)
+                indexes.ensure_class_indexes(self.store, search.EXACT_MAX_ROWS)
             return result
 
     def index_other_classes(self, drop: bool = False) -> list[str]:
@@ -205,37 +199,20 @@ class Imsearch:
         now. Ingest keeps them complete from then on. With `drop`, remove them all instead."""
         with self._lock:
             if drop:
-                self.store.drop_other_indexes()
+                indexes.drop_other_indexes(self.store.conn)
                 return []
-            return self.store.ensure_other_indexes(search.EXACT_MAX_ROWS)
+            return indexes.ensure_other_indexes(self.store, search.EXACT_MAX_ROWS)
 
     def check_other_indexes(self, *, sample: int = 50, k: int = 5) -> float | None:
-        """Recall@k of mode other through the other-class indexes against an exact scan, with up to `sample`
-        stored photos of indexed classes as queries; None without such indexes.
-
-        Their graphs hold a fold of the embedding (migration 0006), whose recall depends on the embeddings, so it
-        is measured on the library's own rather than assumed (docs/scaling.md).
-        """
+        """Recall@k of mode other through the other-class indexes against an exact scan, on up to `sample` stored
+        photos; None without such indexes (imsearch.db.indexes.other_recall)."""
         with self._lock:
-            store = self.store
-            library = self._library("other")
-            rows = store.conn.execute(
-                "SELECT embedding, class, sha256 FROM images WHERE class = ANY(%s) ORDER BY random() LIMIT %s",
-                (sorted(library.others_indexed), sample),
-            ).fetchall()
-            found = wanted = 0
-            for embedding, cls, sha in rows:
-                vector = np.asarray(embedding.to_numpy(), dtype=np.float32)
-                answers = []
-                for exact in (False, True):
-                    query_plan = search.plan("other", k=k, cls=cls, counts=library.counts, indexed=library.indexed,
-                                             others_indexed=library.others_indexed, pgvector=store.pgvector,
-                                             exact=exact)
-                    answers.append({m.id for m in search.run(store.conn, vector, "other", k=k, cls=cls,
-                                                             skip_sha=sha, query_plan=query_plan)})
-                found += len(answers[0] & answers[1])
-                wanted += len(answers[1])
-        return found / wanted if wanted else None
+            return indexes.other_recall(self.store, sample=sample, k=k)
+
+    def other_indexes(self) -> list[tuple[str, int]]:
+        """The other-class indexes with their sizes in bytes."""
+        with self._lock:
+            return indexes.other_indexes(self.store.conn)
 
     # -- find ----------------------------------------------------------------------------------------------
 
@@ -323,7 +300,7 @@ class Imsearch:
             return duplicate_distance(self.store.conn, identity)
 
     def _search(self, query: Embedded, mode: str, *, k: int, query_class: str | None, include_self: bool,
-                exact: bool, library: _Library, class_from_top_match: bool = False,
+                exact: bool, library: Library, class_from_top_match: bool = False,
                 max_distance: float | None = None) -> FindResult:
         """`search` with the library's classes and indexes read once for many queries, and max_distance
         resolved once (`max_distance`)."""
@@ -362,13 +339,10 @@ class Imsearch:
                 raise store.lost(exc, "searching") from None
         return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact, class_source=source)
 
-    def _library(self, mode: str) -> _Library:
+    def _library(self, mode: str) -> Library:
         """The stored classes, those with their own index, and (mode other only) those with an other-class index."""
         with self._lock:
-            counts = dict(self.store.classes())
-            indexed = self.store.indexed_classes(c for c, n in counts.items() if n > search.EXACT_MAX_ROWS)
-            others = self.store.indexed_classes(counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
-        return _Library(counts, frozenset(indexed), frozenset(others))
+            return indexes.stored_library(self.store, mode)
 
     def find(
         self,
@@ -390,7 +364,7 @@ class Imsearch:
         self._load_model_meanwhile()
         with phase("database"), self._lock:
             library = self._library(mode)  # the database first: a wrong URL fails before the model is used
-            if log.isEnabledFor(logging.DEBUG) and (note := self.store.cache_shortfall()) is not None:
+            if log.isEnabledFor(logging.DEBUG) and (note := indexes.cache_shortfall(self.store.conn)) is not None:
                 log.debug(note)
         embedded = self.embed(list(queries), names=names)
         with phase("search"):

@@ -420,7 +420,10 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Create or migrate imsearch's schema to the newest revision."""
-    from .db.store import Store, redact, upgrade
+    from .db.connect import redact
+    from .db.indexes import cache_shortfall
+    from .db.migrate import upgrade
+    from .db.store import Store
     from .settings import Settings, libpq_url, server_log
 
     settings = Settings.from_env(ctx.obj["database_url"])
@@ -428,7 +431,7 @@ def db_upgrade(ctx: click.Context) -> None:
     revision = upgrade(url, server_log(settings))
     click.echo(f"{redact(url)}: schema at revision {revision}")
     with Store(url) as store:
-        if (note := store.cache_shortfall()) is not None:
+        if (note := cache_shortfall(store.conn)) is not None:
             click.echo(f"note: {note}", err=True)
 
 
@@ -494,7 +497,7 @@ def db_index_other(ctx: click.Context, drop: bool) -> None:
     app = _app(ctx)
     started = time.perf_counter()
     built = app.index_other_classes(drop=drop)
-    indexes = app.store.other_indexes()
+    indexes = app.other_indexes()
     if not drop:
         click.echo(f"built {len(built)} other-class index{'es' if len(built) != 1 else ''} "
                    f"in {time.perf_counter() - started:.1f} s")

@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, text
 
 from imsearch.db.schema import metadata
-from imsearch.db.store import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
+from imsearch.search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
 from imsearch.settings import Settings, libpq_url, sqlalchemy_url
 
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.

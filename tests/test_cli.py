@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from imsearch import cli as cli_mod
 from imsearch.cli import cli
-from imsearch.db.store import SCHEMA_REVISION
+from imsearch.db.migrate import SCHEMA_REVISION
 from imsearch.terminal import RANK_COLUMNS
 
 

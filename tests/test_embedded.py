@@ -10,7 +10,7 @@ import psycopg
 
 from imsearch.db.embedded import start as start_embedded
 from imsearch.db.embedded import stop
-from imsearch.db.store import SCHEMA_REVISION
+from imsearch.db.migrate import SCHEMA_REVISION
 from imsearch.settings import build_memory_mb, shared_buffers_mb
 
 
@@ -67,7 +67,7 @@ def test_a_data_folder_of_the_previous_embedded_build_keeps_its_rows_and_indexes
 
     from imsearch import Imsearch
     from imsearch.db import embedded
-    from imsearch.db.store import migrations_folder
+    from imsearch.db.migrate import migrations_folder
     from imsearch.settings import sqlalchemy_url
     from tests.conftest import copy_photos
 

@@ -17,7 +17,7 @@ from pgvector.psycopg import register_vector
 from PIL import Image
 
 from imsearch.api import Embedded, FindResult
-from imsearch.db.store import upgrade
+from imsearch.db.migrate import upgrade
 from imsearch.evaluation import pictures
 from imsearch.evaluation.metrics import (
     AVERAGE_PRECISION,

@@ -16,8 +16,10 @@ from fastapi.testclient import TestClient
 from imsearch import ImsearchError, search
 from imsearch.audit.calibration import DUPLICATE, NotCalibrated
 from imsearch.cli import cli
+from imsearch.db.indexes import ensure_class_indexes
+from imsearch.db.migrate import migrations_folder
 from imsearch.db.sqlaccess import grant_reader
-from imsearch.db.store import Store, migrations_folder
+from imsearch.db.store import Store
 from imsearch.web import create_app
 from tests.conftest import copy_photos, scratch_database
 
@@ -159,7 +161,7 @@ def test_every_plan_of_nearest_drops_the_same_tail(shared, conn, monkeypatch):
     monkeypatch.setattr(search, "EXACT_MAX_ROWS", 0)
     conn.execute("SET imsearch.exact_max_rows = 0")
     check()  # no class index: the whole-table index, iteratively
-    app.store.ensure_class_indexes(0)
+    ensure_class_indexes(app.store, 0)
     try:
         check()  # mode same through the class's index, mode other the union of them
         app.index_other_classes()

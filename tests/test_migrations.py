@@ -6,7 +6,8 @@ import psycopg
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from imsearch.db.store import SCHEMA_REVISION, Store, migrations_folder, upgrade
+from imsearch.db.migrate import SCHEMA_REVISION, migrations_folder, upgrade
+from imsearch.db.store import Store
 
 
 def test_code_expects_the_newest_migration():

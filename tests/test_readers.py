@@ -315,7 +315,7 @@ def test_0008_refuses_what_0007_answered_with_every_pair_and_downgrade_restores_
     from alembic import command
     from alembic.config import Config
 
-    from imsearch.db.store import migrations_folder
+    from imsearch.db.migrate import migrations_folder
     from imsearch.settings import sqlalchemy_url
 
     cfg = Config()

@@ -25,7 +25,8 @@ from alembic.script import ScriptDirectory
 from click.testing import CliRunner, Result
 
 from imsearch.cli import cli
-from imsearch.db.store import SCHEMA_REVISION, explain_connect_error, migrations_folder, redact, upgrade
+from imsearch.db.connect import explain_connect_error, redact
+from imsearch.db.migrate import SCHEMA_REVISION, migrations_folder, upgrade
 from imsearch.files import printable
 from imsearch.settings import sqlalchemy_url
 

@@ -12,9 +12,10 @@ from pgvector import HalfVector
 
 from imsearch import UnknownClass
 from imsearch import search as search_mod
-from imsearch.db import store as store_mod
-from imsearch.db.store import OTHER_INDEX_PREFIX, class_index_name
+from imsearch.db import indexes
+from imsearch.db.indexes import class_index_name
 from imsearch.errors import ImsearchError
+from imsearch.search import OTHER_INDEX_PREFIX
 from tests.conftest import ROOMS, copy_photos
 
 
@@ -144,7 +145,7 @@ def test_large_classes_get_their_own_index_and_the_filtered_modes_use_it(app, ph
     monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)  # every class of 4 photos counts as large
     app.ingest(photos)
     counts = dict(app.classes())
-    assert app.store.indexed_classes(counts) == set(counts)
+    assert indexes.indexed_classes(app.store.conn, counts) == set(counts)
     query = sorted(photos.glob("bedroom/*.jpg"))[0]
     vector = app.embed([query])[0].vector
     for mode in ("same", "other"):
@@ -162,10 +163,10 @@ def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_t
     app.ingest(photos)
     counts = dict(app.classes())
     assert sorted(app.index_other_classes()) == sorted(counts)
-    assert app.store.indexed_classes(counts, OTHER_INDEX_PREFIX) == set(counts)
+    assert indexes.indexed_classes(app.store.conn, counts, OTHER_INDEX_PREFIX) == set(counts)
     query = sorted(photos.glob("bedroom/*.jpg"))[0]
     vector = app.embed([query])[0].vector
-    others = app.store.indexed_classes(counts, OTHER_INDEX_PREFIX)
+    others = indexes.indexed_classes(app.store.conn, counts, OTHER_INDEX_PREFIX)
     for mode, index in (("other", "images_embedding_hnsw_o_"), ("same", "images_embedding_hnsw_c_")):
         plan = search_mod.plan(mode, k=5, cls="bedroom", counts=counts, indexed=set(counts), others_indexed=others)
         text = search_mod.explain(app.store.conn, vector, mode, k=5, cls="bedroom", query_plan=plan)
@@ -180,8 +181,8 @@ def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_t
     for src in sorted((ROOMS / "base" / "kitchen").glob("*.jpg"))[4:8]:
         shutil.copy2(src, cellar / src.name)
     assert app.ingest(cellar.parent).added == 4
-    assert "wine_cellar" in app.store.indexed_classes(["wine_cellar"], OTHER_INDEX_PREFIX)
-    assert app.index_other_classes(drop=True) == [] and app.store.other_indexes() == []
+    assert "wine_cellar" in indexes.indexed_classes(app.store.conn, ["wine_cellar"], OTHER_INDEX_PREFIX)
+    assert app.index_other_classes(drop=True) == [] and indexes.other_indexes(app.store.conn) == []
 
 
 def test_the_query_folds_the_embedding_as_the_other_class_index_does(app, photos, monkeypatch):
@@ -214,10 +215,10 @@ def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not
                                                                                       caplog):
     monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
     monkeypatch.setenv("IMSEARCH_BUILD_MEMORY", "100MB")
-    monkeypatch.setattr(store_mod, "GRAPH_BYTES_PER_ROW", 2**30)  # 4 rows then need 4 GB
-    with caplog.at_level(logging.WARNING, logger="imsearch.db.store"):
+    monkeypatch.setattr(indexes, "GRAPH_BYTES_PER_ROW", 2**30)  # 4 rows then need 4 GB
+    with caplog.at_level(logging.WARNING, logger="imsearch.db.indexes"):
         app.ingest(photos)
-    assert app.store.indexed_classes(dict(app.classes())) == {c for c, _ in app.classes()}
+    assert indexes.indexed_classes(app.store.conn, dict(app.classes())) == {c for c, _ in app.classes()}
     assert app.store.conn.execute("SHOW maintenance_work_mem").fetchone()[0] == "100MB"
     warned = [r.getMessage() for r in caplog.records if "IMSEARCH_BUILD_MEMORY" in r.getMessage()]
     assert len(warned) == 5 and "maintenance_work_mem is 100 MB" in warned[0]

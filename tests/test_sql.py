@@ -16,6 +16,7 @@ from PIL import Image
 
 from imsearch import ImsearchError, search
 from imsearch.cli import cli
+from imsearch.db.indexes import ensure_class_indexes
 from imsearch.db.sqlaccess import (
     READER_FUNCTIONS,
     READER_VIEWS,
@@ -92,7 +93,7 @@ def test_nearest_equals_find_through_the_per_class_indexes(shared, conn, monkeyp
     app, photos, _ = shared
     monkeypatch.setattr(search, "EXACT_MAX_ROWS", 0)
     conn.execute("SET imsearch.exact_max_rows = 0")
-    app.store.ensure_class_indexes(0)
+    ensure_class_indexes(app.store, 0)
     try:
         ids = ids_by_path(conn)
         queries = [sorted(photos.glob(f"{cls}/*.jpg"))[0] for cls in ("dining_room", "living_room")]

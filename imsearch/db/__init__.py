@@ -1,2 +1,3 @@
-"""Vectors to rows: the connection and schema checks (store, schema), the embedded PostgreSQL (embedded), its TCP
-access (server) and BI access (sqlaccess)."""
+"""Vectors to rows: the connection (connect), the schema revision and Alembic (migrate), the table (schema), rows
+(store), the HNSW indexes imsearch builds (indexes), the embedded PostgreSQL (embedded), its TCP access (server),
+perceptual hashes for older rows (hashes) and BI access (sqlaccess)."""

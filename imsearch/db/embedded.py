@@ -563,7 +563,7 @@ def _tune(uri: str) -> None:
     """
     import psycopg
 
-    from .store import update_vector
+    from .migrate import update_vector
 
     wanted = (("shared_buffers", 128, shared_buffers_mb()), ("maintenance_work_mem", 64, build_memory_mb()))
     try:

@@ -22,7 +22,8 @@ from ..errors import BadImage
 from ..files import sha256_bytes
 from ..model import pixels
 from ..model.phash import phash, to_bits
-from .store import Store, scalar
+from .connect import scalar
+from .store import Store
 
 log = logging.getLogger(__name__)
 

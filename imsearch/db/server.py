@@ -100,8 +100,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _readers(info: Any) -> tuple[str, ...]:
+    from .connect import connect
     from .sqlaccess import readers
-    from .store import connect
 
     conn = connect(info.url(), register=False)
     try:
