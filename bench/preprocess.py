@@ -32,10 +32,11 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from imsearch import Imsearch, WeightsUnavailable
+from imsearch.db.embedded import database_url
 from imsearch.evaluation.metrics import PRECISION
 from imsearch.model.embed import get_embedder
 from imsearch.model.pixels import PREPROCESSING
-from imsearch.settings import Settings, libpq_url
+from imsearch.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", ROOT.parent / "shared"))
@@ -126,7 +127,7 @@ def main() -> None:
     # -- the server: DATABASE_URL, else a throwaway embedded one
     if not os.environ.get("DATABASE_URL"):
         os.environ["IMSEARCH_HOME"] = str(tmp / "home")
-    admin_url = libpq_url(Settings.from_env())
+    admin_url = database_url(Settings.from_env())
 
     # -- one fresh database per choice
     choices = [c.strip() for c in args.choices.split(",") if c.strip()]

@@ -21,6 +21,7 @@ from .audit.calibration import DUPLICATE, SAMPLE, Calibration, duplicate_distanc
 from .audit.findings import Audit, DuplicateGroup, stored_model
 from .db import indexes
 from .db.connect import connect
+from .db.embedded import database_url
 from .db.indexes import Library
 from .db.store import Store
 from .errors import BadImage, ImsearchError, UnknownClass
@@ -32,7 +33,7 @@ from .model.embed import Model
 from .model.pixels import PREPROCESSING
 from .model.runtimes import get_model
 from .search import MODES, Match
-from .settings import Settings, libpq_url, server_log
+from .settings import Settings, server_log
 from .timing import done, phase
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,9 @@ class Imsearch:
 
     # -- resources -----------------------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        return libpq_url(self.settings)
+    def database_url(self) -> str:
+        """The URL this library connects to: DATABASE_URL, else the embedded server's, which this starts."""
+        return database_url(self.settings)
 
     @property
     def store(self) -> Store:
@@ -123,7 +124,7 @@ class Imsearch:
             if self._store is None:
                 # imsearch alone uses the embedded database: it is migrated as soon as imsearch is updated
                 embedded = self.settings.database_url is None
-                self._store = Store(self.url, server_log=server_log(self.settings), upgrade_older=embedded)
+                self._store = Store(self.database_url(), server_log=server_log(self.settings), upgrade_older=embedded)
             elif self._store.conn.closed:
                 self._store.reconnect()
             return self._store

@@ -421,13 +421,14 @@ def db() -> None:
 def db_upgrade(ctx: click.Context) -> None:
     """Create or migrate imsearch's schema to the newest revision."""
     from .db.connect import redact
+    from .db.embedded import database_url
     from .db.indexes import cache_shortfall
     from .db.migrate import upgrade
     from .db.store import Store
-    from .settings import Settings, libpq_url, server_log
+    from .settings import Settings, server_log
 
     settings = Settings.from_env(ctx.obj["database_url"])
-    url = libpq_url(settings)
+    url = database_url(settings)
     revision = upgrade(url, server_log(settings))
     click.echo(f"{redact(url)}: schema at revision {revision}")
     with Store(url) as store:
@@ -443,9 +444,10 @@ def db_url(ctx: click.Context, tcp: bool) -> None:
 
     While `imsearch db serve` runs, its TCP connection details follow on stderr.
     """
-    from .settings import Settings, libpq_url
+    from .db.embedded import database_url
+    from .settings import Settings
 
-    url = libpq_url(Settings.from_env(ctx.obj["database_url"]))
+    url = database_url(Settings.from_env(ctx.obj["database_url"]))
     endpoint = None
     if not ctx.obj["database_url"]:
         from .db.server import serving

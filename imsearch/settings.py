@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .timing import phase
-
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 
 
@@ -86,12 +84,9 @@ def server_log(settings: Settings) -> Path | None:
     return None if settings.database_url else embedded_pgdata() / "log"
 
 
-def libpq_url(settings: Settings) -> str:
-    """The libpq connection URI: DATABASE_URL as given, else the embedded server's."""
-    from .db import embedded
-
-    with phase("database server"):
-        url = settings.database_url or embedded.start()
+def libpq_url(url: str) -> str:
+    """The same URI in libpq's form: `postgres://` and SQLAlchemy's `postgresql+psycopg://` become `postgresql://`.
+    Starts nothing: imsearch.db.embedded.database_url gives the URL to connect to."""
     for prefix in ("postgresql+psycopg://", "postgres://"):
         if url.startswith(prefix):
             url = "postgresql://" + url[len(prefix):]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, text
 
+from imsearch.db import embedded
 from imsearch.db.schema import metadata
 from imsearch.search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
-from imsearch.settings import Settings, libpq_url, sqlalchemy_url
+from imsearch.settings import Settings, sqlalchemy_url
 
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
 MIGRATION_LOCK = 7_284_519_311
@@ -24,7 +25,7 @@ def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-
 
 
 def run_migrations_online() -> None:
-    url = config.attributes.get("url") or sqlalchemy_url(libpq_url(Settings.from_env()))
+    url = config.attributes.get("url") or sqlalchemy_url(embedded.database_url(Settings.from_env()))
     engine = create_engine(url)
     with engine.connect() as connection:
         connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})

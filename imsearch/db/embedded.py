@@ -42,7 +42,8 @@ from typing import Any, Iterator
 from urllib.parse import quote
 
 from ..errors import DatabaseUnavailable
-from ..settings import build_memory_mb, embedded_pgdata, shared_buffers_mb
+from ..settings import Settings, build_memory_mb, embedded_pgdata, libpq_url, shared_buffers_mb
+from ..timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,14 @@ def _unregister(pgdata: Path) -> list[int]:
 
 
 _joined: set[Path] = set()
+
+
+def database_url(settings: Settings) -> str:
+    """The URL to connect to: DATABASE_URL, else the embedded server's, starting that server when it is not
+    running (it then stops with the last imsearch process that uses it)."""
+    with phase("database server"):
+        url = settings.database_url or start()
+    return libpq_url(url)
 
 
 def start(pgdata: Path | None = None, *, tune: bool = True) -> str:
