@@ -26,7 +26,8 @@ from .db.indexes import Library
 from .db.store import Store
 from .errors import BadImage, ImsearchError, UnknownClass
 from .evaluation.metrics import Evaluation, score
-from .files import ImageFile, WalkProblem, sha256_bytes, walk
+from .evaluation.queries import evaluation_folder, find_queries
+from .files import sha256_bytes
 from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, ingest
 from .model import pixels
 from .model.embed import Model
@@ -413,27 +414,10 @@ class Imsearch:
         for mode in modes:
             if mode not in search.MODES:
                 raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
-        root = Path(testdir).expanduser()
-        if not root.is_dir():
-            raise ImsearchError(f"{testdir}: not a folder")
+        evaluation_folder(testdir)  # before the database: a wrong path fails first
         counts = dict(self.classes())
-        problems: list[WalkProblem] = []
-        skipped: list[tuple[str, str]] = []
-        unstored: dict[str, int] = {}
-        queries: list[ImageFile] = []
-        for f in walk(root, problems):
-            if f.cls is None:
-                skipped.append((str(f.path), "not in a class folder"))
-            elif f.cls not in counts:
-                unstored[f.cls] = unstored.get(f.cls, 0) + 1
-            else:
-                queries.append(f)
-        skipped += [(p.path, p.reason) for p in problems]
-        if not counts:
-            raise ImsearchError("no classes are stored yet: run `imsearch ingest FOLDER` first")
-        if not queries:
-            raise ImsearchError(f"{testdir}: no images in a sub-folder named after a stored class "
-                                f"(stored classes: {', '.join(sorted(counts))})")
+        found = find_queries(testdir, counts)
+        queries, skipped = found.files, list(found.skipped)  # files that fail to decode join `skipped`
         results: list[FindResult] = []
         libraries = {mode: self._library(mode) for mode in modes}  # once, not per query
         for start in range(0, len(queries), batch_size):
@@ -445,7 +429,7 @@ class Imsearch:
                                 for mode in modes]
             if progress:
                 progress(start + len(batch), len(queries))
-        return score(results, k=k, stored=counts, model=self.embedder.identity, unstored=unstored,
+        return score(results, k=k, stored=counts, model=self.embedder.identity, unstored=found.unstored,
                      skipped=skipped, seconds=time.perf_counter() - started)
 
     def _embed_each(self, paths: Sequence[Path], failed: list[tuple[str, str]]) -> list[Embedded | None]:

@@ -1,2 +1,2 @@
-"""Matches to tables and pages: metrics over ranked matches (metrics), the report folder (report) and its
-pictures (pictures)."""
+"""Matches to tables and pages: the test folder sorted into queries (queries), metrics over ranked matches
+(metrics), the report folder (report) and its pictures (pictures)."""
