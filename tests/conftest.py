@@ -152,6 +152,19 @@ def copy_photos(dest: Path, per_class: int, split: str = "base", start: int = 0)
     return dest
 
 
+@contextlib.contextmanager
+def shared_library(server_url: str, weights: str, tmp_path_factory, name: str):
+    """One database holding 20 photos (4 per class) for a module's tests that only read: ingesting is the slow
+    part. Yields (app, photos, url)."""
+    from imsearch import Imsearch
+
+    photos = copy_photos(tmp_path_factory.mktemp(name) / "photos", 4)
+    with scratch_database(server_url, f"imsearch_test_{name}_{os.getpid()}") as url:
+        with Imsearch(url, weights=weights, device="cpu") as app:
+            assert app.ingest(photos).added == 20
+            yield app, photos, url
+
+
 @pytest.fixture
 def photos(tmp_path) -> Path:
     """A small base folder: 4 room photos in each of the 5 classes."""

@@ -21,7 +21,7 @@ from imsearch.db.migrate import migrations_folder
 from imsearch.db.sqlaccess import grant_reader
 from imsearch.db.store import Store
 from imsearch.web import create_app
-from tests.conftest import copy_photos, scratch_database
+from tests.conftest import shared_library
 
 MODES = ("all", "same", "other")
 NEAREST = "imsearch_nearest(bigint, integer, text, double precision)"
@@ -30,15 +30,8 @@ _roles = itertools.count()
 
 @pytest.fixture(scope="module")
 def shared(server_url, weights, tmp_path_factory):
-    """One database holding 20 photos (4 per class), for the tests that only read (a calibration row comes and
-    goes within its test)."""
-    from imsearch import Imsearch
-
-    photos = copy_photos(tmp_path_factory.mktemp("maxdist") / "photos", 4)
-    with scratch_database(server_url, f"imsearch_test_maxdist_{os.getpid()}") as url:
-        with Imsearch(url, weights=weights, device="cpu") as app:
-            assert app.ingest(photos).added == 20
-            yield app, photos, url
+    with shared_library(server_url, weights, tmp_path_factory, "maxdist") as library:
+        yield library
 
 
 @pytest.fixture

@@ -22,21 +22,15 @@ from imsearch.db.sqlaccess import (
     READER_VIEWS,
     grant_reader,
 )
-from tests.conftest import copy_photos, scratch_database
+from tests.conftest import shared_library
 
 _roles = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def shared(server_url, weights, tmp_path_factory):
-    """One database holding 20 photos (4 per class), for the tests that only read: ingesting is the slow part."""
-    from imsearch import Imsearch
-
-    photos = copy_photos(tmp_path_factory.mktemp("sql") / "photos", 4)
-    with scratch_database(server_url, f"imsearch_test_sql_{os.getpid()}") as url:
-        with Imsearch(url, weights=weights, device="cpu") as app:
-            assert app.ingest(photos).added == 20
-            yield app, photos, url
+    with shared_library(server_url, weights, tmp_path_factory, "sql") as library:
+        yield library
 
 
 @pytest.fixture
