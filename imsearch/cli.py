@@ -118,12 +118,14 @@ def cli(ctx: click.Context, database_url: str | None, debug: bool) -> None:
 def progress_bar(what: str, *, shown: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A `progress(done, total)` callback drawing a bar with images/s on a terminal's stderr (silent elsewhere)."""
     bar = None
-    if shown and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, unit="img", desc=what, file=sys.stderr, dynamic_ncols=True)
+    drawn = shown and sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and drawn:  # drawn from the first step: a stage that never runs shows no empty bar
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="img", desc=what, file=sys.stderr, dynamic_ncols=True)
         if bar is not None:
             bar.total = total
             bar.update(done - bar.n)
