@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from imsearch.audit.calibration import DUPLICATE, NotCalibrated
 from tests.conftest import CLASSES, copy_photos
 
 PER_CLASS = 30
@@ -116,3 +117,5 @@ def test_rows_whose_files_are_gone_are_audited_from_the_rows_and_say_so(stored, 
     counted = dict(stored.store.conn.execute("SELECT kind, count(*) FROM image_audit GROUP BY kind").fetchall())
     findings = [f["kind"] for f in summary["findings"]]
     assert counted == {kind: findings.count(kind) for kind in set(findings)}
+    with pytest.raises(NotCalibrated, match="no stored file could be read to calibrate it"):
+        stored.max_distance(DUPLICATE)

@@ -45,10 +45,13 @@ def duplicate_distance(conn: psycopg.Connection[Any], model: str) -> float:
     if row is None:
         raise NotCalibrated(f"no duplicate distance is calibrated for model {model}: run `imsearch calibrate` "
                             "(or `imsearch audit`, which calibrates first)")
+    if row[0] is None and row[1] is None:
+        raise NotCalibrated(f"model {model} has no duplicate distance: no stored file could be read to calibrate it; "
+                            "give a number, or set one with `imsearch calibrate --set-distance D`")
     if row[0] is None:
         raise NotCalibrated(
             f"model {model} cannot tell a copy from a neighbour: its copies land up to {row[1]:.4f} from their "
-            f"originals, distinct photos from {row[2]:.4f} (`imsearch calibrate` shows the figures); give a number, "
+            f"originals, distinct photos from {_f(row[2])} (`imsearch calibrate` shows the figures); give a number, "
             "or set one with `imsearch calibrate --set-distance D`"
         )
     return float(row[0])
