@@ -5,6 +5,7 @@
     .venv/bin/python bench/search.py --sizes 20000    # any sizes
     .venv/bin/python bench/search.py --server-defaults  # a server nobody tuned (shared_buffers 128 MB, ...)
     .venv/bin/python bench/search.py --plain-storage    # vectors inline in their rows instead of TOAST
+    .venv/bin/python bench/search.py --sql-function     # also time imsearch_nearest() against find's own path
 
 Uses DATABASE_URL when set (each size gets a fresh database, dropped afterwards), else a throwaway server set
 up as imsearch's embedded one. Every query goes through imsearch's own planner (imsearch.search.plan / run),
@@ -123,6 +124,32 @@ def table(rows: list[tuple], k: int, head: bool = True) -> None:
               f"{p95:>7.1f} {exact50:>13.1f}")
 
 
+def sql_function(store: Store, queries: int, k: int) -> None:
+    """Per mode: p50 of `imsearch_nearest(id, k, mode)`, which plans in PL/pgSQL on every call (it counts the
+    classes), against find's path (imsearch.search: the library read once, one statement per query), for the
+    same stored images as queries. What running find through the SQL function would cost per query."""
+    counts = dict(store.classes())
+    library = indexes.stored_library(store, "other")
+    print(f"{'mode / query class':<32} {'imsearch_nearest p50 ms':>24} {'find path p50 ms':>17} {'ratio':>6}")
+    for mode, cls in CASES:
+        rows = store.conn.execute(
+            "SELECT id, embedding, class, sha256 FROM images WHERE %s::text IS NULL OR class = %s "
+            "ORDER BY md5(id::text) LIMIT %s", (cls, cls, 2 * queries)).fetchall()
+        sql_ms, find_ms = [], []
+        for image_id, embedding, image_class, sha in rows:
+            t = time.perf_counter()
+            store.conn.execute("SELECT * FROM imsearch_nearest(%s, %s, %s)", (image_id, k, mode)).fetchall()
+            sql_ms.append(time.perf_counter() - t)
+            vector = np.asarray(embedding.to_numpy(), dtype=np.float32)
+            t = time.perf_counter()
+            plan = search.plan(mode, k=k, cls=image_class, counts=counts, indexed=library.indexed,
+                               others_indexed=library.others_indexed, pgvector=store.pgvector)
+            search.run(store.conn, vector, mode, k=k, cls=image_class, skip_sha=sha, query_plan=plan)
+            find_ms.append(time.perf_counter() - t)
+        a, b = pct(sql_ms[queries:], 50), pct(find_ms[queries:], 50)  # the first half warms up
+        print(f"{mode + ' ' + (cls or ''):<32} {a:>24.1f} {b:>17.1f} {a / b:>6.2f}")
+
+
 def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
     name = f"imsearch_bench_{args.data}_{rows}"
     url = fresh_database(admin_url, name)
@@ -140,6 +167,8 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
                 search.run(store.conn, gen.vectors(COMMON[0], 1)[0], "all", k=args.k, cls=None, skip_sha=None,
                            query_plan=search.plan("all", k=args.k, pgvector=store.pgvector))
             table(measure(store, gen, args.queries, args.k), args.k)
+            if args.sql_function:
+                sql_function(store, args.queries, args.k)
             if args.index_other:
                 before = insert_ms(store, gen)
                 # -- what `imsearch db index-other` changes: mode other through one index per query class
@@ -156,6 +185,8 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
                       f"({after / before:.1f}x)")
                 again = tuple(c for c in CASES if c[0] == "other" or c == ("same", COMMON[1]))  # same: still its own
                 table(measure(store, gen, args.queries, args.k, again), args.k, head=False)
+                if args.sql_function:
+                    sql_function(store, args.queries, args.k)
                 for depth in (int(d) for d in args.other_depths.split(",") if d):
                     search.OTHER_DEPTH = depth
                     print(f"mode other re-ranking {depth} candidates:")
@@ -180,6 +211,8 @@ def main() -> None:
                     help="a throwaway server at PostgreSQL's default settings instead of the tuned embedded one")
     ap.add_argument("--plain-storage", action="store_true",
                     help="store each vector inline in its row (STORAGE PLAIN) instead of out of line (TOAST)")
+    ap.add_argument("--sql-function", action="store_true",
+                    help="also time imsearch_nearest() (planned in SQL on each call) against find's own path")
     ap.add_argument("--other-depths", default="",
                     help="with --index-other, also measure mode other re-ranking these numbers of candidates")
     args = ap.parse_args()
