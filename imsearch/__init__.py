@@ -15,6 +15,7 @@ from .errors import (
     DatabaseUnavailable,
     ImsearchError,
     ModelMismatch,
+    NotCalibrated,
     SchemaOutdated,
     ServerCrashed,
     UnknownClass,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Imsearch", "FindResult", "IngestResult", "Match", "ImsearchError", "BadImage", "DatabaseUnavailable",
-    "ModelMismatch", "SchemaOutdated", "ServerCrashed", "UnknownClass", "WeightsUnavailable",
+    "ModelMismatch", "NotCalibrated", "SchemaOutdated", "ServerCrashed", "UnknownClass", "WeightsUnavailable",
 ]
 
 

@@ -46,3 +46,8 @@ class SchemaOutdated(ImsearchError):
 
 class UnknownClass(ImsearchError):
     """A class mode was asked for, but the query's class is unknown or not stored."""
+
+
+class NotCalibrated(ImsearchError):
+    """The duplicate distance was asked for by name, but the model in use has none (never calibrated, or it cannot
+    tell a copy from a neighbour): `imsearch calibrate` says which."""

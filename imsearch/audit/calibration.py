@@ -16,7 +16,7 @@ import psycopg
 from PIL import Image
 from psycopg.types.json import Jsonb
 
-from ..errors import BadImage, ImsearchError
+from ..errors import BadImage, ImsearchError, NotCalibrated
 from ..files import sha256_bytes
 from ..model import pixels
 from ..model.embed import Model
@@ -25,10 +25,6 @@ from ..model.pixels import Preprocess
 
 # `find --max-distance duplicate`, the web API's max_distance and SQL's imsearch_duplicate_distance() take this name
 DUPLICATE = "duplicate"
-
-
-class NotCalibrated(ImsearchError):
-    """No calibrated duplicate distance exists for the model in use."""
 
 
 def duplicate_distance(conn: psycopg.Connection[Any], model: str) -> float:
