@@ -179,6 +179,7 @@ def test_cli_choices_are_the_librarys():
     assert choices["backend"] == list(runtimes.BACKENDS)
     assert choices["device"] == list(embed.DEVICES)
     assert choices["precision"] == list(embed.PRECISIONS)
+    assert choices["preprocess"] == list(pixels.PREPROCESSING)
 
 
 def test_torch_hub_folder_is_found_without_torch(monkeypatch, tmp_path):
