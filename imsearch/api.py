@@ -459,11 +459,6 @@ class Imsearch:
         with self._lock:
             return self._calibrate(stored_model(self.store.conn), sample, progress)
 
-    def stored_calibration(self) -> Calibration | None:
-        """The stored calibration of the stored rows' model, if it was measured."""
-        with self._lock:
-            return calibration.load(self.store.conn, stored_model(self.store.conn))
-
     def set_calibration(self, *, distance: float | None = None, hash_bits: int | None = None,
                         clear: bool = False) -> Calibration:
         """Override (or with `clear`, stop overriding) the calibrated duplicate distance and hash threshold."""

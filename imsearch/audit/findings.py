@@ -344,11 +344,12 @@ def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bit
                  np.full((n, fetch), 65, dtype=np.int16), [],
                  int(conn.execute("SELECT count(*) FROM images WHERE phash IS NULL").fetchone()[0]))  # type: ignore[index]
     hashed = near.unhashed < n
+    iterates = _iterates(conn)  # the server's pgvector has iterative scans (0.8+): turned off for this pass
     starts = range(0, n, BATCH)
     workers = min(WORKERS, len(starts)) if connect is not None else 1
     if workers <= 1:
         batches: Iterator[tuple[int, list[Any], list[Any]]] = (
-            (start, *_batch(conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed))
+            (start, *_batch(conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed, iterates))
             for start in starts)
         _fill(rows, near, fetch, batches, progress)
         return near
@@ -361,7 +362,8 @@ def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bit
             local.conn = connect()  # type: ignore[misc]
             with lock:
                 opened.append(local.conn)
-        return (start, *_batch(local.conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed))
+        return (start, *_batch(local.conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed,
+                               iterates))
 
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imsearch-audit") as pool:
@@ -373,13 +375,13 @@ def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bit
     return near
 
 
-def _batch(conn: psycopg.Connection[Any], ids: list[int], fetch: int, hash_bits: int, hashed: bool
-           ) -> tuple[list[Any], list[Any]]:
+def _batch(conn: psycopg.Connection[Any], ids: list[int], fetch: int, hash_bits: int, hashed: bool,
+           iterates: bool) -> tuple[list[Any], list[Any]]:
     """The embedding neighbours and the hash pairs of one batch of images, in one transaction."""
     with conn.transaction():
         conn.execute("SELECT set_config('hnsw.ef_search', %s, true), set_config('enable_seqscan', 'off', true)",
                      (str(max(EF_SEARCH, 2 * fetch)),))
-        if _iterates(conn):
+        if iterates:
             conn.execute("SELECT set_config('hnsw.iterative_scan', 'off', true)")
         found = conn.execute(NEIGHBOURS_SQL, {"k": fetch, "ids": ids}).fetchall()
         pairs = conn.execute(HASH_SQL, {"n": HASH_NEIGHBOURS, "ids": ids, "bits": hash_bits}).fetchall() \
