@@ -6,17 +6,21 @@
 Fills a fresh database as bench/search.py does (same generators, same indexes), then for queries of a common class
 and of the rare class, each against an exact scan of `class <> X`:
 
-- union: imsearch's plan (one branch per other class, each through its class index) at several ef_search;
+- union: imsearch's plan (one branch per other class, each through its class index) at several ef_search
+  (the session setting imsearch.branch_ef_search);
 - other-class index: the partial index `WHERE class <> X` that `imsearch db index-other` builds (a 1,024-d fold of
-  the embedding, migration 0006), searched as imsearch searches it: one graph search instead of one per class,
-  its nearest re-ranked by the exact distance;
-- the same fold in the denser graph it was first built as (m 32, ef_construction 200), searched as imsearch does;
+  the embedding, migration 0006), searched by imsearch: one graph search instead of one per class, its nearest
+  re-ranked by the exact distance, at several ef_search (imsearch.other_ef_search);
+- the same fold in the denser graph it was first built as (m 32, ef_construction 200), searched by imsearch;
 - full-width other-class index: the same partial index over the whole unit embedding, as migration 0005 built it;
-- iterative: the whole-table index with `hnsw.iterative_scan = relaxed_order`;
+- iterative: the whole-table index with `hnsw.iterative_scan = relaxed_order`, imsearch's plan when a large other
+  class has no index of its own (here every large class has one, so the bench runs that query itself; the scan
+  counters say whether the whole-table index served it);
 - overfetch (rare X only): the whole-table index's nearest |X| + k rows, filtered afterwards; at most |X| rows of X
   can come first, so the answer is complete whenever the index search is.
 
-The SQL of the designs not taken lives here only; imsearch's own goes through imsearch.search.
+The SQL of the designs not taken lives here only; imsearch's own goes through imsearch.search.run, one call of the
+SQL function imsearch_search, as find does.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from imsearch import search
 from imsearch.db import indexes
 from imsearch.db.migrate import upgrade
 from imsearch.db.store import Store
+from imsearch.search import OTHER_INDEX_PREFIX
 
 OVERFETCH = """
 SELECT id FROM (SELECT id, class, embedding <=> %(q)s AS distance FROM images
@@ -51,6 +56,41 @@ FULL = "l2_normalize(embedding)::halfvec(2048)"
 FULL_WIDTH = f"""
 SELECT id FROM images WHERE class <> %(cls)s ORDER BY {FULL} <=> %(unit)s LIMIT %(k)s
 """
+# The whole-table index scanned iteratively, filtered by `class <> X`: what imsearch_search runs for mode other when
+# a large other class has no index of its own (its last query, under iterative_settings).
+ITERATIVE = """
+SELECT id FROM images WHERE class <> %(cls)s ORDER BY embedding <=> %(q)s LIMIT %(k)s
+"""
+
+
+def iterative_settings(k: int) -> dict[str, str]:
+    return {"hnsw.iterative_scan": "relaxed_order", "hnsw.max_scan_tuples": str(search.MAX_SCAN_TUPLES),
+            "hnsw.ef_search": str(min(max(search.EF_SEARCH, 2 * k), 1000)), "enable_seqscan": "off",
+            "plan_cache_mode": "force_custom_plan"}
+
+
+def local_settings(conn: Any, settings: dict[str, str]) -> None:
+    """Settings for the rest of the transaction (SET LOCAL): pgvector's, the planner's, or imsearch_search's own
+    (imsearch.branch_ef_search, imsearch.other_ef_search), which the function reads when set."""
+    for name, value in settings.items():
+        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+
+
+def index_scans(conn: Any) -> dict[str, int]:
+    """HNSW index scans on images so far, by index name (this connection's own counted first)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    return dict(conn.execute("SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE relname = 'images' "
+                             "AND starts_with(indexrelname, 'images_embedding_hnsw')").fetchall())
+
+
+def scans(conn: Any, settings: dict[str, str], answer: Callable[[], object]) -> dict[str, int]:
+    """The HNSW index scans one query makes under these settings, by index name, from the per-index scan counters
+    (read outside the query's transaction, where the server has counted it)."""
+    before = index_scans(conn)
+    with conn.transaction():
+        local_settings(conn, settings)
+        answer()
+    return {name: n - before.get(name, 0) for name, n in index_scans(conn).items() if n > before.get(name, 0)}
 
 
 def timed(conn: Any, settings: dict[str, str], queries: np.ndarray,
@@ -58,7 +98,7 @@ def timed(conn: Any, settings: dict[str, str], queries: np.ndarray,
     """Answers and seconds per query, after a warm-up pass over the same number of other queries."""
     out, seconds = [], []
     with conn.transaction():
-        search.set_local(conn, tuple(settings.items()))
+        local_settings(conn, settings)
         for q in queries[len(queries) // 2:]:
             answer(q)
         for q in queries[:len(queries) // 2]:
@@ -78,31 +118,25 @@ def report(label: str, got: list[list[int]], truth: list[set[int]], seconds: lis
 def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
     conn = store.conn
     counts = dict(store.classes())
-    indexed = indexes.indexed_classes(store.conn, counts)
     qs = gen.vectors(cls, 2 * queries)
-    exact = search.plan("other", k=k, cls=cls, counts=counts, exact=True)
-    truth = [{m.id for m in search.run(conn, q, "other", k=k, cls=cls, skip_sha=None, query_plan=exact)}
+    truth = [{m.id for m in search.run(conn, q, "other", k=k, cls=cls, skip_sha=None, exact=True)}
              for q in qs[:queries]]
     print(f"\nother {cls}: {sum(n for c, n in counts.items() if c != cls):,} rows pass the filter")
 
-    def imsearch_plan(query_plan: search.Plan) -> Callable[[np.ndarray], list[int]]:
-        return lambda q: [m.id for m in search.run(conn, q, "other", k=k, cls=cls, skip_sha=None,
-                                                    query_plan=query_plan)]
+    def imsearch(q: np.ndarray) -> list[int]:
+        return [m.id for m in search.run(conn, q, "other", k=k, cls=cls, skip_sha=None)]
 
-    default = search.BRANCH_EF_SEARCH
-    try:
-        for ef in EFS:
-            search.BRANCH_EF_SEARCH = ef
-            plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed, pgvector=store.pgvector)
-            got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
-            report(f"union, ef_search {ef}" + (" (imsearch)" if ef == default else ""), got, truth, seconds, k)
-    finally:
-        search.BRANCH_EF_SEARCH = default
+    for ef in EFS:
+        got, seconds = timed(conn, {"imsearch.branch_ef_search": str(ef)}, qs, imsearch)
+        report(f"union, ef_search {ef}" + (" (imsearch)" if ef == search.BRANCH_EF_SEARCH else ""),
+               got, truth, seconds, k)
 
-    iterative = search.plan("other", k=k, cls=cls, counts=counts, pgvector=store.pgvector)  # as with no class index
-    got, seconds = timed(conn, {}, qs, imsearch_plan(iterative))
-    node = search.explain(conn, qs[0], "other", k=k, cls=cls, query_plan=iterative)
-    how = "whole-table index" if "Index Scan using images_embedding_hnsw" in node else "planner chose exact"
+    def iterative(q: np.ndarray) -> list[int]:
+        return [r[0] for r in conn.execute(ITERATIVE, {"q": HalfVector(q), "cls": cls, "k": k})]
+
+    got, seconds = timed(conn, iterative_settings(k), qs, iterative)
+    used = scans(conn, iterative_settings(k), lambda: iterative(qs[0]))
+    how = "whole-table index" if "images_embedding_hnsw" in used else "planner chose exact"
     report(f"iterative scan ({how})", got, truth, seconds, k)
 
     if counts[cls] <= search.EXACT_MAX_ROWS:
@@ -119,27 +153,22 @@ def compare(store: Store, gen: Any, cls: str, queries: int, k: int) -> None:
     print(f"  other-class index: built in {time.perf_counter() - t:.1f} s, {size / 2**20:,.0f} MiB")
 
     def through_imsearch(label: str, efs: tuple[int, ...], ours: bool = True) -> None:
-        saved = search.OTHER_EF_SEARCH
-        default = saved if ours else 0
-        try:
-            for ef in efs:
-                search.OTHER_EF_SEARCH = ef
-                plan = search.plan("other", k=k, cls=cls, counts=counts, indexed=indexed, others_indexed={cls},
-                                   pgvector=store.pgvector)
-                got, seconds = timed(conn, {}, qs, imsearch_plan(plan))
-                report(f"{label}, ef_search {ef}" + (" (imsearch)" if ef == default else ""), got, truth, seconds, k)
-        finally:
-            search.OTHER_EF_SEARCH = saved
+        default = search.OTHER_EF_SEARCH if ours else 0
+        for ef in efs:
+            got, seconds = timed(conn, {"imsearch.other_ef_search": str(ef)}, qs, imsearch)
+            report(f"{label}, ef_search {ef}" + (" (imsearch)" if ef == default else ""), got, truth, seconds, k)
 
     try:
         through_imsearch("other-class index", OTHER_EFS)
     finally:
         indexes.drop_other_indexes(store.conn)
-    # -- the same fold in the denser graph it was first built as: imsearch's query, whichever graph is there
-    with scratch_index(conn, "other_fold32", search.FOLD, cls, "folded index, m 32, ef_construction 200"):
+    # -- the same fold in the denser graph it was first built as, under the other-class index's name, so that
+    # imsearch_search finds it and searches it as its own
+    with scratch_index(conn, indexes.class_index_name(cls, OTHER_INDEX_PREFIX), search.FOLD, cls,
+                       "folded index, m 32, ef_construction 200"):
         through_imsearch("folded m 32", (200, 250), ours=False)
     with scratch_index(conn, "other_full", FULL, cls, "full-width other-class index"):
-        for ef in (200, 250, 400):  # as imsearch's plans: custom plans only, and no sort in place of the index
+        for ef in (200, 250, 400):  # as imsearch_search: custom plans only, and no sort in place of the index
             settings = {"hnsw.ef_search": str(ef), "enable_sort": "off", "plan_cache_mode": "force_custom_plan"}
             got, seconds = timed(conn, settings, qs, lambda q: [
                 r[0] for r in conn.execute(FULL_WIDTH, {"unit": HalfVector(q / np.linalg.norm(q)), "cls": cls,

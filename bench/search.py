@@ -8,16 +8,20 @@
     .venv/bin/python bench/search.py --sql-function     # also time imsearch_nearest() against find's own path
 
 Uses DATABASE_URL when set (each size gets a fresh database, dropped afterwards), else a throwaway server set
-up as imsearch's embedded one. Every query goes through imsearch's own planner (imsearch.search.plan / run),
-exactly as `find` does. `--data noise` swaps the default scene-like vectors for the hard case (see Noise).
+up as imsearch's embedded one. Every query goes through imsearch's own planner, the SQL function imsearch_search,
+via imsearch.search.run, exactly as `find` does; the scan column says which indexes it searched, read from the
+server's per-index scan counters. `--data noise` swaps the default scene-like vectors for the hard case (see Noise).
 Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from pgvector import HalfVector
@@ -27,7 +31,7 @@ from imsearch import search
 from imsearch.db import indexes
 from imsearch.db.migrate import upgrade
 from imsearch.db.store import Store
-from imsearch.search import OTHER_INDEX_PREFIX
+from imsearch.search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
 
 CASES = (("all", None), ("same", COMMON[1]), ("same", RARE), ("other", COMMON[1]), ("other", RARE))
 
@@ -40,46 +44,58 @@ def measure(store: Store, gen: Generator, queries: int, k: int,
     interleaved, each exact scan would push the index pages the next query needs out of the server's cache.
     """
     counts = dict(store.classes())
-    indexed = indexes.indexed_classes(store.conn, counts)
-    others_indexed = indexes.indexed_classes(store.conn, counts, OTHER_INDEX_PREFIX)
-    plans = {case: search.plan(case[0], k=k, cls=case[1], counts=counts, indexed=indexed,
-                               others_indexed=others_indexed, pgvector=store.pgvector)
-             for case in cases}
     draws = {case: gen.vectors(case[1] or COMMON[2], 2 * queries) for case in cases}
 
-    def timed(case: tuple[str, str | None], qs: np.ndarray, query_plan: search.Plan, limit: int = k) -> tuple:
+    def timed(case: tuple[str, str | None], qs: np.ndarray, exact: bool = False, limit: int = k) -> tuple:
         answers, seconds = [], []
         for q in qs:
             t = time.perf_counter()
-            answers.append(search.run(store.conn, q, case[0], k=limit, cls=case[1], skip_sha=None,
-                                      query_plan=query_plan))
+            answers.append(search.run(store.conn, q, case[0], k=limit, cls=case[1], skip_sha=None, exact=exact))
             seconds.append(time.perf_counter() - t)
         return answers, seconds
 
     for case in cases:
-        timed(case, draws[case][queries:], plans[case])
-    fast = {case: timed(case, draws[case][:queries], plans[case]) for case in cases}
+        timed(case, draws[case][queries:])
+    fast = {case: timed(case, draws[case][:queries]) for case in cases}
     out = []
     for case in cases:
         mode, cls = case
-        exact_plan = search.plan(mode, k=k, cls=cls, counts=counts, pgvector=store.pgvector, exact=True)
-        truth, slow = timed(case, draws[case][:queries], exact_plan)
+        truth, slow = timed(case, draws[case][:queries], exact=True)
         got = fast[case][0]
         recalls = [len({m.id for m in g} & {m.id for m in t}) / len(t) for g, t in zip(got, truth)]
         short = sum(len(g) < k for g in got)
-        deep, _ = timed(case, draws[case][:10], exact_plan, limit=LID_K)
+        deep, _ = timed(case, draws[case][:10], exact=True, limit=LID_K)
         filtered = None if mode == "all" else (counts[cls] if mode == "same" else
                                                sum(n for c, n in counts.items() if c != cls))
-        node = search.explain(store.conn, draws[case][0], mode, k=k, cls=cls, query_plan=plans[case])
-        scan = ("class" if "images_embedding_hnsw_c_" in node else "other-class" if OTHER_INDEX_PREFIX in node else
-                "hnsw" if "Index Scan using images_embedding_hnsw" in node else "exact")
-        if plans[case].branches:
-            exact_branches = sum(e for _, e in plans[case].branches)
-            scan = f"union: {node.count('images_embedding_hnsw_c_')} class idx, {exact_branches} exact"
         label = mode if cls is None else f"{mode} {cls} ({filtered:,} rows)"
+        scan = scan_of(store, draws[case][0], case, k, counts)
         out.append((label, scan, lid(deep), statistics.mean(recalls), min(recalls), short,
                     pct(fast[case][1], 50), pct(fast[case][1], 95), pct(slow, 50)))
     return out
+
+
+def index_scans(conn: Any) -> dict[str, int]:
+    """HNSW index scans on images so far, by index name (this connection's own counted first)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    return dict(conn.execute("SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE relname = 'images' "
+                             "AND starts_with(indexrelname, 'images_embedding_hnsw')").fetchall())
+
+
+def scan_of(store: Store, q: np.ndarray, case: tuple[str, str | None], k: int, counts: dict[str, int]) -> str:
+    """Which indexes imsearch_search searched for one query, from the per-index scan counters (EXPLAIN cannot see
+    inside the function): its class index, the other-class index, a union of one branch per other class (those
+    at most EXACT_MAX_ROWS rows scanned exactly), the whole-table index, or none: an exact scan."""
+    mode, cls = case
+    before = index_scans(store.conn)
+    search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
+    used = {name: n - before.get(name, 0) for name, n in index_scans(store.conn).items() if n > before.get(name, 0)}
+    class_scans = sum(n for name, n in used.items() if name.startswith(CLASS_INDEX_PREFIX))
+    if mode == "other" and class_scans:
+        small = sum(1 for c, n in counts.items() if c != cls and n <= search.EXACT_MAX_ROWS)
+        return f"union: {class_scans} class idx, {small} exact"
+    return ("class idx" if class_scans else
+            "other-class idx" if any(name.startswith(OTHER_INDEX_PREFIX) for name in used) else
+            "hnsw" if "images_embedding_hnsw" in used else "exact")
 
 
 def insert_ms(store: Store, gen: Generator, rows: int = 200, batch: int = 32) -> float:
@@ -125,11 +141,10 @@ def table(rows: list[tuple], k: int, head: bool = True) -> None:
 
 
 def sql_function(store: Store, queries: int, k: int) -> None:
-    """Per mode: p50 of `imsearch_nearest(id, k, mode)`, which plans in PL/pgSQL on every call (it counts the
-    classes), against find's path (imsearch.search: the library read once, one statement per query), for the
-    same stored images as queries. What running find through the SQL function would cost per query."""
-    counts = dict(store.classes())
-    library = indexes.stored_library(store, "other")
+    """Per mode: p50 of `imsearch_nearest(id, k, mode)`, which looks up the stored image's vector, class and content
+    by id and then calls imsearch_search, against find's path (imsearch.search.run: the vector in hand, one call of
+    imsearch_search), for the same stored images as queries. Both plan in imsearch_search; the difference is what
+    nearest's id lookup costs per query."""
     print(f"{'mode / query class':<32} {'imsearch_nearest p50 ms':>24} {'find path p50 ms':>17} {'ratio':>6}")
     for mode, cls in CASES:
         rows = store.conn.execute(
@@ -142,12 +157,30 @@ def sql_function(store: Store, queries: int, k: int) -> None:
             sql_ms.append(time.perf_counter() - t)
             vector = np.asarray(embedding.to_numpy(), dtype=np.float32)
             t = time.perf_counter()
-            plan = search.plan(mode, k=k, cls=image_class, counts=counts, indexed=library.indexed,
-                               others_indexed=library.others_indexed, pgvector=store.pgvector)
-            search.run(store.conn, vector, mode, k=k, cls=image_class, skip_sha=sha, query_plan=plan)
+            search.run(store.conn, vector, mode, k=k, cls=image_class, skip_sha=sha)
             find_ms.append(time.perf_counter() - t)
         a, b = pct(sql_ms[queries:], 50), pct(find_ms[queries:], 50)  # the first half warms up
         print(f"{mode + ' ' + (cls or ''):<32} {a:>24.1f} {b:>17.1f} {a / b:>6.2f}")
+
+
+@contextlib.contextmanager
+def other_depth(store: Store, depth: int) -> Iterator[None]:
+    """imsearch_search re-ranking `depth` candidates from an other-class index, for as long as the block runs: the
+    depth is fixed in the function's text (no session setting), so the function is created again in the bench's
+    database with OTHER_DEPTH changed, and as imsearch makes it afterwards."""
+    saved = search.OTHER_DEPTH
+
+    def create() -> None:
+        store.conn.execute(search.for_server(search.function_sql("imsearch_search"),
+                                             ".".join(map(str, store.pgvector or ()))))
+
+    search.OTHER_DEPTH = depth
+    try:
+        create()
+        yield
+    finally:
+        search.OTHER_DEPTH = saved
+        create()
 
 
 def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
@@ -164,8 +197,7 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
         with Store(url) as store:
             print("shared_buffers", store.conn.execute("SHOW shared_buffers").fetchone()[0])
             for _ in range(3):  # warm the cache
-                search.run(store.conn, gen.vectors(COMMON[0], 1)[0], "all", k=args.k, cls=None, skip_sha=None,
-                           query_plan=search.plan("all", k=args.k, pgvector=store.pgvector))
+                search.run(store.conn, gen.vectors(COMMON[0], 1)[0], "all", k=args.k, cls=None, skip_sha=None)
             table(measure(store, gen, args.queries, args.k), args.k)
             if args.sql_function:
                 sql_function(store, args.queries, args.k)
@@ -188,9 +220,9 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
                 if args.sql_function:
                     sql_function(store, args.queries, args.k)
                 for depth in (int(d) for d in args.other_depths.split(",") if d):
-                    search.OTHER_DEPTH = depth
-                    print(f"mode other re-ranking {depth} candidates:")
-                    table(measure(store, gen, args.queries, args.k, again[1:]), args.k, head=False)
+                    with other_depth(store, depth):
+                        print(f"mode other re-ranking {depth} candidates:")
+                        table(measure(store, gen, args.queries, args.k, again[1:]), args.k, head=False)
     finally:
         if not args.keep:
             drop_database(admin_url, name)
@@ -212,7 +244,7 @@ def main() -> None:
     ap.add_argument("--plain-storage", action="store_true",
                     help="store each vector inline in its row (STORAGE PLAIN) instead of out of line (TOAST)")
     ap.add_argument("--sql-function", action="store_true",
-                    help="also time imsearch_nearest() (planned in SQL on each call) against find's own path")
+                    help="also time imsearch_nearest() (an id lookup, then imsearch_search) against find's own path")
     ap.add_argument("--other-depths", default="",
                     help="with --index-other, also measure mode other re-ranking these numbers of candidates")
     args = ap.parse_args()
