@@ -22,7 +22,6 @@ from .audit.findings import Audit, DuplicateGroup, stored_model
 from .db import indexes
 from .db.connect import connect
 from .db.embedded import database_url
-from .db.indexes import Library
 from .db.store import Store
 from .errors import BadImage, ImsearchError, UnknownClass
 from .evaluation.metrics import Evaluation, score
@@ -50,7 +49,6 @@ class FindResult:
     query_class: str | None
     mode: str
     matches: tuple[Match, ...]
-    exact: bool = False
     class_source: str | None = None  # given, stored copy, folder, top match (the page shows it)
 
     def to_json(self) -> dict[str, Any]:
@@ -89,7 +87,7 @@ def _limit(value: float | str | None) -> float | str | None:
 
 class Imsearch:
     """One database and one model. Opens both lazily; safe to share between threads for `find`: every use of the
-    shared connection holds `_lock` (a search's SET LOCAL settings live in its transaction)."""
+    shared connection holds `_lock`."""
 
     def __init__(
         self,
@@ -286,9 +284,8 @@ class Imsearch:
         `max_distance` drops the matches farther away, after ranking (see `max_distance`).
         """
         limit = self.max_distance(max_distance)
-        library = self._library("other" if mode == "other" else "all")
         return self._search(query, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                            library=library, class_from_top_match=class_from_top_match, max_distance=limit)
+                            class_from_top_match=class_from_top_match, max_distance=limit)
 
     def max_distance(self, value: float | str | None) -> float | None:
         """A cosine distance beyond which matches are dropped, from a number, its text, or the name DUPLICATE:
@@ -302,49 +299,39 @@ class Imsearch:
             return duplicate_distance(self.store.conn, identity)
 
     def _search(self, query: Embedded, mode: str, *, k: int, query_class: str | None, include_self: bool,
-                exact: bool, library: Library, class_from_top_match: bool = False,
-                max_distance: float | None = None) -> FindResult:
-        """`search` with the library's classes and indexes read once for many queries, and max_distance
-        resolved once (`max_distance`)."""
+                exact: bool, class_from_top_match: bool = False, max_distance: float | None = None) -> FindResult:
+        """`search` with max_distance resolved once (`max_distance`): one call of imsearch_search, which plans."""
         if k < 1:
             raise ImsearchError("k must be at least 1")
+        if mode not in MODES:
+            raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         identity = self.embedder.identity  # before the lock: loading the model may need the database (int8)
-        store = self.store
-        counts = library.counts
         with self._lock:
+            store = self.store
             store.check_model(identity, action="search")
             cls, source = self._class_and_source(query, query_class)
-            if cls is None and mode in ("same", "other") and class_from_top_match:
-                top = self._search(query, "all", k=1, query_class=None, include_self=include_self, exact=exact,
-                                   library=library)
+            if cls is None and mode != "all" and class_from_top_match:
+                top = self._search(query, "all", k=1, query_class=None, include_self=include_self, exact=exact)
                 if top.matches and top.matches[0].cls is not None:
                     cls, source = top.matches[0].cls, "top match"
-            if mode in ("same", "other"):
-                if cls is None:
-                    known = ", ".join(sorted(counts)) or "none stored"
-                    raise UnknownClass(
-                        f"{query.name}: cannot tell the query's class for mode {mode!r}; "
-                        f"pass --class NAME, or pick one on the page (stored classes: {known})"
-                    )
-                if cls not in counts:
-                    known = ", ".join(sorted(counts)) or "none stored"
-                    raise UnknownClass(f"{query.name}: class {cls!r} is not stored (stored classes: {known})")
-            elif mode != "all":
-                raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
-            query_plan = search.plan(mode, k=k, cls=cls, counts=counts, indexed=library.indexed,
-                                     others_indexed=library.others_indexed, pgvector=store.pgvector, exact=exact)
+            if cls is None and mode != "all":
+                raise UnknownClass(f"{query.name}: cannot tell the query's class for mode {mode!r}; pass --class "
+                                   f"NAME, or pick one on the page (stored classes: {self._stored_classes()})")
             try:
                 matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
-                                     skip_sha=None if include_self else query.sha256, query_plan=query_plan,
-                                     max_distance=max_distance)
-            except psycopg.OperationalError as exc:
-                raise store.lost(exc, "searching") from None
-        return FindResult(query.name, cls, mode, tuple(matches), exact=query_plan.exact, class_source=source)
+                                     skip_sha=None if include_self else query.sha256, max_distance=max_distance,
+                                     exact=exact)
+            except psycopg.Error as exc:
+                if exc.sqlstate == search.UNKNOWN_CLASS_SQLSTATE:
+                    raise UnknownClass(f"{query.name}: class {cls!r} is not stored "
+                                       f"(stored classes: {self._stored_classes()})") from None
+                if isinstance(exc, psycopg.OperationalError):
+                    raise store.lost(exc, "searching") from None
+                raise
+        return FindResult(query.name, cls, mode, tuple(matches), class_source=source)
 
-    def _library(self, mode: str) -> Library:
-        """The stored classes, those with their own index, and (mode other only) those with an other-class index."""
-        with self._lock:
-            return indexes.stored_library(self.store, mode)
+    def _stored_classes(self) -> str:
+        return ", ".join(sorted(c for c, _ in self.store.classes())) or "none stored"
 
     def find(
         self,
@@ -365,7 +352,7 @@ class Imsearch:
         _limit(max_distance)  # a bad value fails before the model loads
         self._load_model_meanwhile()
         with phase("database"), self._lock:
-            library = self._library(mode)  # the database first: a wrong URL fails before the model is used
+            _ = self.store  # the database first: a wrong URL fails before the model is used
             if log.isEnabledFor(logging.DEBUG) and (note := indexes.cache_shortfall(self.store.conn)) is not None:
                 log.debug(note)
         embedded = self.embed(list(queries), names=names)
@@ -373,7 +360,7 @@ class Imsearch:
             limit = self.max_distance(max_distance)  # after embed: the name needs the model's identity
             return [
                 self._search(e, mode, k=k, query_class=query_class, include_self=include_self, exact=exact,
-                             library=library, max_distance=limit)
+                             max_distance=limit)
                 for e in embedded
             ]
 
@@ -412,20 +399,18 @@ class Imsearch:
         """
         started = time.perf_counter()
         for mode in modes:
-            if mode not in search.MODES:
-                raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(search.MODES)}")
+            if mode not in MODES:
+                raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         evaluation_folder(testdir)  # before the database: a wrong path fails first
         counts = dict(self.classes())
         found = find_queries(testdir, counts)
         queries, skipped = found.files, list(found.skipped)  # files that fail to decode join `skipped`
         results: list[FindResult] = []
-        libraries = {mode: self._library(mode) for mode in modes}  # once, not per query
         for start in range(0, len(queries), batch_size):
             batch = queries[start:start + batch_size]
             for f, e in zip(batch, self._embed_each([f.path for f in batch], skipped)):
                 if e is not None:
-                    results += [self._search(e, mode, k=k, query_class=f.cls, include_self=False, exact=exact,
-                                             library=libraries[mode])
+                    results += [self._search(e, mode, k=k, query_class=f.cls, include_self=False, exact=exact)
                                 for mode in modes]
             if progress:
                 progress(start + len(batch), len(queries))
@@ -498,15 +483,11 @@ class Imsearch:
         return lambda: connect(url)
 
     def _same_class(self) -> Callable[[np.ndarray, str, str, int], list[tuple[int, float]]]:
-        """Mode same for stored vectors, planned as find plans it: what the audit searches its suspects again with."""
-        library = self._library("same")
+        """Mode same for stored vectors, as find searches: what the audit searches its suspects again with."""
         store = self.store
 
         def run(vector: np.ndarray, cls: str, sha: str, k: int) -> list[tuple[int, float]]:
-            query_plan = search.plan("same", k=k, cls=cls, counts=library.counts, indexed=library.indexed,
-                                     pgvector=store.pgvector)
-            return [(m.id, m.distance) for m in search.run(store.conn, vector, "same", k=k, cls=cls, skip_sha=sha,
-                                                           query_plan=query_plan)]
+            return [(m.id, m.distance) for m in search.run(store.conn, vector, "same", k=k, cls=cls, skip_sha=sha)]
         return run
 
     def _thresholds(self, recalibrate: bool, distance: float | None, hash_bits: int | None,

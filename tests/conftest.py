@@ -110,6 +110,28 @@ def database_url(server_url):
 
 
 @pytest.fixture
+def exact_max_rows(monkeypatch):
+    """Set the exact-scan size for one test: `exact_max_rows(rows, *open_connections)`. Ingest then indexes every
+    class of more rows (imsearch.search.EXACT_MAX_ROWS), and imsearch_search plans for that size (the setting
+    imsearch.exact_max_rows, through PGOPTIONS on connections opened from now on, and SET on those given)."""
+    touched: list[psycopg.Connection] = []
+
+    def set_size(rows: int, *conns: psycopg.Connection) -> None:
+        from imsearch import search
+
+        monkeypatch.setattr(search, "EXACT_MAX_ROWS", rows)
+        monkeypatch.setenv("PGOPTIONS", f"-c imsearch.exact_max_rows={rows}")
+        for conn in conns:
+            conn.execute("SELECT set_config('imsearch.exact_max_rows', %s, false)", (str(rows),))
+            touched.append(conn)
+
+    yield set_size
+    for conn in touched:
+        if not conn.closed:
+            conn.execute("RESET imsearch.exact_max_rows")
+
+
+@pytest.fixture
 def run(database_url, weights):
     """Run the `imsearch` command in-process on the test database with the stand-in weights."""
     from click.testing import CliRunner

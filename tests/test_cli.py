@@ -107,10 +107,8 @@ def test_db_upgrade_reports_the_revision(run):
     assert result.exit_code == 0 and f"schema at revision {SCHEMA_REVISION}" in result.stdout
 
 
-def test_db_index_other_builds_one_index_per_class_and_drop_removes_them(run, photos, monkeypatch):
-    from imsearch import search
-
-    monkeypatch.setattr(search, "EXACT_MAX_ROWS", 3)  # 16 rows outside each class: worth an index here
+def test_db_index_other_builds_one_index_per_class_and_drop_removes_them(run, photos, monkeypatch, exact_max_rows):
+    exact_max_rows(3)  # 16 rows outside each class: worth an index here
     assert run("ingest", str(photos)).exit_code == 0
     built = run("db", "index-other")
     assert built.exit_code == 0 and built.stdout.startswith("built 5 other-class indexes in ")

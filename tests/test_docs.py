@@ -39,3 +39,16 @@ def test_examples_show_paths_a_reader_could_have_not_the_machine_they_were_made_
     docs = [README, *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
     for text in docs:
         assert not re.findall(r"(?<![\w.~-])/(?:work|root|tmp)/\S*", text)
+
+
+def test_every_package_is_installed_and_in_the_readmes_layout():
+    """A package missing from pyproject.toml works in a checkout and is absent from a wheel: both lists must
+    name every folder of imsearch/ that is a package, and the README's layout each of them."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "imsearch").rglob("__init__.py")}
+    assert folders <= declared, folders - declared
+    layout = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    for package in folders - {"imsearch"}:
+        assert f"  {package.split('.')[-1]}/" in layout, package

@@ -113,7 +113,7 @@ def test_a_data_folder_of_the_previous_embedded_build_keeps_its_rows_and_indexes
         assert state(uri) == stored
         with psycopg.connect(uri) as conn:
             assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (SCHEMA_REVISION,)
-            assert conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'imsearch_nearest'"
+            assert conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'imsearch_search'"
                                 ).fetchone()[0][-1] == "enable_seqscan=off"
     finally:
         stop(pgdata)

@@ -25,6 +25,7 @@ from tests.conftest import shared_library
 
 MODES = ("all", "same", "other")
 NEAREST = "imsearch_nearest(bigint, integer, text, double precision)"
+SEARCH = "imsearch_search(halfvec, integer, text, text, text, double precision, boolean)"
 _roles = itertools.count()
 
 
@@ -136,7 +137,7 @@ def test_nearest_with_max_distance_equals_find_in_every_mode(shared, conn, weigh
         assert [r[3] for r in rows] == pytest.approx([m["distance"] for m in found["matches"]], abs=1e-6)
 
 
-def test_every_plan_of_nearest_drops_the_same_tail(shared, conn, monkeypatch):
+def test_every_plan_of_nearest_drops_the_same_tail(shared, conn, exact_max_rows):
     """The function has a query per plan (exact, whole-table index, class index, union of classes, other-class
     index); each keeps the k nearest less those beyond max_distance."""
     app, photos, _ = shared
@@ -151,8 +152,7 @@ def test_every_plan_of_nearest_drops_the_same_tail(shared, conn, monkeypatch):
                 assert nearest(conn, i, 5, mode, 0) == [], mode
 
     check()  # 4 rows a class: exact
-    monkeypatch.setattr(search, "EXACT_MAX_ROWS", 0)
-    conn.execute("SET imsearch.exact_max_rows = 0")
+    exact_max_rows(0, conn, app.store.conn)
     check()  # no class index: the whole-table index, iteratively
     ensure_class_indexes(app.store, 0)
     try:
@@ -252,12 +252,12 @@ def test_find_help_names_the_option_and_the_calibrated_name():
     assert "--max-distance D" in result.output and f"`{DUPLICATE}`" in " ".join(result.output.split())
 
 
-def test_the_function_that_runs_is_the_planners_own_text_and_0010s_frozen_one(database_url):
+def test_the_function_that_runs_is_the_planners_own_text_and_the_newest_frozen_one(database_url):
     Store(database_url).close()
     with psycopg.connect(database_url) as c:
         text = c.execute("SELECT pg_get_functiondef(%s::regprocedure)", (NEAREST,)).fetchone()[0]
     assert text == search.function_sql("imsearch_nearest")
-    assert text == (migrations_folder() / "sql" / "imsearch_nearest_0010.sql").read_text()
+    assert text == max((migrations_folder() / "sql").glob("imsearch_nearest_*.sql")).read_text()
 
 
 def test_0010_up_down_up_keeps_a_readers_execute_grant(database_url):
@@ -279,7 +279,8 @@ def test_0010_up_down_up_keeps_a_readers_execute_grant(database_url):
                 "SELECT replace(p.oid::regprocedure::text, ',', ', '), pg_get_functiondef(p.oid), "
                 "has_function_privilege(%s, p.oid, 'EXECUTE'), "
                 "EXISTS (SELECT FROM aclexplode(p.proacl) a WHERE a.grantee = 0), obj_description(p.oid, 'pg_proc') "
-                "FROM pg_proc p WHERE p.proname IN ('imsearch_nearest', 'imsearch_duplicate_distance') ORDER BY 1",
+                "FROM pg_proc p WHERE p.proname IN ('imsearch_nearest', 'imsearch_duplicate_distance', "
+                "'imsearch_search') ORDER BY 1",
                 (name,)).fetchall()
 
     def called_by_reader() -> int:
@@ -309,7 +310,7 @@ def test_0010_up_down_up_keeps_a_readers_execute_grant(database_url):
         command.upgrade(cfg, "head")
         head = state()
         assert [(r[0], r[2], r[3]) for r in head] == [("imsearch_duplicate_distance()", True, False),
-                                                      (NEAREST, True, False)]
+                                                      (NEAREST, True, False), (SEARCH, True, False)]
         assert head[1][1] == search.function_sql("imsearch_nearest")
         assert called_by_reader() == 2
         command.downgrade(cfg, "0009")

@@ -77,19 +77,21 @@ def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(databa
     assert "l2_normalize(embedding)" in other_indexes()[0]
 
 
-FUNCTIONS = ("imsearch_nearest", "imsearch_class_correspondence")
+FUNCTIONS = ("imsearch_search", "imsearch_nearest", "imsearch_class_correspondence")
 
 
-def function_text(url: str, name: str) -> str:
-    """The one function of that name (migration 0010 changed imsearch_nearest's signature)."""
+def function_text(url: str, name: str) -> str | None:
+    """The one function of that name (migration 0010 changed imsearch_nearest's signature), None when there is
+    none (imsearch_search came with migration 0011)."""
     with psycopg.connect(url) as conn:
-        [(text,)] = conn.execute("SELECT pg_get_functiondef(oid) FROM pg_proc WHERE proname = %s", (name,)).fetchall()
-        return text
+        rows = conn.execute("SELECT pg_get_functiondef(oid) FROM pg_proc WHERE proname = %s", (name,)).fetchall()
+        assert len(rows) <= 1, name
+        return rows[0][0] if rows else None
 
 
 def test_the_sql_functions_that_run_are_the_planners_own_text(database_url):
-    """find plans in Python, the SQL functions in PL/pgSQL; both take their constants, index names and fold from
-    imsearch.search, and the migrated database runs exactly the text imsearch.search renders."""
+    """imsearch_search plans every search (find's, and those of the SQL functions that call it), from the constants,
+    index names and fold of imsearch.search; the migrated database runs exactly the text imsearch.search renders."""
     from imsearch.search import SQL_FUNCTIONS, function_sql
 
     upgrade(database_url)
@@ -115,15 +117,18 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
     steps = [(command.upgrade, "0002", "0002"), (command.upgrade, "0004", "0004"), (command.upgrade, "0005", "0005"),
              (command.upgrade, "0006", "0006"), (command.downgrade, "0005", "0005"),
              (command.downgrade, "0003", "0002"), (command.upgrade, "0010", "0010"),
-             (command.downgrade, "0009", "0006")]
+             (command.downgrade, "0009", "0006"), (command.upgrade, "0011", "0011"),
+             (command.downgrade, "0010", "0010"), (command.upgrade, "0011", "0011")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:
-            path = folder / "sql" / f"{name}_{texts}.sql"
-            if not path.exists():  # unchanged since an earlier revision
-                path = max(p for p in (folder / "sql").glob(f"{name}_*.sql") if p.stem[-4:] <= texts)
+            frozen = [p for p in (folder / "sql").glob(f"{name}_*.sql") if p.stem[-4:] <= texts]
+            if not frozen:  # not created yet
+                assert function_text(database_url, name) is None, (revision, name)
+                continue
+            path = max(frozen)  # as of this revision, or unchanged since an earlier one
             expected = path.read_text()
-            if revision >= "0007" and "enable_seqscan" not in expected:  # 0007 added the setting by ALTER FUNCTION
+            if "0007" <= revision < "0011" and "enable_seqscan" not in expected:  # 0007 set it by ALTER FUNCTION
                 expected = expected.replace("\nAS $function$", "\n SET enable_seqscan TO 'off'\nAS $function$", 1)
             assert function_text(database_url, name) == expected, (revision, path.name)
 
@@ -132,7 +137,7 @@ def test_frozen_texts_leave_out_iterative_scan_settings_on_pgvector_before_0_8()
     """pgvector 0.7 refuses a SET clause naming settings it does not have; imsearch supports it (exact scans)."""
     from imsearch.search import for_server, function_sql
 
-    text = function_sql("imsearch_nearest")
+    text = function_sql("imsearch_search")
     assert for_server(text, "0.8.0") == text
     older = for_server(text, "0.7.4")
     assert "hnsw.iterative_scan\" TO" not in older and "hnsw.max_scan_tuples" not in older

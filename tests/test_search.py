@@ -14,6 +14,7 @@ from imsearch import UnknownClass
 from imsearch import search as search_mod
 from imsearch.db import indexes
 from imsearch.db.indexes import class_index_name
+from imsearch.db.store import Store
 from imsearch.errors import ImsearchError
 from imsearch.search import OTHER_INDEX_PREFIX
 from tests.conftest import ROOMS, copy_photos
@@ -74,16 +75,18 @@ def test_distances_equal_pgvector_on_the_stored_vectors(stored, photos, database
             assert m.distance == pytest.approx(d, abs=1e-5)
 
 
-def test_plan_settings_hold_for_the_query_transaction_only(database_url):
-    settings = (("hnsw.ef_search", "321"), ("enable_sort", "off"), ("plan_cache_mode", "force_custom_plan"))
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        with conn.transaction():
-            search_mod.set_local(conn, settings)
-            inside = [conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] for name, _ in settings]
-        after = conn.execute("SELECT current_setting('enable_sort')").fetchone()[0]
-    assert inside == ["321", "off", "force_custom_plan"]
-    assert after == "on"
+def test_a_search_leaves_the_sessions_settings_as_they_were(app, photos, exact_max_rows):
+    """imsearch_search changes the planner's settings for its own duration only (its SET clauses)."""
+    exact_max_rows(3)
+    app.ingest(photos)
+    conn = app.store.conn
+    names = ("enable_sort", "enable_seqscan", "enable_indexscan", "hnsw.ef_search", "hnsw.iterative_scan")
+    before = [conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] for name in names]
+    query = sorted(photos.glob("bedroom/*.jpg"))[0]
+    for mode in ("all", "same", "other"):
+        app.find(query, mode, k=3)
+        app.find(query, mode, exact=True)
+    assert [conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] for name in names] == before
 
 
 def test_class_modes_need_a_known_class(stored, tmp_path):
@@ -105,72 +108,82 @@ def test_stored_copy_gives_the_query_its_class(stored, photos, tmp_path):
     assert result.query_class == "bedroom"
 
 
-def test_mode_sql_is_one_query_with_a_where_clause():
-    assert "class = %(cls)s" in search_mod.mode_sql("same")
-    assert "class <> %(cls)s" in search_mod.mode_sql("other")
-    assert "class" not in search_mod.mode_sql("all").split("WHERE")[1].split("ORDER")[0]
+def index_scans(conn: psycopg.Connection) -> dict[str, int]:
+    """HNSW index scans on images so far, by index name (this connection's own counted first)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    return dict(conn.execute("SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE relname = 'images' "
+                             "AND starts_with(indexrelname, 'images_embedding_hnsw') AND idx_scan > 0").fetchall())
 
 
-def test_unfiltered_query_uses_the_hnsw_index_on_a_server_at_default_settings(stored):
+def scans_of(conn: psycopg.Connection, search, *args) -> dict[str, int]:
+    """The HNSW index scans that `search(*args)` makes, by index name; class and other-class indexes are shown by their
+    prefix, with the number of scans of all of them."""
+    before = index_scans(conn)
+    search(*args)
+    counted: dict[str, int] = {}
+    for name, n in index_scans(conn).items():
+        if n > before.get(name, 0):
+            short = name if len(name) < 25 else name[:24]
+            counted[short] = counted.get(short, 0) + n - before.get(name, 0)
+    return counted
+
+
+def test_unfiltered_query_uses_the_hnsw_index_on_a_server_at_default_settings(stored, photos):
     """The test server runs at PostgreSQL's defaults, where the planner would rather scan the table and sort (here
-    because 20 rows are few; at 100k rows because the TOASTed vectors hide the table's size): the plan forbids it."""
-    conn, vector = stored.store.conn, np.ones(2048, np.float32)
-    plan = search_mod.plan("all", k=5, pgvector=stored.store.pgvector)
-    assert ("enable_seqscan", "off") in plan.settings
-    assert "Index Scan using images_embedding_hnsw" in search_mod.explain(conn, vector, "all", k=5, cls=None,
-                                                                          query_plan=plan)
-    untuned = search_mod.Plan(False, tuple(s for s in plan.settings if s[0] != "enable_seqscan"))
-    assert "Seq Scan on images" in search_mod.explain(conn, vector, "all", k=5, cls=None, query_plan=untuned)
-    assert conn.execute("SHOW enable_seqscan").fetchone() == ("on",)  # SET LOCAL: gone with the query
+    because 20 rows are few; at 100k rows because the TOASTed vectors hide the table's size): imsearch_search
+    forbids it for its own duration."""
+    conn = stored.store.conn
+    query = sorted(photos.glob("kitchen/*.jpg"))[0]
+    assert scans_of(conn, stored.find, query, "all") == {"images_embedding_hnsw": 1}
+    plain = conn.execute("EXPLAIN SELECT id FROM images ORDER BY embedding <=> %s LIMIT 5",
+                         (HalfVector(np.ones(2048, np.float32)),)).fetchall()
+    assert "Seq Scan on images" in "\n".join(r[0] for r in plain)
+    assert conn.execute("SHOW enable_seqscan").fetchone() == ("on",)
 
 
-def test_plan_scans_small_classes_exactly_and_large_ones_through_their_own_index():
-    counts = {"small": 400, "big": 50_000, "huge": 60_000}
-    small = search_mod.plan("same", k=5, cls="small", counts=counts, indexed={"big", "huge"})
-    big = search_mod.plan("same", k=5, cls="big", counts=counts, indexed={"big", "huge"})
-    unindexed = search_mod.plan("same", k=5, cls="big", counts=counts, indexed=set(), pgvector=(0, 8, 2))
-    old = search_mod.plan("same", k=5, cls="big", counts=counts, indexed=set(), pgvector=(0, 7, 4))
-    other = search_mod.plan("other", k=5, cls="huge", counts=counts, indexed={"big", "huge"})
-    assert small.exact and old.exact and not big.exact
-    assert ("enable_sort", "off") in big.settings
-    assert ("hnsw.iterative_scan", "relaxed_order") in unindexed.settings
-    assert other.branches == (("big", False), ("small", True))
-    one = search_mod.plan("other", k=5, cls="huge", counts=counts, indexed={"big", "huge"}, others_indexed={"huge"})
-    assert one.class_index and not one.branches and ("hnsw.ef_search", str(search_mod.OTHER_EF_SEARCH)) in one.settings
-    few = search_mod.plan("other", k=5, cls="big", counts={"big": 50_000, "small": 400}, others_indexed={"big"})
-    assert few.exact  # 400 rows to read: exactly, index or not
+def test_small_classes_are_scanned_exactly_and_large_ones_through_their_own_index(app, photos, exact_max_rows):
+    app.ingest(photos)  # 4 rows a class: small
+    conn = app.store.conn
+    query = sorted(photos.glob("bedroom/*.jpg"))[0]
+    assert scans_of(conn, app.find, query, "same") == {}  # the class's rows, exactly
+    assert scans_of(conn, app.find, query, "other") == {}  # 16 rows, exactly
+    exact_max_rows(3, conn)  # now large, without indexes of their own yet: the whole-table index, iteratively
+    for mode in ("same", "other"):  # (or, at 4 rows a class, the btree on class and a sort: the server's choice)
+        assert [m.id for m in app.find(query, mode)[0].matches] == [m.id for m in app.find(query, mode,
+                                                                                          exact=True)[0].matches]
+    indexes.ensure_class_indexes(app.store, 3)
+    assert scans_of(conn, app.find, query, "same")["images_embedding_hnsw_c_"] == 1
+    assert scans_of(conn, app.find, query, "other")["images_embedding_hnsw_c_"] == 4  # one per other class
+    assert sorted(app.index_other_classes()) == sorted(c for c, _ in app.classes())
+    assert scans_of(conn, app.find, query, "other") == {"images_embedding_hnsw_o_": 1}
+    exact_max_rows(16, conn)  # the 16 rows outside bedroom are few again: exactly, though its others are indexed
+    assert scans_of(conn, app.find, query, "other") == {}
 
 
-def test_large_classes_get_their_own_index_and_the_filtered_modes_use_it(app, photos, monkeypatch):
-    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)  # every class of 4 photos counts as large
+def test_large_classes_get_their_own_index_and_the_filtered_modes_use_it(app, photos, exact_max_rows):
+    exact_max_rows(3)  # every class of 4 photos counts as large
     app.ingest(photos)
     counts = dict(app.classes())
     assert indexes.indexed_classes(app.store.conn, counts) == set(counts)
     query = sorted(photos.glob("bedroom/*.jpg"))[0]
-    vector = app.embed([query])[0].vector
     for mode in ("same", "other"):
-        plan = search_mod.plan(mode, k=5, cls="bedroom", counts=counts, indexed=set(counts))
-        text = search_mod.explain(app.store.conn, vector, mode, k=5, cls="bedroom", query_plan=plan)
-        assert "Index Scan using images_embedding_hnsw_c_" in text
+        assert "images_embedding_hnsw_c_" in scans_of(app.store.conn, app.find, query, mode)
         [indexed] = app.find(query, mode)
         [exact] = app.find(query, mode, exact=True)
         assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
 
 
 def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_them(app, photos, tmp_path,
-                                                                                  monkeypatch):
-    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)  # every class of 4 photos counts as large
+                                                                                  exact_max_rows):
+    exact_max_rows(3)  # every class of 4 photos counts as large
     app.ingest(photos)
     counts = dict(app.classes())
     assert sorted(app.index_other_classes()) == sorted(counts)
     assert indexes.indexed_classes(app.store.conn, counts, OTHER_INDEX_PREFIX) == set(counts)
     query = sorted(photos.glob("bedroom/*.jpg"))[0]
-    vector = app.embed([query])[0].vector
-    others = indexes.indexed_classes(app.store.conn, counts, OTHER_INDEX_PREFIX)
     for mode, index in (("other", "images_embedding_hnsw_o_"), ("same", "images_embedding_hnsw_c_")):
-        plan = search_mod.plan(mode, k=5, cls="bedroom", counts=counts, indexed=set(counts), others_indexed=others)
-        text = search_mod.explain(app.store.conn, vector, mode, k=5, cls="bedroom", query_plan=plan)
-        assert f"Index Scan using {index}" in text and text.count("Index Scan") == 1, mode
+        scans = scans_of(app.store.conn, app.find, query, mode)
+        assert scans == {index: 1}, mode
         [indexed] = app.find(query, mode)
         [exact] = app.find(query, mode, exact=True)
         assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
@@ -185,35 +198,25 @@ def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_t
     assert app.index_other_classes(drop=True) == [] and indexes.other_indexes(app.store.conn) == []
 
 
-def test_the_query_folds_the_embedding_as_the_other_class_index_does(app, photos, monkeypatch):
-    """The index folds stored rows in SQL and find folds the query in Python: the two must be one fold."""
-    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
-    app.ingest(photos)
-    conn = app.store.conn
-    image_id, embedding = conn.execute("SELECT id, embedding FROM images ORDER BY id LIMIT 1").fetchone()
-    vector = embedding.to_numpy().astype(np.float32)
-    fold = HalfVector(vector[:1024] - vector[1024:])
-    same, other = conn.execute(
-        f"SELECT {search_mod.FOLD} <=> %(f)s, {search_mod.FOLD} <=> %(g)s FROM images WHERE id = %(id)s",
-        {"f": fold, "g": HalfVector(vector[1024:] - vector[:1024]), "id": image_id}).fetchone()
-    assert same == pytest.approx(0, abs=1e-3) and other == pytest.approx(2, abs=1e-3)
-
-
-def test_index_other_measures_its_recall_against_an_exact_scan(app, photos, monkeypatch):
-    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+def test_index_other_measures_its_recall_against_an_exact_scan(app, photos, monkeypatch, exact_max_rows):
+    exact_max_rows(3)
     app.ingest(photos)
     assert app.check_other_indexes() is None  # nothing to check yet
     app.index_other_classes()
     assert app.check_other_indexes() == 1.0  # 16 rows per graph: the index finds them all
-    # a query that ranks the farthest first must show in the figure
-    monkeypatch.setattr(search_mod, "OTHER_QUERY", search_mod.OTHER_QUERY.replace("ORDER BY distance",
-                                                                                  "ORDER BY distance DESC"))
+    # an index search that hands back the farthest must show in the figure
+    nearest = search_mod.run
+
+    def farthest(*args, k, exact=False, **kwargs):
+        matches = nearest(*args, k=16, exact=exact, **kwargs)
+        return matches[:k] if exact else matches[::-1][:k]
+    monkeypatch.setattr(search_mod, "run", farthest)
     assert app.check_other_indexes() < 0.5
 
 
 def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not_fit(app, photos, monkeypatch,
-                                                                                      caplog):
-    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+                                                                                      caplog, exact_max_rows):
+    exact_max_rows(3)
     monkeypatch.setenv("IMSEARCH_BUILD_MEMORY", "100MB")
     monkeypatch.setattr(indexes, "GRAPH_BYTES_PER_ROW", 2**30)  # 4 rows then need 4 GB
     with caplog.at_level(logging.WARNING, logger="imsearch.db.indexes"):
@@ -224,25 +227,46 @@ def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not
     assert len(warned) == 5 and "maintenance_work_mem is 100 MB" in warned[0]
 
 
-def test_a_bad_build_memory_is_one_clear_error_and_the_rows_stay(app, photos, monkeypatch):
-    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+def test_a_bad_build_memory_is_one_clear_error_and_the_rows_stay(app, photos, monkeypatch, exact_max_rows):
+    exact_max_rows(3)
     monkeypatch.setenv("IMSEARCH_BUILD_MEMORY", "lots")
     with pytest.raises(ImsearchError, match="IMSEARCH_BUILD_MEMORY='lots' is not a memory size"):
         app.ingest(photos)
     assert app.store.count() == 20
 
 
-def test_a_same_class_query_is_never_served_by_an_other_class_index(app, photos, monkeypatch):
+def test_a_same_class_query_is_never_served_by_an_other_class_index(app, photos, exact_max_rows):
     """`class = Y` implies `class <> X`: an other-class index with a filter would lose most of Y's neighbours."""
-    monkeypatch.setattr(search_mod, "EXACT_MAX_ROWS", 3)
+    exact_max_rows(3)
     app.ingest(photos)
     app.index_other_classes()
-    counts = dict(app.classes())
     conn = app.store.conn
     conn.execute(f'DROP INDEX "{class_index_name("bedroom")}"')  # leave the planner nothing better to take
-    plan = search_mod.plan("same", k=5, cls="bedroom", counts=counts, indexed={"bedroom"})
-    with conn.transaction():
-        conn.execute("SET LOCAL enable_seqscan = off")
-        conn.execute("SET LOCAL enable_bitmapscan = off")
-        text = search_mod.explain(conn, np.ones(2048, np.float32), "same", k=5, cls="bedroom", query_plan=plan)
-    assert OTHER_INDEX_PREFIX not in text
+    query = sorted(photos.glob("bedroom/*.jpg"))[0]
+    conn.execute("SET enable_bitmapscan = off")  # nor a bitmap of the btree on class
+    try:
+        [result] = app.find(query, "same")
+        assert "images_embedding_hnsw_o_" not in scans_of(conn, app.find, query, "same")
+    finally:
+        conn.execute("RESET enable_bitmapscan")
+    assert {m.cls for m in result.matches} == {"bedroom"} and len(result.matches) == 3
+
+
+def test_mode_other_over_small_classes_reads_every_candidate_whatever_the_table_size(database_url):
+    """Each other class small: an exact scan of `class <> X`. With index scans off and sequential scans still off,
+    PostgreSQL would take the cheaper of two disabled plans, the whole-table HNSW index (here from ~2k rows on)."""
+    with Store(database_url) as store:
+        conn = store.conn
+        conn.execute(
+            "INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding) "
+            "SELECT '/photos/' || g, 'class ' || g % 5, md5(g::text), 1, 1, 1, 'test', "
+            "(SELECT array_agg(random() + 0 * x + 0 * g) FROM generate_series(1, 2048) x)::halfvec(2048) "
+            "FROM generate_series(1, 2500) g")
+        conn.execute("ANALYZE images")
+        rng = np.random.default_rng(7)
+
+        def other(q: np.ndarray, exact: bool) -> list[int]:
+            return [m.id for m in search_mod.run(conn, q, "other", k=5, cls="class 0", skip_sha=None, exact=exact)]
+        for q in rng.random((3, 2048), dtype=np.float32):
+            assert scans_of(conn, other, q, False) == {}
+            assert other(q, False) == other(q, True)

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from imsearch import ImsearchError, search
+from imsearch import ImsearchError
 from imsearch.cli import cli
 from imsearch.db.indexes import ensure_class_indexes
 from imsearch.db.sqlaccess import (
@@ -82,11 +82,10 @@ def test_nearest_equals_find_in_every_mode(shared, conn):
             assert str(query.resolve()) not in [r[2] for r in rows]
 
 
-def test_nearest_equals_find_through_the_per_class_indexes(shared, conn, monkeypatch):
+def test_nearest_equals_find_through_the_per_class_indexes(shared, conn, exact_max_rows):
     """Past the exact-scan size, find searches class by class through the HNSW indexes; so does the function."""
     app, photos, _ = shared
-    monkeypatch.setattr(search, "EXACT_MAX_ROWS", 0)
-    conn.execute("SET imsearch.exact_max_rows = 0")
+    exact_max_rows(0, conn, app.store.conn)
     ensure_class_indexes(app.store, 0)
     try:
         ids = ids_by_path(conn)
@@ -109,11 +108,10 @@ def test_nearest_equals_find_through_the_per_class_indexes(shared, conn, monkeyp
             conn.execute(f'DROP INDEX "{index}"')
 
 
-def test_nearest_equals_find_through_the_other_class_indexes(shared, conn, monkeypatch):
+def test_nearest_equals_find_through_the_other_class_indexes(shared, conn, exact_max_rows):
     """With `imsearch db index-other`'s indexes, find's mode other is one index search; so is the function's."""
     app, photos, _ = shared
-    monkeypatch.setattr(search, "EXACT_MAX_ROWS", 0)
-    conn.execute("SET imsearch.exact_max_rows = 0")
+    exact_max_rows(0, conn, app.store.conn)
     app.index_other_classes()
     try:
         ids = ids_by_path(conn)
@@ -131,14 +129,12 @@ def test_nearest_equals_find_through_the_other_class_indexes(shared, conn, monke
         app.index_other_classes(drop=True)
 
 
-def test_functions_search_other_classes_with_finds_beam(conn):
-    """The functions mirror find's planning in SQL; a beam changed in imsearch.search needs a migration too."""
+def test_the_sql_functions_search_through_finds_own_planner(conn):
+    """imsearch_nearest and imsearch_class_correspondence call imsearch_search, as find does, and plan nothing."""
     for function in READER_FUNCTIONS[:2]:
         definition = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)", (function,)).fetchone()[0]
-        assert f"greatest({search.BRANCH_EF_SEARCH}, 2 * k)" in definition, function
-        assert f"greatest({search.EF_SEARCH}, 2 * k)" in definition, function
-        if function.startswith("imsearch_nearest"):
-            assert f"greatest({search.OTHER_EF_SEARCH}, 2 * k)" in definition
+        assert "imsearch_search(" in definition, function
+        assert not any(word in definition for word in ("<=>", "hnsw", "set_config", "enable_")), function
 
 
 def test_nearest_defaults_to_five_in_mode_all_and_takes_k(conn):

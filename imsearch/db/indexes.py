@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -45,23 +44,6 @@ def indexed_classes(conn: psycopg.Connection[Any], classes: Iterable[str],
     ).fetchall()
     names = {r[0] for r in rows}
     return {c for c in classes if class_index_name(c, prefix) in names}
-
-
-@dataclass(frozen=True)
-class Library:
-    """What the planner needs to know of the stored library, read once for a batch of queries."""
-
-    counts: dict[str, int]
-    indexed: frozenset[str]
-    others_indexed: frozenset[str]
-
-
-def stored_library(store: Store, mode: str) -> Library:
-    """The stored classes, those with their own index, and (mode other only) those with an other-class index."""
-    counts = dict(store.classes())
-    indexed = indexed_classes(store.conn, (c for c, n in counts.items() if n > search.EXACT_MAX_ROWS))
-    others = indexed_classes(store.conn, counts, OTHER_INDEX_PREFIX) if mode == "other" else set()
-    return Library(counts, frozenset(indexed), frozenset(others))
 
 
 def ensure_class_indexes(store: Store, min_rows: int) -> list[str]:
@@ -135,20 +117,16 @@ def other_recall(store: Store, *, sample: int, k: int) -> float | None:
     Their graphs hold a fold of the embedding (migration 0006), whose recall depends on the embeddings, so it
     is measured on the library's own rather than assumed (docs/scaling.md).
     """
-    library = stored_library(store, "other")
+    counts = dict(store.classes())
     rows = store.conn.execute(
         "SELECT embedding, class, sha256 FROM images WHERE class = ANY(%s) ORDER BY random() LIMIT %s",
-        (sorted(library.others_indexed), sample),
+        (sorted(indexed_classes(store.conn, counts, OTHER_INDEX_PREFIX)), sample),
     ).fetchall()
     found = wanted = 0
     for embedding, cls, sha in rows:
         vector = np.asarray(embedding.to_numpy(), dtype=np.float32)
-        answers = []
-        for exact in (False, True):
-            query_plan = search.plan("other", k=k, cls=cls, counts=library.counts, indexed=library.indexed,
-                                     others_indexed=library.others_indexed, pgvector=store.pgvector, exact=exact)
-            answers.append({m.id for m in search.run(store.conn, vector, "other", k=k, cls=cls, skip_sha=sha,
-                                                     query_plan=query_plan)})
+        answers = [{m.id for m in search.run(store.conn, vector, "other", k=k, cls=cls, skip_sha=sha, exact=exact)}
+                   for exact in (False, True)]
         found += len(answers[0] & answers[1])
         wanted += len(answers[1])
     return found / wanted if wanted else None

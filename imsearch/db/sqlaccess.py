@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 READER_VIEWS = ("image_catalog", "class_summary", "class_correspondence")
 # ... and SELECT on these tables (migration 0009): the last audit's findings and the per-model calibration.
 READER_TABLES = ("image_audit", "model_calibration")
-# imsearch_nearest's signature and imsearch_duplicate_distance() are of migration 0010.
+# imsearch_nearest's signature and imsearch_duplicate_distance() are of migration 0010, imsearch_search of 0011.
 READER_FUNCTIONS = (
     "imsearch_nearest(bigint, integer, text, double precision)",
     "imsearch_class_correspondence(integer, text)",
     "imsearch_duplicate_pairs(double precision, integer)",
     "imsearch_duplicate_distance()",
+    "imsearch_search(halfvec, integer, text, text, text, double precision, boolean)",
 )
 # Each reader's session defaults (ALTER ROLE ... SET). The reader may change these itself: they are defaults.
 READER_SETTINGS = (("default_transaction_read_only", "on"), ("statement_timeout", "60s"))

@@ -21,6 +21,7 @@ from .migrate import SCHEMA_REVISION, known_revision, schema_mismatch, schema_re
 log = logging.getLogger(__name__)
 
 MIN_PGVECTOR = (0, 7, 0)
+ITERATIVE_PGVECTOR = (0, 8, 0)  # hnsw.iterative_scan: filtered searches through the whole-table index
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class Store:
                 f"{redact(url)}: pgvector {'.'.join(map(str, version))} is too old; imsearch needs 0.7 or newer"
             )
         self.pgvector = version
+        if version < ITERATIVE_PGVECTOR:
+            log.warning("pgvector %s has no iterative index scans: filtered searches of large classes without their "
+                        "own index scan exactly (upgrade pgvector to 0.8+ for fast filtered search)",
+                        ".".join(map(str, version)))
         column = scalar(self.conn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
                                    "WHERE attrelid = 'public.images'::regclass AND attname = 'embedding'")
         if column != f"halfvec({DIMENSIONS})":

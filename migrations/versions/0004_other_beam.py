@@ -13,25 +13,12 @@ Create Date: 2026-11-25
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from alembic import op
-
-from imsearch.search import for_server
+from imsearch_migrations.functions import create
 
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
-
-SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full text as of a revision
-
-
-def create(*files: str) -> None:
-    """Create each function from its frozen text, as this server's pgvector takes it."""
-    version = op.get_bind().exec_driver_sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'").scalar()
-    for name in files:
-        op.execute(for_server((SQL / name).read_text(), version))
 
 
 def upgrade() -> None:

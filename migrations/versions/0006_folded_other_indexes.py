@@ -21,24 +21,13 @@ Create Date: 2026-11-25
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import op
-
-from imsearch.search import for_server
+from imsearch_migrations.functions import create
 
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
-
-SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full text as of a revision
-
-
-def create(name: str) -> None:
-    """Create a function from its frozen text, as this server's pgvector takes it."""
-    version = op.get_bind().exec_driver_sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'").scalar()
-    op.execute(for_server((SQL / name).read_text(), version))
 
 
 def index_other(expression: str, graph: str) -> None:

@@ -23,18 +23,14 @@ Create Date: 2026-12-05
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import op
-
-from imsearch.search import for_server
+from imsearch_migrations.functions import create, grantees
+from imsearch_migrations.functions import grant as grant_with
 
 revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
-
-SQL = Path(__file__).resolve().parent.parent / "sql"  # each function's full text as of a revision
 
 NEAREST = "imsearch_nearest(bigint, integer, text, double precision)"
 PREVIOUS_NEAREST = "imsearch_nearest(bigint, integer, text)"
@@ -64,35 +60,8 @@ COMMENTS = {
 }
 
 
-def create(name: str) -> None:
-    """Create a function from its frozen text, as this server's pgvector takes it."""
-    version = op.get_bind().exec_driver_sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'").scalar()
-    op.execute(for_server((SQL / name).read_text(), version))
-
-
-def grantees(signature: str) -> list[str]:
-    """The roles (PUBLIC included) holding EXECUTE on a function besides its owner, as GRANT names them, each
-    followed by WITH GRANT OPTION where it had that."""
-    rows = op.get_bind().exec_driver_sql(
-        f"""
-        SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END
-               || CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
-        FROM pg_proc p
-        CROSS JOIN LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
-        LEFT JOIN pg_roles r ON r.oid = a.grantee
-        WHERE p.oid = '{signature}'::regprocedure AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner
-        ORDER BY 1
-        """
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
 def grant(signature: str, roles: list[str]) -> None:
-    """EXECUTE for these roles only (a new function's default grant to PUBLIC is revoked, as migration 0002 did)."""
-    op.execute(f"REVOKE ALL ON FUNCTION {signature} FROM PUBLIC")
-    for role in roles:
-        op.execute(f"GRANT EXECUTE ON FUNCTION {signature} TO {role}")
-    op.execute(f"COMMENT ON FUNCTION {signature} IS '{COMMENTS[signature].replace(chr(39), chr(39) * 2)}'")
+    grant_with(signature, roles, COMMENTS[signature])
 
 
 def upgrade() -> None:
