@@ -6,6 +6,7 @@
     .venv/bin/python bench/search.py --server-defaults  # a server nobody tuned (shared_buffers 128 MB, ...)
     .venv/bin/python bench/search.py --plain-storage    # vectors inline in their rows instead of TOAST
     .venv/bin/python bench/search.py --sql-function     # also time imsearch_nearest() against find's own path
+    .venv/bin/python bench/search.py --planner-cost     # also time find's path against the bare statement it runs
 
 Uses DATABASE_URL when set (each size gets a fresh database, dropped afterwards), else a throwaway server set
 up as imsearch's embedded one. Every query goes through imsearch's own planner, the SQL function imsearch_search,
@@ -163,6 +164,70 @@ def sql_function(store: Store, queries: int, k: int) -> None:
         print(f"{mode + ' ' + (cls or ''):<32} {a:>24.1f} {b:>17.1f} {a / b:>6.2f}")
 
 
+# --planner-cost's baseline: the statement imsearch_search ends in for each kind of scan, sent by the client with
+# its settings (SET LOCAL in one transaction), as find sent it while it planned in Python (before migration 0011).
+# Not imsearch's code path: what the planner's own work per query is measured against.
+BARE_ROW = "SELECT id, path, class, embedding <=> %(q)s AS distance FROM images WHERE sha256 IS DISTINCT FROM %(skip)s"
+BARE_CLASS = BARE_ROW + " AND class = {c} ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s LIMIT %(k)s"
+BARE_EXACT = "SELECT * FROM (" + BARE_ROW + " AND class {op} {c} OFFSET 0) AS small ORDER BY distance LIMIT %(k)s"
+BARE = {
+    "hnsw": BARE_ROW + " ORDER BY embedding <=> %(q)s LIMIT %(k)s",
+    "class idx": BARE_CLASS.format(c="%(cls)s"),
+    "other-class idx": "SELECT * FROM (SELECT id, path, class, embedding <=> %(q)s AS distance FROM images "
+                       f"WHERE sha256 IS DISTINCT FROM %(skip)s AND class <> %(cls)s ORDER BY {search.FOLD} <=> "
+                       "%(fold)s LIMIT %(depth)s) AS near ORDER BY distance LIMIT %(k)s",
+}
+
+
+def bare_statement(mode: str, scan: str, cls: str | None, counts: dict[str, int],
+                   k: int) -> tuple[str, dict[str, str]]:
+    """The baseline statement and settings for one mode and kind of scan (the scan column of `measure`)."""
+    index = {"plan_cache_mode": "force_custom_plan", "enable_seqscan": "off",
+             "hnsw.ef_search": str(max(search.EF_SEARCH, 2 * k))}
+    if scan == "exact":
+        return BARE_EXACT.format(op="=" if mode == "same" else "<>", c="%(cls)s"), {"enable_indexscan": "off"}
+    if scan.startswith("union"):
+        branches = [(BARE_EXACT if n <= search.EXACT_MAX_ROWS else BARE_CLASS).format(op="=", c=f"'{c}'")
+                    for c, n in sorted(counts.items()) if c != cls]
+        sql = " UNION ALL ".join(f"({b})" for b in branches) + " ORDER BY distance LIMIT %(k)s"
+        return sql, {**index, "enable_sort": "off", "hnsw.ef_search": str(max(search.BRANCH_EF_SEARCH, 2 * k))}
+    if scan == "other-class idx":
+        return BARE[scan], {**index, "enable_sort": "off", "hnsw.ef_search": str(max(search.OTHER_EF_SEARCH, 2 * k))}
+    return BARE[scan], {**index, "enable_sort": "off"} if scan == "class idx" else index
+
+
+def planner_cost(store: Store, gen: Generator, queries: int, k: int,
+                 cases: tuple[tuple[str, str | None], ...] = CASES) -> None:
+    """Per mode and class: p50 of find's path (search.run: one call of imsearch_search, which counts, looks up the
+    indexes and plans in SQL) against the bare statement it ends in with the client's SET LOCAL settings, each
+    query timed both ways in turn; and how many answers were the same."""
+    counts = dict(store.classes())
+    print(f"{'mode / query class':<32} {'scan':<30} {'find path p50 ms':>17} {'bare p50 ms':>12} {'ratio':>6} "
+          f"{'same answers':>13}")
+    for mode, cls in cases:
+        qs = gen.vectors(cls or COMMON[2], 2 * queries)
+        scan = scan_of(store, qs[0], (mode, cls), k, counts)
+        sql, settings = bare_statement(mode, scan, cls, counts, k)
+        ours, bare, same = [], [], 0
+        for i, q in enumerate(qs):
+            t = time.perf_counter()
+            found = search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
+            t1 = time.perf_counter()
+            params = {"q": HalfVector(q), "unit": HalfVector(q / np.linalg.norm(q)), "k": k, "cls": cls,
+                      "skip": None, "fold": HalfVector(q[:1024] - q[1024:]), "depth": max(search.OTHER_DEPTH, k)}
+            with store.conn.transaction():
+                store.conn.execute("SELECT " + ", ".join("set_config(%s, %s, true)" for _ in settings),
+                                   [x for pair in settings.items() for x in pair])
+                rows = store.conn.execute(sql, params).fetchall()
+            t2 = time.perf_counter()
+            if i >= queries:  # the first half warms up
+                ours.append(t1 - t)
+                bare.append(t2 - t1)
+                same += [m.id for m in found] == [r[0] for r in sorted(rows, key=lambda r: (r[3], r[0]))]
+        a, b = pct(ours, 50), pct(bare, 50)
+        print(f"{mode + ' ' + (cls or ''):<32} {scan:<30} {a:>17.1f} {b:>12.1f} {a / b:>6.2f} {same:>8}/{queries}")
+
+
 @contextlib.contextmanager
 def other_depth(store: Store, depth: int) -> Iterator[None]:
     """imsearch_search re-ranking `depth` candidates from an other-class index, for as long as the block runs: the
@@ -201,6 +266,8 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
             table(measure(store, gen, args.queries, args.k), args.k)
             if args.sql_function:
                 sql_function(store, args.queries, args.k)
+            if args.planner_cost:
+                planner_cost(store, gen, args.queries, args.k)
             if args.index_other:
                 before = insert_ms(store, gen)
                 # -- what `imsearch db index-other` changes: mode other through one index per query class
@@ -219,6 +286,8 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
                 table(measure(store, gen, args.queries, args.k, again), args.k, head=False)
                 if args.sql_function:
                     sql_function(store, args.queries, args.k)
+                if args.planner_cost:
+                    planner_cost(store, gen, args.queries, args.k, again)
                 for depth in (int(d) for d in args.other_depths.split(",") if d):
                     with other_depth(store, depth):
                         print(f"mode other re-ranking {depth} candidates:")
@@ -245,6 +314,8 @@ def main() -> None:
                     help="store each vector inline in its row (STORAGE PLAIN) instead of out of line (TOAST)")
     ap.add_argument("--sql-function", action="store_true",
                     help="also time imsearch_nearest() (an id lookup, then imsearch_search) against find's own path")
+    ap.add_argument("--planner-cost", action="store_true",
+                    help="also time find's path against the bare statement it runs, planned by the client")
     ap.add_argument("--other-depths", default="",
                     help="with --index-other, also measure mode other re-ranking these numbers of candidates")
     args = ap.parse_args()
