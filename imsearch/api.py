@@ -32,7 +32,8 @@ from .model import pixels
 from .model.embed import Model
 from .model.pixels import PREPROCESSING
 from .model.runtimes import get_model
-from .search import MODES, Match
+from .modes import MODES, check_search
+from .search import Match
 from .settings import Settings, server_log
 from .timing import done, phase
 
@@ -301,10 +302,7 @@ class Imsearch:
     def _search(self, query: Embedded, mode: str, *, k: int, query_class: str | None, include_self: bool,
                 exact: bool, class_from_top_match: bool = False, max_distance: float | None = None) -> FindResult:
         """`search` with max_distance resolved once (`max_distance`): one call of imsearch_search, which plans."""
-        if k < 1:
-            raise ImsearchError("k must be at least 1")
-        if mode not in MODES:
-            raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        check_search(mode, k)
         identity = self.embedder.identity  # before the lock: loading the model may need the database (int8)
         with self._lock:
             store = self.store
@@ -399,8 +397,7 @@ class Imsearch:
         """
         started = time.perf_counter()
         for mode in modes:
-            if mode not in MODES:
-                raise ImsearchError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+            check_search(mode, k)
         evaluation_folder(testdir)  # before the database: a wrong path fails first
         counts = dict(self.classes())
         found = find_queries(testdir, counts)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from .errors import ImsearchError
-from .modes import MODES
+from .modes import MAX_K, MODES
 from .timing import phase, since_process_start
 
 log = logging.getLogger("imsearch")
@@ -193,7 +193,7 @@ def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: 
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-k", "--top", "k", type=click.IntRange(1, 1000), default=5, show_default=True,
+@click.option("-k", "--top", "k", type=click.IntRange(1, MAX_K), default=5, show_default=True,
               help="How many matches per query.")
 @click.option("--same-class", "mode", flag_value="same", help="Only images of the query's class.")
 @click.option("--exclude-class", "mode", flag_value="other", help="Only images of other classes.")
@@ -245,7 +245,7 @@ def find(ctx: click.Context, images: tuple[Path, ...], k: int, mode: str, query_
 @click.argument("testdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--mode", "modes", multiple=True, type=click.Choice(MODES),
               help="A mode to evaluate; repeat for several [default: all three].")
-@click.option("-k", "--top", "k", type=click.IntRange(1, 1000), default=5, show_default=True,
+@click.option("-k", "--top", "k", type=click.IntRange(1, MAX_K), default=5, show_default=True,
               help="How many matches per query are scored.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("imsearch-report"),
               show_default=True, help="Folder for summary.json, the CSVs, the grids and report.html.")

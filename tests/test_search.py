@@ -270,3 +270,13 @@ def test_mode_other_over_small_classes_reads_every_candidate_whatever_the_table_
         for q in rng.random((3, 2048), dtype=np.float32):
             assert scans_of(conn, other, q, False) == {}
             assert other(q, False) == other(q, True)
+
+
+def test_a_mode_or_k_imsearch_search_would_refuse_is_one_clear_error_first(stored, photos):
+    query = sorted(photos.glob("kitchen/*.jpg"))[0]
+    with pytest.raises(ImsearchError, match="k must be between 1 and 1000, not 1001"):
+        stored.find(query, k=1001)
+    with pytest.raises(ImsearchError, match="unknown mode 'near'; use one of all, same, other"):
+        stored.find(query, "near")
+    with pytest.raises(ImsearchError, match="k must be between 1 and 1000, not 0"):
+        stored.evaluate(photos, k=0)

@@ -30,7 +30,7 @@ import psycopg
 from pgvector import HalfVector
 
 from ..errors import ImsearchError
-from ..modes import MODES
+from ..modes import MAX_K, MODES
 from ..vectors import DIMENSIONS
 
 # Filtered sets up to this many rows are scanned exactly: cheaper than an index scan at that size, and exact. The
@@ -85,7 +85,7 @@ def function_sql(name: str) -> str:
         "OTHER_DEPTH": OTHER_DEPTH, "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
         "MAX_BRANCHES": MAX_BRANCHES, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX,
         "OTHER_INDEX_PREFIX": OTHER_INDEX_PREFIX, "FOLD_ROW": FOLD.replace("embedding", "i.embedding"),
-        "MODES": ", ".join(f"'{m}'" for m in MODES), "DIMENSIONS": DIMENSIONS,
+        "MODES": ", ".join(f"'{m}'" for m in MODES), "DIMENSIONS": DIMENSIONS, "MAX_K": MAX_K,
         "UNKNOWN_CLASS": UNKNOWN_CLASS_SQLSTATE,
         "FOLD_QUERY": FOLD.replace("embedding", "query"),
     }

@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_K = 100
+MAX_K = 100  # the page's own cap, below the library's (imsearch.modes.MAX_K): an upload is anyone's request
 # Multipart boundaries, part headers and the small form fields around the file.
 FORM_OVERHEAD_BYTES = 64 * 1024
 THUMBNAIL_SIZE = 320

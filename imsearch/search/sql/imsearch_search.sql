@@ -29,8 +29,8 @@ DECLARE
     big_unindexed boolean;
     branches text[];
 BEGIN
-    IF k IS NULL OR k < 1 OR k > 1000 THEN
-        RAISE EXCEPTION 'k must be between 1 and 1000, not %', k USING ERRCODE = 'invalid_parameter_value';
+    IF k IS NULL OR k < 1 OR k > @MAX_K@ THEN
+        RAISE EXCEPTION 'k must be between 1 and @MAX_K@, not %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF mode IS NULL OR mode NOT IN (@MODES@) THEN
         RAISE EXCEPTION 'unknown mode %; use one of all, same, other', quote_nullable(mode)
