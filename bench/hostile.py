@@ -108,6 +108,51 @@ def progressive_jpeg(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+def repeat_last_scan(jpeg: bytes, times: int) -> bytes:
+    """A progressive JPEG with its last scan (start-of-scan segment and coded data, up to end-of-image) there
+    `times` more times: libjpeg decodes every copy, each over the whole image."""
+    end = jpeg.rindex(b"\xff\xd9")
+    last = jpeg.rindex(b"\xff\xda", 0, end)
+    return jpeg[:end] + jpeg[last:end] * times + jpeg[end:]
+
+
+def many_scans_jpeg(width: int = 4000, height: int = 2900, times: int = 3000) -> bytes:
+    """A one-colour progressive JPEG as Pillow saves it, its last scan repeated: 4000x2900 and 3,000 more scans
+    are 280 kB and took 30 s of one core to decode."""
+    return repeat_last_scan(progressive_jpeg(width, height), times)
+
+
+def many_strip_tiff(height: int, *, big_endian: bool = False, bigtiff: bool = False) -> bytes:
+    """An uncompressed 8-bit grey TIFF of 1 x `height` pixels in one-row strips, every strip the same byte: 1 x
+    3,000,000 is 18 MB of strip offsets and counts, which Pillow read whole while opening (7 s, 1 GB)."""
+    order = ">" if big_endian else "<"
+    offset, word = ("Q", 8) if bigtiff else ("I", 4)
+    entry = "HHQQ" if bigtiff else "HHII"
+    tags = [(256, 4, 1), (257, 4, 1), (258, 3, 1), (259, 3, 1), (262, 3, 1), (273, 4, height), (277, 3, 1),
+            (278, 4, 1), (279, 3, height)]
+    head = 16 if bigtiff else 8
+    table = (8 if bigtiff else 2) + len(tags) * (20 if bigtiff else 12) + word
+    pixel_at = head + table
+    offsets_at = pixel_at + 1
+    counts_at = offsets_at + 4 * height
+    values = {256: 1, 257: height, 258: 8, 259: 1, 262: 1, 273: offsets_at, 277: 1, 278: 1, 279: counts_at}
+    if bigtiff:
+        out = (b"MM\x00+" if big_endian else b"II+\x00") + struct.pack(order + "HHQ", 8, 0, head)
+        out += struct.pack(order + "Q", len(tags))
+    else:
+        out = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(order + "I", head)
+        out += struct.pack(order + "H", len(tags))
+    for tag, kind, count in tags:
+        value = values[tag]
+        if count == 1:  # a value sits at the start of the value field, in the file's byte order
+            field = struct.pack(order + ("H" if kind == 3 else "I"), value).ljust(word, b"\x00")
+            out += struct.pack(order + entry[:3], tag, kind, count) + field
+        else:
+            out += struct.pack(order + entry, tag, kind, count, value)
+    out += bytes(word) + b"\x80"
+    return out + struct.pack(order + "I", pixel_at) * height + struct.pack(order + "H", 1) * height
+
+
 def noise_png(size_bytes: int) -> bytes:
     """A PNG of random pixels about `size_bytes` long: a large body that is a real, modest image."""
     side = int((size_bytes * 0.99 / 3) ** 0.5)
@@ -137,6 +182,8 @@ def uploads(max_upload_bytes: int = 20 * 1024 * 1024, names: Iterable[str] | Non
         "noise-near-limit.png": (lambda: noise_png(big), "image/png", {200, 503}),
         "random-near-limit.jpg": (lambda: np.random.default_rng(3).bytes(big), "image/jpeg", {415}),
         "postscript.jpg": (eps_named_jpg, "image/jpeg", {415}),
+        "scans-3000.jpg": (many_scans_jpeg, "image/jpeg", {413}),
+        "strips-3m.tif": (lambda: many_strip_tiff(3_000_000), "image/tiff", {413}),
     }
     chosen = list(makers) if names is None else list(names)
     return [Upload(name, makers[name][0](), makers[name][1], frozenset(makers[name][2])) for name in chosen]

@@ -8,8 +8,10 @@ DATABASE_URL (else of a throwaway embedded PostgreSQL), and serves them with `im
 with the stand-in weights unless IMSEARCH_WEIGHTS is set. It times normal searches (an unseen room photo) alone,
 then again while --clients threads send the uploads of bench/hostile.py one after another: a 9990x9990 1-bit PNG,
 39 MP RGBA PNG and TIFFs, a WebP, a 100 MP progressive JPEG, bodies just under the upload limit, PostScript named
-.jpg. The server's RSS, its children included, is sampled every 50 ms. Client and server share this machine's
-cores. Prints figures; asserts nothing.
+.jpg, a 4000x2900 JPEG of 3,010 scans, a 1x3,000,000 TIFF in one-row strips. Each of those, and the dearest
+JPEG accepted (39.7 MP in 50 scans), is first sent alone: its time and the server's peak RSS. The server's RSS, its
+children included, is sampled every 50 ms. Client and server share this machine's cores. Prints figures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import hostile
+import httpx
+import psutil
 from synthetic import bench_server, drop_database, fresh_database
 
 from imsearch import Imsearch
@@ -30,6 +36,29 @@ from imsearch import Imsearch
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 ROOMS = SHARED / "datasets" / "rooms"
 MB = 1024 * 1024
+
+
+def alone(base: str, pid: int, upload: hostile.Upload) -> tuple[int, float, int]:
+    """One upload sent with nothing else going on: its status, seconds, and the server's peak RSS meanwhile."""
+    process = psutil.Process(pid)
+    peak = hostile.rss(process)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, hostile.rss(process))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with httpx.Client(timeout=600) as client:
+        started = time.perf_counter()
+        status = hostile.post(client, base, upload.name, upload.data, upload.mime).status_code
+        seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    return status, seconds, peak
 
 
 def main() -> None:
@@ -63,7 +92,12 @@ def main() -> None:
         try:
             with hostile.serving(url, weights, work / "serve.log") as (base, pid):
                 quiet = hostile.quiet_searches(base, normal, seconds=5)
-                # 4. The same searches under hostile uploads.
+                # 4. Each hostile upload alone: its time and the server's peak memory.
+                dearest = hostile.Upload("scans-50-40mp.jpg", hostile.many_scans_jpeg(6300, 6300, 40), "image/jpeg",
+                                         frozenset({200}))
+                single = {upload.name: alone(base, pid, upload) for upload in [*uploads, dearest]}
+                rest = hostile.rss(psutil.Process(pid))
+                # 5. The same searches under hostile uploads.
                 load = hostile.pound(base, pid, uploads, normal, seconds=args.seconds, clients=args.clients)
         finally:
             drop_database(admin, name)
@@ -71,6 +105,9 @@ def main() -> None:
     print(f"imsearch serve over {stored} stored photos, {os.cpu_count()} CPUs")
     print(f"  RSS at rest:                       {load.idle_rss / MB:7.0f} MB")
     print(f"  normal search alone, p50:          {statistics.median(quiet):7.3f} s  ({len(quiet)} searches)")
+    print(f"each upload alone (status, seconds, server peak RSS above {rest / MB:.0f} MB):")
+    for name, (status, seconds, peak) in single.items():
+        print(f"    {name:24} {status}  {seconds:7.2f} s  {max(0, peak - rest) / MB:+7.0f} MB")
     print(f"under {args.clients} hostile clients for {args.seconds:g} s:")
     print(f"  peak RSS:                          {load.peak_rss / MB:7.0f} MB  "
           f"(+{(load.peak_rss - load.idle_rss) / MB:.0f} MB)")

@@ -51,3 +51,8 @@ class UnknownClass(ImsearchError):
 class NotCalibrated(ImsearchError):
     """The duplicate distance was asked for by name, but the model in use has none (never calibrated, or it cannot
     tell a copy from a neighbour): `imsearch calibrate` says which."""
+
+
+class TooCostly(TooManyPixels):
+    """An image whose header declares a decode far dearer than its pixels (thousands of JPEG scans, millions of
+    TIFF strips), refused before it is opened or decoded."""

@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from bench import hostile
+
 Maker = Callable[[Path, Path], object]  # (target, source photo)
 
 
@@ -188,6 +190,21 @@ def strip_png(width: int, height: int) -> Maker:
     return make
 
 
+def many_scans(times: int) -> Maker:
+    """The photo as a progressive JPEG saved by Pillow, its last scan there `times` more times."""
+    def make(target: Path, src: Path) -> None:
+        out = io.BytesIO()
+        _photo(src).save(out, "JPEG", progressive=True, quality=90)
+        target.write_bytes(hostile.repeat_last_scan(out.getvalue(), times))
+    return make
+
+
+def many_strips(height: int) -> Maker:
+    def make(target: Path, src: Path) -> None:
+        target.write_bytes(hostile.many_strip_tiff(height))
+    return make
+
+
 def text_file(target: Path, src: Path) -> None:
     target.write_text("These are my holiday notes, not a photo.\n")
 
@@ -246,6 +263,10 @@ CASES: tuple[Case, ...] = (
          "too many pixels", "PNG header declaring 100000x100000 (a few bytes)"),
     Case("bomb-real", "kitchen/bomb-real.png", lambda t, s: t.write_bytes(png_one_colour(20_000, 20_000)),
          "too many pixels", "valid 20000x20000 one-colour PNG (48 KB)"),
+    Case("many-scans", "kitchen/many-scans.jpg", many_scans(300), "too many scans to decode",
+         "progressive JPEG whose last scan is repeated 300 times"),
+    Case("many-strips", "kitchen/many-strips.tif", many_strips(300_000), "too many TIFF strips to read",
+         "1x300000 TIFF in one-row strips (300,000 strip offsets)"),
     Case("too-large", "kitchen/huge.tif", sparse(3 << 30), "file too large",
          "3 GiB file named .tif (sparse: no disk space); read whole, it would take 3 GiB of memory"),
     Case("fifo", "kitchen/pipe.jpg", fifo, "not a regular file", "FIFO named .jpg (reading it would block)"),

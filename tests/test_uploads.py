@@ -3,17 +3,23 @@ under hostile uploads (bench/hostile.py), against a real database."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
+import struct
+import threading
 import time
 
 import anyio
+import httpx
 import numpy as np
+import psutil
 import pytest
 from fastapi import HTTPException
 from PIL import Image
 
 from bench import hostile
-from imsearch.errors import NotAnImage, TooManyPixels
+from imsearch.errors import NotAnImage, TooCostly, TooManyPixels
 from imsearch.files import IMAGE_SUFFIXES
 from imsearch.model import pixels
 from imsearch.web.app import DecodeSlots
@@ -175,3 +181,144 @@ def test_a_server_under_hostile_uploads_stays_within_its_memory_and_keeps_search
     assert {name for name, *_ in load.hostile} == set(expected)
     assert load.peak_rss - load.idle_rss < MAX_RSS_GROWTH, (
         f"RSS rose from {load.idle_rss / 2**20:.0f} MB to {load.peak_rss / 2**20:.0f} MB")
+
+
+# -- uploads whose cost is not their size -------------------------------------------------------------------------
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_from_its_markers_before_decoding():
+    scans = hostile.many_scans_jpeg()  # 4000x2900, 3,010 scans: 30 s of one core to decode
+    for read in (lambda: pixels.peek(scans, "scans.jpg"), lambda: pixels.load(scans, "scans.jpg")):
+        started = time.process_time()
+        with pytest.raises(TooCostly) as caught:
+            read()
+        assert time.process_time() - started < 1
+        assert caught.value.reason == ("too many scans to decode (3,010 scans of 4000x2900; at most 100 scans and "
+                                       "2,000,000,000 scans x pixels)")
+    assert caught.value.path == "scans.jpg" and isinstance(caught.value, TooManyPixels)  # 413 on the page
+
+
+def test_scans_are_bounded_by_scans_times_pixels_and_what_follows_the_image_is_not_counted():
+    progressive = hostile.progressive_jpeg(4000, 2900)
+    after_first = progressive.index(b"\xff\xda") + 2
+    assert pixels.count_scans(io.BytesIO(progressive), after_first) == 10  # libjpeg's script, as Pillow saves
+    assert pixels.peek(hostile.repeat_last_scan(progressive, 90), "100-scans.jpg").width == 4000
+    with pytest.raises(TooCostly):
+        pixels.peek(hostile.repeat_last_scan(progressive, 91), "101-scans.jpg")
+    # 100 MP in 21 scans: under the scan cap, over 2,000,000,000 scans x pixels (peeked only, never decoded)
+    with pytest.raises(TooCostly) as caught:
+        pixels.peek(hostile.repeat_last_scan(hostile.progressive_jpeg(10_000, 10_000), 11), "100mp.jpg")
+    assert "21 scans of 10000x10000" in caught.value.reason
+    # a phone's motion photo: a video after the end of the image, whose bytes hold start-of-scan pairs
+    trailer = progressive + b"\xff\xda" * 5000
+    assert pixels.peek(trailer, "motion.jpg").width == 4000
+
+
+@pytest.mark.parametrize("layout", [{}, {"big_endian": True}, {"bigtiff": True}, {"bigtiff": True, "big_endian": True}],
+                         ids=["II", "MM", "BigTIFF-II", "BigTIFF-MM"])
+def test_a_tiff_with_millions_of_strips_is_refused_before_pillow_reads_its_offsets(layout):
+    strips = hostile.many_strip_tiff(3_000_000, **layout)  # 18 MB; Pillow took 7 s and 1 GB to open it
+    started = time.process_time()
+    with pytest.raises(TooCostly) as caught:
+        pixels.peek(strips, "strips.tif")
+    assert time.process_time() - started < 0.5
+    assert caught.value.reason == ("too many TIFF strips to read (3,000,000 > 65,536; "
+                                   "no camera or scanner writes so many)")
+
+
+def test_a_tiff_at_the_strip_cap_still_opens_and_decodes():
+    fits = hostile.many_strip_tiff(pixels.MAX_TIFF_CHUNKS)
+    started = time.process_time()
+    loaded = pixels.load(fits, "65536-strips.tif")
+    assert time.process_time() - started < 5 and (loaded.width, loaded.height) == (1, pixels.MAX_TIFF_CHUNKS)
+    assert pixels.peek(hostile.many_strip_tiff(1000, bigtiff=True), "bigtiff.tif").height == 1000
+
+
+def test_a_tiff_with_too_many_entries_in_its_ifd_is_refused():
+    entries = pixels.MAX_TIFF_ENTRIES + 1
+    data = b"II*\x00" + struct.pack("<IH", 8, entries) + struct.pack("<HHII", 65000, 1, 1, 0) * entries + bytes(4)
+    with pytest.raises(TooCostly) as caught:
+        pixels.peek(data, "entries.tif")
+    assert caught.value.reason == "too many TIFF entries to read (4,097 in one IFD > 4,096)"
+
+
+def send_all(base: str, sends: list[tuple[str, bytes, str]]) -> list[tuple[str, int, float, str]]:
+    """Each upload from its own thread, all at once: (name, status, seconds, detail)."""
+    out: list[tuple[str, int, float, str]] = []
+
+    def send(name: str, data: bytes, mime: str) -> None:
+        with httpx.Client(timeout=120) as client:
+            started = time.monotonic()
+            response = hostile.post(client, base, name, data, mime)
+            detail = response.json().get("detail", "") if response.status_code != 200 else ""
+            out.append((name, response.status_code, time.monotonic() - started, detail))
+
+    threads = [threading.Thread(target=send, args=item) for item in sends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_uploads_dear_to_open_get_413_within_seconds_while_normal_searches_keep_answering(
+        stored, database_url, weights, tmp_path):
+    jpeg, tiff = hostile.many_scans_jpeg(), hostile.many_strip_tiff(3_000_000)
+    costly = [(f"scans-{i}.jpg", jpeg, "image/jpeg") for i in range(2)]
+    costly += [(f"strips-{i}.tif", tiff, "image/tiff") for i in range(2)]
+    with hostile.serving(database_url, weights, tmp_path / "serve.log") as (base, _):
+        hostile.quiet_searches(base, photo(), seconds=1)
+        normal = [("photo.jpg", photo(), "image/jpeg")] * 3
+        answers = send_all(base, costly + normal)
+    for name, status, seconds, detail in answers:
+        if name == "photo.jpg":
+            assert status == 200 and seconds < 10, (status, seconds)
+        else:
+            assert status == 413 and seconds < 5, (name, status, seconds, detail)
+            assert detail.startswith(f"{name}: too many {'scans' if name.endswith('.jpg') else 'TIFF strips'}")
+    assert len(answers) == 7
+
+
+def decoders(pid: int) -> list[psutil.Process]:
+    """The server's decoder processes (multiprocessing's spawned children, not its resource tracker)."""
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "spawn_main" in " ".join(child.cmdline()):
+                out.append(child)
+    return out
+
+
+def raw_upload(base: str, name: str, data: bytes) -> socket.socket:
+    """A multipart upload sent whole through a plain socket, left open for its answer."""
+    boundary = "imsearch-test-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    host, port = base.removeprefix("http://").split(":")
+    head = (f"POST /api/find HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(head + body)
+    return sock
+
+
+def test_a_decode_stops_when_its_client_goes_away(stored, database_url, weights, tmp_path):
+    slow = hostile.many_scans_jpeg(6300, 6300, 40)  # 50 scans of 39.7 MP: accepted, about 2 s of one core
+    with hostile.serving(database_url, weights, tmp_path / "serve.log") as (base, pid):
+        hostile.quiet_searches(base, photo(), seconds=1)  # a decoder process is started and idle
+        idle = {p.pid: p.cpu_times().user for p in decoders(pid)}
+        assert idle, "no decoder process: uploads are decoded in the server's own threads"
+        sock = raw_upload(base, "slow.jpg", slow)
+        busy = None
+        deadline = time.monotonic() + 20
+        while busy is None and time.monotonic() < deadline:
+            busy = next((p for p in decoders(pid) if p.cpu_times().user > idle.get(p.pid, 0) + 0.3), None)
+            time.sleep(0.02)
+        assert busy is not None, "the upload was never decoded"
+        sock.close()
+        gone = time.monotonic()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            busy.wait(timeout=10)
+        assert time.monotonic() - gone < 1, "the decode went on after its client went away"
+        with httpx.Client(timeout=60) as client:
+            assert hostile.post(client, base, "photo.jpg", photo(), "image/jpeg").status_code == 200

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import IO, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..errors import BadImage, NotAnImage, TooManyPixels
+from ..errors import BadImage, NotAnImage, TooCostly, TooManyPixels
 from .phash import phash
 
 # The formats of files.IMAGE_SUFFIXES, and the only ones Pillow is asked to open: with all its plugins, an EPS file
@@ -37,6 +38,18 @@ UPLOAD_MAX_PIXELS = 40_000_000
 WEBP_WEIGHT = 2
 # Refuse files above this many bytes before reading them whole: a 100 MP 16-bit RGBA TIFF is 800 MB.
 MAX_BYTES = 1 << 30
+# A progressive JPEG is decoded scan by scan, and each scan walks the coefficients of the whole image (about 1 ns a
+# pixel here, whatever the scan holds): a 4000x2900 file whose last scan is repeated 3,000 times is 180 kB and takes
+# 30 s. libjpeg's progressive script writes 10 scans, mozjpeg's scan optimisation 9 to 16; refused above
+# MAX_JPEG_SCANS, or above MAX_SCAN_PIXELS scans x pixels (a 100 MP photo in 20 scans; about 2 s of one core).
+MAX_JPEG_SCANS = 100
+MAX_SCAN_PIXELS = 2_000_000_000
+# Pillow reads every strip or tile offset of a TIFF while opening it (3 million one-row strips: 7 s and 1 GB before
+# a pixel is decoded). Cameras and scanners write strips of 8 kB or more, or tiles: a 100 MP RGB image in one-row
+# strips has 10,000. Refused above MAX_TIFF_CHUNKS strips or tiles (65,536 open and decode in 0.5 s and 40 MB), or
+# with an IFD of more than MAX_TIFF_ENTRIES entries (cameras write a few dozen), read from the header before Pillow.
+MAX_TIFF_CHUNKS = 65_536
+MAX_TIFF_ENTRIES = 4_096
 # A long strip is resized only where the centre crop keeps it beyond this aspect ratio (see `prepare`).
 MAX_FULL_ASPECT = 8
 # `to_rgb` converts large images this many pixels at a time, so that its float and RGBA copies stay small.
@@ -153,23 +166,32 @@ def _open(
     fp: IO[bytes], path: str, max_pixels: int, max_decode_pixels: int | None, prep: Preprocess | None
 ) -> tuple[ImageFile.ImageFile, tuple[int, int], int]:
     """A file's header opened in one of FORMATS, with a JPEG's draft scale set; its full size; and how many pixels
-    its decode holds at once. Refused over either cap.
+    its decode holds at once. Refused over either cap, and where the decode would cost far more than its pixels:
+    a TIFF's strips and tiles are counted before Pillow reads them, a JPEG's scans before it is decoded.
 
     A drafted JPEG counts at its draft scale only when it has one scan: for a progressive or multi-scan one,
     libjpeg keeps the coefficients of the whole image whatever the scale (577 MB for a 100 MP progressive file).
     A WebP counts WEBP_WEIGHT times its pixels.
     """
-    if not fp.read(1):
+    magic = fp.read(4)
+    if not magic:
         raise BadImage(path, "empty file (0 bytes)")
+    if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        _check_tiff(fp, path)
     img = Image.open(fp, formats=FORMATS)
     first_scan = fp.tell()  # Pillow reads a JPEG's markers up to its first start-of-scan, and no further
     width, height = img.size
     if width * height > max_pixels:
         raise TooManyPixels(path, f"too many pixels ({width}x{height} > {max_pixels:,}; decompression bomb?)")
     several_scans = False
-    if prep is not None and img.format == "JPEG":
-        img.draft("RGB", prep.draft_size(width, height))
-        several_scans = img.size != (width, height) and _more_scans(fp, first_scan)
+    if img.format == "JPEG":
+        scans = count_scans(fp, first_scan)
+        if scans > MAX_JPEG_SCANS or scans * width * height > MAX_SCAN_PIXELS:
+            raise TooCostly(path, f"too many scans to decode ({scans:,} scans of {width}x{height}; at most "
+                                  f"{MAX_JPEG_SCANS} scans and {MAX_SCAN_PIXELS:,} scans x pixels)")
+        if prep is not None:
+            img.draft("RGB", prep.draft_size(width, height))
+            several_scans = scans > 1 and img.size != (width, height)
     decoded = width * height if several_scans else img.width * img.height
     if img.format == "WEBP":
         decoded *= WEBP_WEIGHT
@@ -184,15 +206,58 @@ def _open(
     return img, (width, height), decoded
 
 
-def _more_scans(fp: IO[bytes], start: int) -> bool:
-    """Whether a JPEG has another start-of-scan marker after `start` (coded data escapes every 0xFF byte)."""
+def count_scans(fp: IO[bytes], start: int) -> int:
+    """How many start-of-scan markers a JPEG has, the one before `start` included, up to its end-of-image marker.
+
+    Coded data escapes every 0xFF byte, so a marker is a marker; read in blocks, never whole. Data after the end of
+    the image (a phone's motion-photo video) is not counted: the decoder stops there.
+    """
     fp.seek(start)
-    last = b""
+    scans, last = 1, b""
     while block := fp.read(1 << 20):
-        if b"\xff\xda" in last + block[:1] or b"\xff\xda" in block:
-            return True
-        last = block[-1:]
-    return False
+        data = last + block
+        end = data.find(b"\xff\xd9")
+        if end >= 0:
+            return scans + data.count(b"\xff\xda", 0, end)
+        scans += data.count(b"\xff\xda", 0, len(data) - 1)  # a marker split across blocks is counted next time
+        last = data[-1:]
+    return scans
+
+
+# StripOffsets, StripByteCounts, TileOffsets, TileByteCounts: the arrays Pillow reads whole while opening.
+TIFF_CHUNK_TAGS = {273: "strips", 279: "strips", 324: "tiles", 325: "tiles"}
+
+
+def _check_tiff(fp: IO[bytes], path: str) -> None:
+    """Refuse a TIFF whose first IFD declares more than MAX_TIFF_CHUNKS strips or tiles, or more than
+    MAX_TIFF_ENTRIES entries, from that IFD alone (classic TIFF or BigTIFF, either byte order)."""
+    fp.seek(0)
+    head = fp.read(16)
+    order = "<" if head[:2] == b"II" else ">"
+    big = head[2:4] in (b"+\x00", b"\x00+")
+    if big:
+        if len(head) < 16:
+            raise BadImage(path, "truncated: the file ends before the TIFF header does")
+        first = struct.unpack(order + "Q", head[8:16])[0]
+        count_format, entry_size, entry_format = "Q", 20, "HHQ"
+    else:
+        if len(head) < 8:
+            raise BadImage(path, "truncated: the file ends before the TIFF header does")
+        first = struct.unpack(order + "I", head[4:8])[0]
+        count_format, entry_size, entry_format = "H", 12, "HHI"
+    fp.seek(first)
+    raw = fp.read(struct.calcsize(count_format))
+    if len(raw) < struct.calcsize(count_format):
+        return  # Pillow names what is wrong with an IFD that is not there
+    entries = struct.unpack(order + count_format, raw)[0]
+    if entries > MAX_TIFF_ENTRIES:
+        raise TooCostly(path, f"too many TIFF entries to read ({entries:,} in one IFD > {MAX_TIFF_ENTRIES:,})")
+    table = fp.read(entries * entry_size)
+    for at in range(0, len(table) - entry_size + 1, entry_size):
+        tag, _, count = struct.unpack_from(order + entry_format, table, at)
+        if tag in TIFF_CHUNK_TAGS and count > MAX_TIFF_CHUNKS:
+            raise TooCostly(path, f"too many TIFF {TIFF_CHUNK_TAGS[tag]} to read ({count:,} > {MAX_TIFF_CHUNKS:,}; "
+                                  "no camera or scanner writes so many)")
 
 
 def bad_image(path: str, exc: BaseException) -> BadImage:
