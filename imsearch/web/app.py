@@ -6,22 +6,25 @@ decoding, the model and the database run in worker threads, off the event loop. 
 written. Images are served only for stored rows, by id, and only while the file holds the bytes that were stored.
 
 What an upload may cost is settled before it is decoded: its size by `UploadLimit`, its format and pixels by its
-header (`pixels.peek`), and how many decodes run at once by `DecodeSlots`. `TrustedHosts` answers only requests
-that name this server.
+header (`pixels.peek`, read in slots of its own), and how many decodes run at once by `DecodeSlots`; each
+decode runs in a child process (`decoding.Decoders`) that is killed if its client goes away. `TrustedHosts`
+answers only requests that name this server.
 """
 
 import io
 import ipaddress
+import logging
 import os
 import re
 import string
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import psycopg
@@ -32,10 +35,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..api import Imsearch
+from ..api import Embedded, Imsearch
 from ..audit.calibration import DUPLICATE
 from ..errors import (
     BadImage,
@@ -50,7 +53,11 @@ from ..errors import (
 from ..files import sha256_bytes
 from ..model import pixels
 from ..modes import Mode
+from .decoding import ClientGone, Decoders, load_upload, make_thumbnail
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 
@@ -76,6 +83,12 @@ IMAGE_BLOCK_BYTES = 64 * 1024 * 1024
 # Host names a request may give besides these and the address it came in on; comma-separated, "*" for any.
 ALLOWED_HOSTS_ENV = "IMSEARCH_ALLOWED_HOSTS"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# Sites whose pages may send requests here besides this one; comma-separated scheme://host[:port], "*" for any.
+ALLOWED_ORIGINS_ENV = "IMSEARCH_ALLOWED_ORIGINS"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a database failure answers: its detail (a socket path, a URL) goes to the server's log only.
+DATABASE_DOWN = "the database is not answering; try again in a moment"
+URL_IN_TEXT = re.compile(r"postgres(?:ql)?://\S*?(?=:\s|\s|$)")
 HOST_HEADER = re.compile(r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::\d{1,5})?")
 
 # Everything the page loads comes from this server (the query preview is a blob: URL of the chosen file).
@@ -163,6 +176,25 @@ class DecodeSlots:
         self.wait = wait
         self._any = anyio.Semaphore(slots)
         self._heavy = anyio.Semaphore(1)
+        self._headers = anyio.Semaphore(slots)
+
+    async def read_header(self, read: Callable[..., T], *args: Any, **options: Any) -> T:
+        """`read(*args, **options)` in a worker thread, at most `slots` at once, waiting as a light decode does.
+
+        Header reads have slots of their own, as many: each is bounded (pixels' caps on TIFF strips and IFD
+        entries, JPEG scans read in blocks), and a queue of uploads turned away by their header never holds up a
+        decode that passed its own.
+        """
+        taken = False
+        with anyio.move_on_after(self.wait):
+            await self._headers.acquire()
+            taken = True
+        if not taken:
+            raise busy("other images")
+        try:
+            return await run_in_threadpool(read, *args, **options)
+        finally:
+            self._headers.release()
 
     @asynccontextmanager
     async def hold(self, heavy: bool) -> AsyncIterator[None]:
@@ -249,6 +281,113 @@ class TrustedHosts:
         await JSONResponse({"detail": message}, status_code=400)(scope, receive, send)
 
 
+def origin_of(value: str) -> tuple[str, str, int] | None:
+    """An Origin header (or an allow-list entry) as (scheme, host, port), the host as `host_of` gives it; None
+    when it names no web site ("null", another scheme, a path)."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = host_of(parts.hostname or "")
+    if scheme not in DEFAULT_PORTS or host is None or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    return scheme, host, port or DEFAULT_PORTS[scheme]
+
+
+def allowed_origins_from_env() -> list[str]:
+    return [o for o in os.environ.get(ALLOWED_ORIGINS_ENV, "").split(",") if o.strip()]
+
+
+class SameSite:
+    """Answers 403 to a request that a page on another site made the browser send (cross-site request forgery).
+
+    Cross-site: an `Origin` that is not this server (the scheme aside: a proxy may end TLS) nor an allowed origin,
+    or `Sec-Fetch-Site: cross-site` without an allowed origin. A link followed from another site (a GET that opens
+    a page, `Sec-Fetch-Mode: navigate`) still opens: the other site reads nothing back. A request with neither
+    header (curl, scripts) is not a browser's and is accepted. "*" allows every origin.
+    """
+
+    def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
+        self.app = app
+        self.any = "*" in [o.strip() for o in origins]
+        self.origins = {found for o in origins if (found := origin_of(o)) is not None}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reason = None if self.any or scope["type"] != "http" else self.cross_site(scope)
+        if reason is None:
+            await self.app(scope, receive, send)
+            return
+        message = (f"refused: {reason}; another site's pages may not use this server unless it is listed with "
+                   f"--allowed-origin or in {ALLOWED_ORIGINS_ENV}")
+        await JSONResponse({"detail": message}, status_code=403)(scope, receive, send)
+
+    def cross_site(self, scope: Scope) -> str | None:
+        """Why the request is cross-site, or None."""
+        headers = Headers(scope=scope)
+        given = headers.get("origin")
+        if given is not None:
+            origin = origin_of(given)
+            if origin is None:
+                return f"the request's Origin {given[:100]!r} names no site"
+            if origin in self.origins:
+                return None
+            here = headers.get("host", "")
+            port = here.rsplit(":", 1)[1] if re.search(r":\d{1,5}$", here) else ""
+            if (origin[1], origin[2]) != (host_of(here), int(port) if port else DEFAULT_PORTS[origin[0]]):
+                return f"the request comes from a page on {given[:100]}"
+        site = headers.get("sec-fetch-site", "").strip().lower()
+        navigation = (scope["method"] in ("GET", "HEAD") and headers.get("sec-fetch-mode", "").lower() == "navigate"
+                      and headers.get("sec-fetch-dest", "document").lower() == "document")
+        if site == "cross-site" and not navigation:
+            return "the request comes from a page on another site (Sec-Fetch-Site: cross-site)"
+        return None
+
+
+class HeadAsGet:
+    """Answers HEAD on every route that answers GET: as the GET, without its body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class NoSniff:
+    """Every answer says `X-Content-Type-Options: nosniff`: a browser takes its type as given (JSON stays JSON)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+            await send(message)
+
+        await self.app(scope, receive, with_header)
+
+
+def public_detail(text: str) -> str:
+    """A message for the page's answers: database URLs (which may hold a socket's path) become "the database"."""
+    return URL_IN_TEXT.sub("the database", text)
+
+
 class Thumbnails:
     """Small JPEGs of stored images, kept in memory by (id, sha256): a changed file gets a new entry."""
 
@@ -270,15 +409,6 @@ class Thumbnails:
             self._items.move_to_end(key)
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
-
-
-def make_thumbnail(data: bytes, name: str) -> bytes:
-    """An upright RGB JPEG at most THUMBNAIL_SIZE on its long side."""
-    img, _ = pixels.open_image(data, name, prep=THUMBNAIL_DRAFT)
-    img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=82, optimize=True)
-    return out.getvalue()
 
 
 def media_type(data: bytes) -> str:
@@ -306,17 +436,24 @@ def stored_file(imsearch: Imsearch, image_id: int) -> tuple[dict[str, Any], byte
     return row, data
 
 
+async def disconnected(request: Request) -> None:
+    """Returns once the request's client has closed its connection (the body is read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def search_upload(
-    imsearch: Imsearch, data: bytes, name: str, mode: str, k: int, given: str | None,
-    max_distance: float | None = None,
+    imsearch: Imsearch, loaded: pixels.Loaded, data: bytes, name: str, mode: str, k: int, given: str | None,
+    max_distance: float | None = None, decode_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Embed one upload and rank the stored images, as `imsearch find --json` does for one file.
+    """Embed one decoded upload and rank the stored images, as `imsearch find --json` does for one file.
 
     The class modes need the query's class: as given, else a stored copy's, else the class of the top match
     over all images (the page says which, and lets a person pick another).
     """
-    started = time.perf_counter()
-    [query] = imsearch.embed([data], names=[name], max_decode_pixels=pixels.UPLOAD_MAX_PIXELS)
+    started = time.perf_counter() - decode_seconds
+    [vector] = imsearch.embedder.embed(loaded.pixels[None])
+    query = Embedded(name, vector, sha256_bytes(data), None)
     embedded = time.perf_counter()
     result = imsearch.search(query, mode, k=k, query_class=given, class_from_top_match=True,
                              max_distance=max_distance)
@@ -334,11 +471,13 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     allowed_hosts: Sequence[str] | None = None,
     decode_slots: int | None = None,
+    allowed_origins: Sequence[str] | None = None,
 ) -> FastAPI:
     """The ASGI app over one shared `Imsearch`. Connects and loads the model now, so errors come before serving.
 
     `allowed_hosts`: names the page answers to besides loopback and the address a request came in on (None: those
     in IMSEARCH_ALLOWED_HOSTS; "*": any). `decode_slots`: decodes at once (None: from the CPU count).
+    `allowed_origins`: sites whose pages may send requests here (None: those in IMSEARCH_ALLOWED_ORIGINS; "*": any).
     """
     imsearch.count()  # the database first: a wrong URL fails before the model loads
     identity = imsearch.embedder.identity
@@ -346,7 +485,9 @@ def create_app(
     too_large = f"the upload is larger than the {megabytes(max_upload_bytes)} limit"
     thumbnails = Thumbnails()
     slots = DecodeSlots(decode_slots or default_decode_slots())
+    decoders = Decoders(None if "PILLOW_BLOCK_SIZE" in os.environ else IMAGE_BLOCK_BYTES)
     hosts = allowed_hosts_from_env() if allowed_hosts is None else list(allowed_hosts)
+    origins = allowed_origins_from_env() if allowed_origins is None else list(allowed_origins)
     page = string.Template((STATIC / "index.html").read_text(encoding="utf-8")).substitute(
         max_upload_bytes=max_upload_bytes, max_upload=megabytes(max_upload_bytes), max_k=MAX_K, model=identity,
         duplicate=DUPLICATE,
@@ -360,17 +501,31 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES, message=too_large)
-    app.add_middleware(TrustedHosts, hosts=hosts)  # added last, so it runs first
+    app.add_middleware(SameSite, origins=origins)
+    app.add_middleware(TrustedHosts, hosts=hosts)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(NoSniff)  # added last, so it runs first: every answer carries it
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(ImsearchError)
     async def library_error(request: Request, exc: ImsearchError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status_of(exc))
+        if isinstance(exc, DatabaseUnavailable):
+            return database_down(request, str(exc))
+        return JSONResponse({"detail": public_detail(str(exc))}, status_code=status_of(exc))
 
     @app.exception_handler(psycopg.Error)
     async def database_error(request: Request, exc: psycopg.Error) -> JSONResponse:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return JSONResponse({"detail": f"database error: {first}"}, status_code=503)
+        if isinstance(exc, psycopg.DataError):  # a value the database cannot take: the request's own
+            return JSONResponse({"detail": f"the database refused a value of the request: {public_detail(first)}"},
+                                status_code=400)
+        return database_down(request, f"database error: {first}")
+
+    def database_down(request: Request, detail: str) -> JSONResponse:
+        """503 without the detail, which names the server's socket or URL: that goes to the log."""
+        log.warning("%s %s: %s", request.method, request.url.path, detail)
+        return JSONResponse({"detail": DATABASE_DOWN}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -411,20 +566,29 @@ def create_app(
         """The k stored images closest to the uploaded one: the JSON of `imsearch find --json` (a list with one
         item), each match with its image and thumbnail URL, plus where the query class came from and timings."""
         name = upload_name(file.filename)
+        if query_class is not None and "\x00" in query_class:
+            raise HTTPException(400, f"{name}: the class holds a NUL byte, which no class name can hold")
         # checked (and the name resolved) once, before the upload is decoded
         limit = await run_in_threadpool(imsearch.max_distance, (max_distance or "").strip() or None)
         file_too_large = HTTPException(413, f"{name}: larger than the {megabytes(max_upload_bytes)} upload limit")
         if file.size is not None and file.size > max_upload_bytes:
             raise file_too_large
         # The header alone, from the spooled part: refused or weighed before the body is read into memory.
-        header = await run_in_threadpool(pixels.peek, file.file, name, max_decode_pixels=pixels.UPLOAD_MAX_PIXELS,
+        header = await slots.read_header(pixels.peek, file.file, name, max_decode_pixels=pixels.UPLOAD_MAX_PIXELS,
                                          prep=imsearch.prep)
         async with slots.hold(header.decode_pixels > LIGHT_PIXELS):
             await file.seek(0)
             data = await file.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise file_too_large
-            item = await run_in_threadpool(search_upload, imsearch, data, name, mode, k, query_class or None, limit)
+            started = time.perf_counter()
+            try:  # in a process of its own, killed if the client goes away
+                loaded = await decoders.run(load_upload, data, name, imsearch.prep, name=name,
+                                            until=lambda: disconnected(request))
+            except ClientGone as exc:
+                raise HTTPException(400, str(exc)) from None
+            item = await run_in_threadpool(search_upload, imsearch, loaded, data, name, mode, k,
+                                           query_class or None, limit, time.perf_counter() - started)
         for match in item["matches"]:
             match["image"] = str(request.url_for("image", image_id=match["id"]))
             match["thumbnail"] = str(request.url_for("thumbnail", image_id=match["id"]))
@@ -467,9 +631,13 @@ def create_app(
             return image_response(cached, "image/jpeg", f'"{row["sha256"][:32]}-t{THUMBNAIL_SIZE}"', request)
         stored, data = await run_in_threadpool(stored_file, imsearch, image_id)
         name = f"image {image_id}"
-        header = await run_in_threadpool(pixels.peek, data, name, prep=THUMBNAIL_DRAFT)
+        header = await slots.read_header(pixels.peek, data, name, prep=THUMBNAIL_DRAFT)
         async with slots.hold(header.decode_pixels > LIGHT_PIXELS):
-            thumb = await run_in_threadpool(make_thumbnail, data, name)
+            try:
+                thumb = await decoders.run(make_thumbnail, data, name, THUMBNAIL_SIZE, THUMBNAIL_DRAFT, name=name,
+                                           until=lambda: disconnected(request))
+            except ClientGone as exc:
+                raise HTTPException(400, str(exc)) from None
         thumbnails.put((image_id, stored["sha256"]), thumb)
         return image_response(thumb, "image/jpeg", f'"{stored["sha256"][:32]}-t{THUMBNAIL_SIZE}"', request)
 
