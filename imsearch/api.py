@@ -23,11 +23,11 @@ from .db import indexes
 from .db.connect import connect
 from .db.embedded import database_url
 from .db.store import Store
-from .errors import BadImage, ImsearchError, UnknownClass
+from .errors import BadImage, DatabaseUnavailable, ImsearchError, UnknownClass
 from .evaluation.metrics import Evaluation, score
 from .evaluation.queries import evaluation_folder, find_queries
 from .files import sha256_bytes
-from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, ingest
+from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, PruneResult, ingest, prune
 from .model import pixels
 from .model.embed import Model
 from .model.pixels import PREPROCESSING
@@ -118,16 +118,28 @@ class Imsearch:
 
     @property
     def store(self) -> Store:
-        """The open store; a connection the server closed (a restart, a terminated backend) is replaced here, so
-        that a long-lived user such as the web page recovers at its next request."""
+        """The open store; a connection the server closed (a restart, a terminated backend, a killed server) is
+        replaced here, so that a long-lived user such as the web page recovers at its next request."""
         with self._lock:
             if self._store is None:
                 # imsearch alone uses the embedded database: it is migrated as soon as imsearch is updated
                 embedded = self.settings.database_url is None
                 self._store = Store(self.database_url(), server_log=server_log(self.settings), upgrade_older=embedded)
-            elif self._store.conn.closed:
-                self._store.reconnect()
+            elif not self._store.alive():
+                self._reconnect(self._store)
             return self._store
+
+    def _reconnect(self, store: Store) -> None:
+        """A new connection for the store. The embedded server is started again first when it no longer answers
+        (its postmaster was killed): a server of one's own (DATABASE_URL) is its owner's to restart."""
+        try:
+            store.reconnect()
+        except DatabaseUnavailable:
+            if self.settings.database_url is not None:
+                raise
+            log.warning("the embedded PostgreSQL does not answer; starting it again")
+            store.url = self.database_url()  # its socket's folder may be a new one
+            store.reconnect()
 
     @property
     def embedder(self) -> Model:
@@ -193,6 +205,11 @@ class Imsearch:
                 # A class past the exact-scan size gets its own HNSW index (see imsearch/search/__init__.py).
                 indexes.ensure_class_indexes(self.store, search.EXACT_MAX_ROWS)
             return result
+
+    def prune(self, *, dry_run: bool = False, gone_roots: bool = False) -> PruneResult:
+        """Drop the rows of photos that are gone anywhere in the library; see `imsearch.ingest.prune`."""
+        with self._lock:
+            return prune(self.store, dry_run=dry_run, gone_roots=gone_roots)
 
     def index_other_classes(self, drop: bool = False) -> list[str]:
         """Give every class an HNSW index over all the other classes, so that mode other is one index search

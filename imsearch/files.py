@@ -38,11 +38,14 @@ def walk(root: Path, problems: list[WalkProblem] | None = None) -> Iterator[Imag
     image names that are not files (a FIFO named x.jpg) and names PostgreSQL cannot store (not UTF-8) are
     reported. A file reached twice is yielded once, under its resolved path, with the class of the folder that
     holds it rather than that of a symlink elsewhere: symlinks are followed after everything reached directly.
+    A file whose resolved path lies outside root is yielded under its path inside root (the link's), so that
+    every path yielded lies under root: a re-ingest finds it stored, and it vanishes when the link does.
     """
     root = root.resolve()
     seen_dirs: dict[tuple[int, int], Path] = {}
     seen_files: set[Path] = set()
-    linked: list[ImageFile] = []  # files reached through a symlink: yielded last, unless also reached directly
+    linked: list[tuple[Path, ImageFile]] = []  # (resolved, file) reached through a symlink: yielded last,
+    # unless also reached directly
     linked_dirs: list[tuple[Path, str | None, int]] = []  # symlinked folders: visited after the real ones
 
     def note(path: str, reason: str) -> None:
@@ -82,7 +85,7 @@ def walk(root: Path, problems: list[WalkProblem] | None = None) -> Iterator[Imag
             elif is_file:
                 resolved = path.resolve()
                 if resolved != path:
-                    linked.append(ImageFile(resolved, cls))
+                    linked.append((resolved, ImageFile(resolved if resolved.is_relative_to(root) else path, cls)))
                 elif resolved not in seen_files:
                     seen_files.add(resolved)
                     yield ImageFile(resolved, cls)
@@ -94,9 +97,9 @@ def walk(root: Path, problems: list[WalkProblem] | None = None) -> Iterator[Imag
     yield from visit(root, None, 0)
     while linked_dirs:
         yield from visit(*linked_dirs.pop(0))
-    for image in linked:
-        if image.path not in seen_files:
-            seen_files.add(image.path)
+    for resolved, image in linked:
+        if resolved not in seen_files:
+            seen_files.add(resolved)
             yield image
 
 

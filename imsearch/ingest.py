@@ -44,7 +44,12 @@ class Failure:
 
 @dataclass(frozen=True)
 class IngestResult:
-    """What one ingest did. `failed` lists every file not stored, with its reason."""
+    """What one ingest did. `failed` lists every file not stored, with its reason.
+
+    `updated` rows were re-embedded; `moved` rows took the new path of their file (same bytes, old path gone),
+    keeping their id and vector; `reclassified` rows only changed class; `kept_classes` rows kept the class an
+    ingest of a parent folder gave them rather than the one this folder would give (see `effective_class`).
+    """
 
     added: int = 0
     updated: int = 0
@@ -54,6 +59,9 @@ class IngestResult:
     missing: tuple[str, ...] = ()
     pruned: int = 0
     interrupted: bool = False
+    moved: int = 0
+    reclassified: int = 0
+    kept_classes: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -65,6 +73,9 @@ class IngestResult:
             "missing": list(self.missing),
             "pruned": self.pruned,
             "interrupted": self.interrupted,
+            "moved": self.moved,
+            "reclassified": self.reclassified,
+            "kept_classes": self.kept_classes,
         }
 
 
@@ -73,7 +84,8 @@ class _Prepared:
     file: ImageFile
     sha256: str
     size: int
-    loaded: pixels.Loaded | None  # None: unchanged, skipped before decoding
+    loaded: pixels.Loaded | None  # None: not decoded (unchanged, a new class only, or bytes already stored)
+    action: str = "embed"  # embed | skip | reclassify | same-bytes (a stored photo moved or copied here)
 
 
 @dataclass
@@ -81,7 +93,10 @@ class _Tally:
     added: int = 0
     updated: int = 0
     skipped: int = 0
+    moved: int = 0
+    reclassified: int = 0
     failed: list[Failure] = field(default_factory=list)
+    moved_from: set[str] = field(default_factory=set)
 
 
 Progress = Callable[[int, int], None]
@@ -107,21 +122,35 @@ def ingest(
     started = time.perf_counter()
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise ImsearchError(f"{root}: not a folder")
+        if root.exists() or not prune:
+            raise ImsearchError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
+        raise ImsearchError(f"{root}: no such folder, so nothing under it can be pruned; `imsearch prune` drops "
+                            "the rows of photos that are gone anywhere in the library (a moved or deleted folder)")
     root = root.resolve()
     identity = embedder.identity
     if not reembed:
         store.check_model(identity, action="ingest")
-    files, known, tally = _walk(store, root, identity, reembed)
+    files, known, tally, kept = _walk(store, root, identity, reembed)
+    if prune and known and not any(f.path.is_relative_to(root) for f in files):
+        raise ImsearchError(
+            f"{root}: holds no image, yet {len(known)} stored photo(s) lie under it (a drive not mounted?); nothing "
+            "was pruned. If they were deleted on purpose, `imsearch prune --gone-roots` drops their rows")
+    present = {str(f.path) for f in files}
+    outside = present - known.keys()  # new paths, and with `reembed` rows of another model outside root
+    hashes = store.hashes(identity) if outside else set()
 
     def prepare(f: ImageFile) -> _Prepared:
         data = pixels.read_file(f.path)
         sha = sha256_bytes(data)
-        if known.get(str(f.path)) == (sha, identity):
-            return _Prepared(f, sha, len(data), None)
+        stored = known.get(str(f.path))
+        if stored is not None and stored[:2] == (sha, identity):
+            return _Prepared(f, sha, len(data), None, "skip" if stored[2] == f.cls else "reclassify")
+        if stored is None and sha in hashes and f.path.is_relative_to(root):
+            return _Prepared(f, sha, len(data), None, "same-bytes")
         return _Prepared(f, sha, len(data), pixels.load(data, str(f.path), embedder.prep))
 
     batch: list[_Prepared] = []
+    classes: list[tuple[str, str | None]] = []
     interrupted = False
     workers = workers or default_workers()
     with contextlib.closing(_decoded(files, prepare, workers, max(2 * batch_size, 4 * workers))) as decoded:
@@ -129,25 +158,30 @@ def ingest(
             if isinstance(item, BadImage):
                 tally.failed.append(Failure(item.path, item.reason))
                 log.info("%s", item)
-            elif item.loaded is None:
+            elif item.action == "skip":
                 tally.skipped += 1
+            elif item.action == "reclassify":
+                classes.append((str(item.file.path), item.file.cls))
+            elif item.action == "same-bytes":
+                _same_bytes(store, embedder, identity, root, item, present, batch, tally)
             else:
                 batch.append(item)
-            if len(batch) >= batch_size:
+            if len(batch) >= batch_size or len(classes) >= batch_size:
                 _write(store, embedder, identity, batch, tally)
-                batch = []
+                tally.reclassified += store.set_classes(classes)
+                batch, classes = [], []
             if progress:
                 progress(done, len(files))
             if stop is not None and stop.is_set():
                 interrupted = True
                 break
     _write(store, embedder, identity, batch, tally)
+    tally.reclassified += store.set_classes(classes)
 
     missing: tuple[str, ...] = ()
     pruned = 0
     if not interrupted:
-        present = {str(f.path) for f in files}
-        missing = tuple(sorted(p for p in known if p not in present and vanished(p)))
+        missing = tuple(sorted(p for p in known if p not in present and p not in tally.moved_from and vanished(p)))
         if prune and missing:
             pruned = store.delete_paths(missing)
     return IngestResult(
@@ -159,21 +193,63 @@ def ingest(
         missing=missing,
         pruned=pruned,
         interrupted=interrupted,
+        moved=tally.moved,
+        reclassified=tally.reclassified,
+        kept_classes=kept,
     )
 
 
+def effective_class(stored: str | None, walked: str | None, root: Path) -> str | None:
+    """The class a stored photo gets from an ingest of root: the walked one (its first-level folder under root),
+    unless the stored class names root or a folder above it. Such a class came from an ingest of a parent folder
+    (`ingest lib` gives lib/kitchen/x.jpg the class kitchen), and a later ingest of lib/kitchen keeps it."""
+    if stored is not None and stored != walked and stored in root.parts[1:]:
+        return stored
+    return walked
+
+
 def _walk(store: Store, root: Path, identity: str, reembed: bool
-          ) -> tuple[list[ImageFile], dict[str, tuple[str, str]], _Tally]:
-    """The files to look at (with `reembed`, also stored rows of other models outside root), what is stored
-    under root, and a tally holding the folders and links the walk could not follow."""
+          ) -> tuple[list[ImageFile], dict[str, tuple[str, str, str | None]], _Tally, int]:
+    """The files to look at, each with the class it will be stored with (with `reembed`, also stored rows of
+    other models outside root), what is stored under root, a tally holding the folders and links the walk could
+    not follow, and how many photos keep a class given by an ingest of a parent folder."""
     problems: list = []
-    files = list(walk(root, problems))
+    walked = list(walk(root, problems))
     tally = _Tally(failed=[Failure(p.path, p.reason) for p in problems])
     known = store.known(root)
+    files: list[ImageFile] = []
+    kept = 0
+    for f in walked:
+        stored = known.get(str(f.path))
+        cls = f.cls if stored is None else effective_class(stored[2], f.cls, root)
+        kept += cls != f.cls
+        files.append(f if cls == f.cls else ImageFile(f.path, cls))
     if reembed:
         seen = {str(f.path) for f in files}
         files += [ImageFile(Path(path), cls) for path, cls in store.other_model_rows(identity) if path not in seen]
-    return files, known, tally
+    return files, known, tally, kept
+
+
+def _same_bytes(store: Store, embedder: Model, identity: str, root: Path, item: _Prepared, present: set[str],
+                batch: list[_Prepared], tally: _Tally) -> None:
+    """A new path holding bytes already stored: a stored photo whose file is gone has moved here (its row takes
+    the path, keeping its id and vector); otherwise it is a copy, added with the stored vector."""
+    path, cls = str(item.file.path), item.file.cls
+    rows = store.with_hash(item.sha256, identity)
+    for image_id, old, old_cls in rows:
+        if old not in present and old not in tally.moved_from and vanished(old):
+            store.move(image_id, path, effective_class(old_cls, cls, root))
+            tally.moved_from.add(old)
+            tally.moved += 1
+            return
+    if rows and store.copy_row(rows[0][0], path, cls):
+        tally.added += 1
+        return
+    try:  # the stored row went meanwhile: embed the file as any new one
+        data = pixels.read_file(item.file.path)
+        batch.append(_Prepared(item.file, sha256_bytes(data), len(data), pixels.load(data, path, embedder.prep)))
+    except BadImage as exc:
+        tally.failed.append(Failure(exc.path, exc.reason))
 
 
 def _decoded(files: list[ImageFile], prepare: Callable[[ImageFile], _Prepared], workers: int, depth: int
@@ -220,4 +296,61 @@ def _write(store: Store, embedder: Model, identity: str, batch: list[_Prepared],
     tally.updated += updated
 
 
-__all__ = ["IngestResult", "Failure", "ingest", "default_workers", "DEFAULT_BATCH_SIZE"]
+@dataclass(frozen=True)
+class PruneResult:
+    """What a prune of the whole library found: the rows of vanished files (dropped unless `dry_run`), and the
+    ingest roots none of whose files remain, whose rows were kept (a drive not mounted looks just like that)."""
+
+    missing: tuple[str, ...] = ()
+    pruned: int = 0
+    refused: tuple[tuple[str, int], ...] = ()  # (ingest root, rows kept)
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "missing": list(self.missing),
+            "pruned": self.pruned,
+            "refused": [{"root": root, "rows": n} for root, n in self.refused],
+            "dry_run": self.dry_run,
+        }
+
+
+def ingest_root(path: str, cls: str | None) -> str:
+    """The folder a stored photo was ingested from: the one above its class folder (the deepest, should the
+    class name repeat along the path), or its own folder when it has no class."""
+    p = Path(path)
+    folders = p.parts[:-1]
+    if cls is not None:
+        for i in range(len(folders) - 1, 0, -1):
+            if folders[i] == cls:
+                return str(Path(*folders[:i]))
+    return str(p.parent)
+
+
+def prune(store: Store, *, dry_run: bool = False, gone_roots: bool = False) -> PruneResult:
+    """Drop the rows of photos whose files are gone, anywhere in the library.
+
+    A file that exists but cannot be read is kept (`files.vanished`). An ingest root none of whose stored files
+    remain is refused and its rows kept, unless `gone_roots`: an unmounted drive or a renamed library looks the
+    same as a deleted one, and ingesting the renamed folder moves its rows instead.
+    """
+    totals: dict[str, int] = {}
+    gone: dict[str, list[str]] = {}
+    for path, cls in store.paths():
+        root = ingest_root(path, cls)
+        totals[root] = totals.get(root, 0) + 1
+        if vanished(path):
+            gone.setdefault(root, []).append(path)
+    missing: list[str] = []
+    refused: list[tuple[str, int]] = []
+    for root, paths in sorted(gone.items()):
+        if len(paths) == totals[root] and not gone_roots:
+            refused.append((root, totals[root]))
+        else:
+            missing += paths
+    pruned = 0 if dry_run or not missing else store.delete_paths(missing)
+    return PruneResult(tuple(sorted(missing)), pruned, tuple(refused), dry_run)
+
+
+__all__ = ["IngestResult", "PruneResult", "Failure", "ingest", "prune", "effective_class", "ingest_root",
+           "default_workers", "DEFAULT_BATCH_SIZE"]

@@ -4,6 +4,7 @@ and write image rows, reconnecting after a dropped connection and telling a serv
 from __future__ import annotations
 
 import logging
+import select
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import psycopg
 from pgvector import HalfVector
 
 from ..errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOutdated, ServerCrashed
+from ..search import iterates
 from ..vectors import DIMENSIONS
 from .connect import connect, pgvector_version, redact, scalar
 from .migrate import SCHEMA_REVISION, known_revision, schema_mismatch, schema_revision, upgrade
@@ -21,7 +23,6 @@ from .migrate import SCHEMA_REVISION, known_revision, schema_mismatch, schema_re
 log = logging.getLogger(__name__)
 
 MIN_PGVECTOR = (0, 7, 0)
-ITERATIVE_PGVECTOR = (0, 8, 0)  # hnsw.iterative_scan: filtered searches through the whole-table index
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Store:
                 f"{redact(url)}: pgvector {'.'.join(map(str, version))} is too old; imsearch needs 0.7 or newer"
             )
         self.pgvector = version
-        if version < ITERATIVE_PGVECTOR:
+        if not iterates(version):
             log.warning("pgvector %s has no iterative index scans: filtered searches of large classes without their "
                         "own index scan exactly (upgrade pgvector to 0.8+ for fast filtered search)",
                         ".".join(map(str, version)))
@@ -98,6 +99,18 @@ class Store:
         finally:
             self.conn = connect(self.url)
             self.backend_pid = self.conn.info.backend_pid
+
+    def alive(self) -> bool:
+        """False when the server has closed this idle connection (a terminated backend, a killed server), seen
+        without a round trip: an idle connection has nothing to read unless the server is closing it (its last
+        words, then the end of the stream)."""
+        if self.conn.closed:
+            return False
+        try:
+            readable, _, _ = select.select([self.conn.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def crashed(self, wait: float = 2.0) -> ServerCrashed | None:
         """The crash of this connection's server process, when the embedded server's log records one.
@@ -142,13 +155,30 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------------------------
 
-    def known(self, root: Path) -> dict[str, tuple[str, str]]:
-        """path -> (sha256, model) for every stored image under root."""
+    def known(self, root: Path) -> dict[str, tuple[str, str, str | None]]:
+        """path -> (sha256, model, class) for every stored image under root."""
         prefix = str(root).rstrip("/") + "/"
         rows = self.conn.execute(
-            "SELECT path, sha256, model FROM images WHERE starts_with(path, %s)", (prefix,)
+            'SELECT path, sha256, model, class FROM images WHERE starts_with(path, %s)', (prefix,)
         ).fetchall()
-        return {p: (s, m) for p, s, m in rows}
+        return {p: (s, m, c) for p, s, m, c in rows}
+
+    def hashes(self, model: str) -> set[str]:
+        """The sha256 of every row embedded with `model`: which new paths may be stored photos moved there."""
+        rows = self.conn.execute("SELECT DISTINCT sha256 FROM images WHERE model = %s", (model,))
+        return {s for (s,) in rows.fetchall()}
+
+    def with_hash(self, sha256: str, model: str) -> list[tuple[int, str, str | None]]:
+        """(id, path, class) of the rows of these bytes embedded with `model`, oldest first."""
+        rows = self.conn.execute(
+            "SELECT id, path, class FROM images WHERE sha256 = %s AND model = %s ORDER BY id", (sha256, model)
+        )
+        return [(i, p, c) for i, p, c in rows.fetchall()]
+
+    def paths(self) -> list[tuple[str, str | None]]:
+        """(path, class) of every stored image, by path."""
+        rows = self.conn.execute("SELECT path, class FROM images ORDER BY path")
+        return [(p, c) for p, c in rows.fetchall()]
 
     def other_model_rows(self, identity: str) -> list[tuple[str, str | None]]:
         """(path, class) of rows embedded with another model: what --reembed redoes."""
@@ -228,6 +258,32 @@ class Store:
                 time.sleep(min(2**attempt, 10))
                 self.reconnect()
         raise AssertionError("unreachable")
+
+    def move(self, image_id: int, path: str, cls: str | None) -> None:
+        """Give a stored row the new path (and class) of its file: its id, vector and audit findings stay."""
+        with self.conn.transaction():
+            self.conn.execute('UPDATE images SET path = %s, class = %s WHERE id = %s', (path, cls, image_id))
+
+    def copy_row(self, image_id: int, path: str, cls: str | None) -> bool:
+        """Store a new path holding the same bytes as row `image_id` with that row's vector (same bytes, same
+        model: the same vector), without decoding or embedding; False when the path was stored meanwhile."""
+        with self.conn.transaction():
+            cur = self.conn.execute(
+                """INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding, phash)
+                   SELECT %s, %s, sha256, width, height, bytes, model, embedding, phash FROM images WHERE id = %s
+                   ON CONFLICT (path) DO NOTHING""",
+                (path, cls, image_id),
+            )
+            return cur.rowcount == 1
+
+    def set_classes(self, changes: Sequence[tuple[str, str | None]]) -> int:
+        """Set the class of stored paths, (path, class) each, in one transaction; returns the rows changed."""
+        if not changes:
+            return 0
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.executemany('UPDATE images SET class = %s WHERE path = %s AND class IS DISTINCT FROM %s',
+                            [(c, p, c) for p, c in changes], returning=False)
+            return max(cur.rowcount, 0)
 
     def delete_paths(self, paths: Iterable[str]) -> int:
         with self.conn.transaction():
