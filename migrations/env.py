@@ -6,12 +6,10 @@ from alembic import context
 from sqlalchemy import create_engine, text
 
 from imsearch.db import embedded
+from imsearch.db.migrate import APPLICATION_NAME, LOCK_TIMEOUT, MIGRATION_LOCK, take_lock
 from imsearch.db.schema import metadata
 from imsearch.search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
 from imsearch.settings import Settings, sqlalchemy_url
-
-# Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
-MIGRATION_LOCK = 7_284_519_311
 
 config = context.config
 target_metadata = metadata
@@ -26,10 +24,12 @@ def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-
 
 def run_migrations_online() -> None:
     url = config.attributes.get("url") or sqlalchemy_url(embedded.database_url(Settings.from_env()))
-    engine = create_engine(url)
+    engine = create_engine(url, connect_args={"application_name": APPLICATION_NAME})
     with engine.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
-        connection.commit()
+        try:
+            take_lock(connection, config.attributes.get("lock_timeout", LOCK_TIMEOUT))
+        finally:
+            connection.commit()
         try:
             context.configure(connection=connection, target_metadata=target_metadata, include_object=include_object)
             with context.begin_transaction():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from imsearch.cli import cli
 from imsearch.db.embedded import stop
 from imsearch.db.server import Endpoint, is_loopback, tls_supported
+from imsearch.db.sqlaccess import READER_CONNECTION_LIMIT
 from tests.conftest import copy_photos
 
 IMSEARCH = [sys.executable, "-c", "from imsearch.cli import main; main()"]
@@ -92,9 +94,23 @@ def test_db_serve_accepts_password_logins_over_tcp_until_stopped(home, tmp_path)
                                  capture_output=True, env={**os.environ, "PGPASSWORD": PASSWORD}, timeout=30)
             assert out.stdout.strip() == "5", out.stderr
 
+        held, refused = [], []  # a BI tool opening 100 logins at once
+        for _ in range(100):
+            try:
+                held.append(psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user=ROLE,
+                                            password=PASSWORD, connect_timeout=10))
+            except psycopg.OperationalError as exc:
+                refused.append(str(exc))
+        assert len(held) == READER_CONNECTION_LIMIT
+        assert all(f'too many connections for role "{ROLE}"' in r for r in refused)
         shown = imsearch(home, "db", "url")
         assert shown.returncode == 0
         assert shown.stdout.strip().endswith(f"&port={port}")  # imsearch's own processes keep the socket
+        with contextlib.ExitStack() as stack:  # and keep room for many of their own sessions
+            owners = [stack.enter_context(psycopg.connect(shown.stdout.strip())) for _ in range(10)]
+            assert [c.execute("SELECT count(*) FROM images").fetchone()[0] for c in owners] == [5] * 10
+        for c in held:
+            c.close()
         assert f"  port      {port}" in shown.stderr and f"  url       {url}" in shown.stderr
         assert imsearch(home, "db", "url", "--tcp").stdout.strip() == url
 

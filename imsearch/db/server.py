@@ -147,13 +147,7 @@ def _tls_options(pgdata: Path, host: str, cert: Path | None, key: Path | None) -
             data = source.read_bytes()
         except OSError as exc:
             raise ImsearchError(f"{source}: cannot read it ({exc.strerror})") from None
-        target = pgdata / name
-        target.unlink(missing_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # PostgreSQL wants a private key file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if user is not None:
-            os.chown(target, user.pw_uid, user.pw_gid)
+        embedded.write_file(pgdata / name, data, user)  # mode 0600: PostgreSQL wants a private key file
     return "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
 
 

@@ -37,6 +37,10 @@ READER_FUNCTIONS = (
 READER_SETTINGS = (("default_transaction_read_only", "on"), ("statement_timeout", "60s"))
 # Temporary files of one session; only a superuser may set it, so the reader cannot lift it.
 READER_TEMP_FILE_LIMIT = "1GB"
+# Sessions one reader may hold at once (ALTER ROLE ... CONNECTION LIMIT; a reader cannot change its own): a BI
+# tool's pool fits, and one reader cannot take every slot of the server. Several readers add up: the room kept for
+# imsearch itself is the server's reserved slots (embedded.RESERVED_CONNECTIONS on the embedded server).
+READER_CONNECTION_LIMIT = 10
 # pg_catalog functions every role may call by default that write whoever calls them: new large objects persist,
 # and a WAL message goes to every logical replica. Writing to an existing large object is checked against that
 # object's own privileges, so lo_put, lowrite and lo_truncate need nothing. lo_import (a server file into a new
@@ -91,7 +95,9 @@ def grant_reader(store: Store, name: str, password: str | None = None) -> Reader
         verifier = conn.pgconn.encrypt_password(password.encode(), name.encode(), b"scram-sha-256").decode()
         conn.execute(
             sql.SQL("{} ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
-                    "PASSWORD {}").format(sql.SQL("ALTER" if existing else "CREATE"), role, sql.Literal(verifier))
+                    "CONNECTION LIMIT {} PASSWORD {}").format(
+                sql.SQL("ALTER" if existing else "CREATE"), role, sql.Literal(READER_CONNECTION_LIMIT),
+                sql.Literal(verifier))
         )
         for setting, value in READER_SETTINGS:
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(role, sql.Identifier(setting),
@@ -300,6 +306,12 @@ def _warn_what_stays_open(conn: psycopg.Connection[Any], name: str, database: st
         log.warning("%s can still create large objects and WAL messages: every role may call these functions, "
                     "and only a superuser may change that; as one, run `REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC` "
                     "in database %s", name, ", ".join(callable_writers), database)
+    reserved = _reserved_for_me(conn)
+    if reserved is not None:
+        log.warning("%s may hold %d connections, and every reader as many: nothing keeps room for imsearch's own "
+                    "role on this server (%s); as a superuser, run `ALTER SYSTEM SET reserved_connections = 10` "
+                    "(PostgreSQL 16 or later; a restart applies it) and `GRANT pg_use_reserved_connections TO %s`",
+                    name, READER_CONNECTION_LIMIT, reserved, conn.info.user)
     (elsewhere,) = conn.execute(
         "SELECT array_agg(datname::text ORDER BY datname) FROM pg_database "
         "WHERE datallowconn AND datname <> current_database() AND has_database_privilege(%s, oid, 'CONNECT')",
@@ -309,6 +321,26 @@ def _warn_what_stays_open(conn: psycopg.Connection[Any], name: str, database: st
         log.warning("%s may also connect to database(s) %s, where grant-reader closes nothing (PUBLIC may create "
                     "large objects there); to keep it out, run `REVOKE CONNECT ON DATABASE ... FROM PUBLIC` or "
                     "limit its logins to %s in pg_hba.conf", name, ", ".join(elsewhere), database)
+
+
+def _reserved_for_me(conn: psycopg.Connection[Any]) -> str | None:
+    """Why no connection slots are kept for the role imsearch connects as, else None: a superuser has
+    superuser_reserved_connections, a member of pg_use_reserved_connections has reserved_connections."""
+    superuser, super_slots, slots, member = conn.execute(
+        "SELECT rolsuper, current_setting('superuser_reserved_connections')::int, "
+        "coalesce(nullif(current_setting('reserved_connections', true), ''), '0')::int, "
+        "coalesce(pg_has_role(current_user, (SELECT oid FROM pg_roles WHERE rolname = 'pg_use_reserved_connections'),"
+        " 'USAGE'), false) FROM pg_roles WHERE rolname = current_user"
+    ).fetchone() or (False, 0, 0, False)
+    if superuser and super_slots > 0:
+        return None
+    if superuser:
+        return "superuser_reserved_connections is 0"
+    if member and slots > 0:
+        return None
+    if member:
+        return f"reserved_connections is {slots}"
+    return f"{conn.info.user} is no member of pg_use_reserved_connections"
 
 
 def readers(conn: psycopg.Connection[Any]) -> list[str]:
