@@ -280,3 +280,49 @@ def test_a_mode_or_k_imsearch_search_would_refuse_is_one_clear_error_first(store
         stored.find(query, "near")
     with pytest.raises(ImsearchError, match="k must be between 1 and 1000, not 0"):
         stored.evaluate(photos, k=0)
+
+
+def test_vector_and_hash_searches_are_written_in_the_search_package_alone():
+    """Index choices live in one place: no distance operator of pgvector's on the embedding (`<=>`, `<#>`) in
+    imsearch/ outside imsearch/search/ (the planner's template and its Python side), and the perceptual-hash search
+    (`<~>`) in search/hashes.py alone, which the audit and the calibration both call."""
+    from pathlib import Path
+
+    package = Path(search_mod.__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*")):
+        if path.suffix not in (".py", ".sql"):
+            continue
+        where, text = path.relative_to(package).as_posix(), path.read_text()
+        if "<=>" in text or "<#>" in text:
+            assert where.startswith("search/") and where != "search/hashes.py", where
+        if "<~>" in text:
+            assert where == "search/hashes.py", where
+
+
+def test_the_planner_template_says_each_rule_once():
+    """One ranking, one place that turns the iterative scan off, one check of it, one rule naming a class's index."""
+    from importlib.resources import files
+
+    folder = files("imsearch.search") / "sql"
+    template = (folder / "imsearch_search.sql").read_text()
+    assert template.count("row_number()") == 1
+    assert template.count("set_config('hnsw.iterative_scan'") == 1
+    assert template.count("current_setting('hnsw.iterative_scan'") == 1
+    assert sum(f.read_text().count("md5(") for f in folder.iterdir() if f.name.endswith(".sql")) == 1
+
+
+def test_python_and_sql_name_a_class_index_alike(database_url):
+    """The index builders of migrations 0003 and 0006, imsearch_class_index (the planner's rule) and
+    search.index_name (Python's, for `db index-other` and the checks after ingest) agree, for any class name."""
+    from imsearch.db.migrate import upgrade
+    from imsearch.search import CLASS_INDEX_PREFIX, index_name
+
+    upgrade(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for cls in ("kitchen", "Küche", "living room", 'a "quoted" class', "x" * 200):
+            for builder, prefix in (("imsearch_index_class", CLASS_INDEX_PREFIX),
+                                    ("imsearch_index_other", OTHER_INDEX_PREFIX)):
+                assert conn.execute("SELECT imsearch_class_index(%s, %s)", (prefix, cls)).fetchone() == (None,)
+                (built,) = conn.execute(f"SELECT {builder}(%s)", (cls,)).fetchone()
+                assert built == index_name(cls, prefix) == class_index_name(cls, prefix)
+                assert conn.execute("SELECT imsearch_class_index(%s, %s)::text", (prefix, cls)).fetchone() == (built,)

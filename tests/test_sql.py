@@ -317,3 +317,34 @@ def test_duplicates_finds_a_copy_and_a_reencode_and_nothing_else(app, photos, da
     assert [[i["path"] for i in g["images"]] for g in printed] == [sorted(e) for e in expected]
     assert [g["group"] for g in printed] == [1, 2]
     assert runner.invoke(cli, [*base, "--threshold", "2"]).exit_code == 2
+
+
+def test_neighbours_gives_each_stored_images_nearest_others_through_the_whole_table_index(conn):
+    """imsearch_neighbours, the planner's entry for stored images (the audit, the calibration and
+    imsearch_duplicate_pairs call it): at 20 rows the index finds what an exact scan does, one index scan per image,
+    the image itself left out."""
+    exact: dict[int, list[tuple[int, float]]] = {}
+    for a, b, d in conn.execute("SELECT a.id, b.id, a.embedding <=> b.embedding FROM images a JOIN images b "
+                                "ON a.id <> b.id ORDER BY 3, 2").fetchall():
+        exact.setdefault(a, []).append((b, d))
+    before = hnsw_scans(conn)
+    found = conn.execute("SELECT id, neighbour_id, distance FROM imsearch_neighbours(NULL, 3)").fetchall()
+    assert hnsw_scans(conn) - before == 20
+    got: dict[int, list[tuple[int, float]]] = {}
+    for a, b, d in sorted(found, key=lambda r: (r[0], r[2], r[1])):
+        got.setdefault(a, []).append((b, d))
+    assert set(got) == set(exact)
+    for a, nearest in got.items():
+        assert [b for b, _ in nearest] == [b for b, _ in exact[a][:3]], a
+        assert [d for _, d in nearest] == pytest.approx([d for _, d in exact[a][:3]], abs=1e-6)
+    some = sorted(exact)[:2]
+    assert {r[0] for r in conn.execute("SELECT * FROM imsearch_neighbours(%s, 2)", (some,)).fetchall()} == set(some)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="k must be between 1 and 1000, not 0"):
+        conn.execute("SELECT * FROM imsearch_neighbours(NULL, 0)")
+    # the pairs imsearch_duplicate_pairs returns are those neighbours within the distance
+    limit = sorted(d for nearest in exact.values() for _, d in nearest)[10]
+    pairs = {(min(a, b), max(a, b)) for a, nearest in got.items() for b, d in nearest if d <= limit}
+    assert {(r[0], r[1]) for r in conn.execute("SELECT * FROM imsearch_duplicate_pairs(%s, 3)",
+                                               (limit,)).fetchall()} == pairs
+    settings = conn.execute("SELECT current_setting('hnsw.ef_search'), current_setting('enable_seqscan')").fetchone()
+    assert settings == ("40", "on")

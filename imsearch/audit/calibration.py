@@ -16,12 +16,14 @@ import psycopg
 from PIL import Image
 from psycopg.types.json import Jsonb
 
+from .. import search
 from ..errors import BadImage, ImsearchError, NotCalibrated
 from ..files import sha256_bytes
 from ..model import pixels
 from ..model.embed import Model
 from ..model.phash import hamming
 from ..model.pixels import Preprocess
+from ..search import hashes
 
 # `find --max-distance duplicate`, the web API's max_distance and SQL's imsearch_duplicate_distance() take this name
 DUPLICATE = "duplicate"
@@ -299,32 +301,32 @@ def _sample(conn: psycopg.Connection[Any], identity: str, prep: Preprocess, n: i
     return out
 
 
+# Neighbours looked at per sampled photo for its nearest distinct one: its copies come first (the search took the
+# nearest distinct among its candidates, hnsw.ef_search 40 by default, when it filtered them in SQL).
+DISTINCT_DEPTH = 40
+
+
 def _neighbours(conn: psycopg.Connection[Any], ids: list[int], copy_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """For each of these stored images, the cosine distance to its nearest distinct stored image by the embedding,
-    and the Hamming distance to its nearest distinct one by the hash: distinct meaning other content, and a hash
-    further than any copy's."""
-    distinct = ("i.id <> s.id AND i.sha256 <> s.sha256 AND i.model = s.model "
-                "AND (i.phash IS NULL OR s.phash IS NULL OR (i.phash <~> s.phash) > %(bits)s)")
-    near = conn.execute(
-        f"""
-        SELECT m.distance FROM images s
-        CROSS JOIN LATERAL (
-            SELECT i.embedding <=> s.embedding AS distance FROM images i WHERE {distinct}
-            ORDER BY i.embedding <=> s.embedding LIMIT 1
-        ) m
-        WHERE s.id = ANY(%(ids)s)
-        """,
-        {"ids": ids, "bits": copy_bits},
-    ).fetchall()
-    hashed = conn.execute(
-        f"""
-        SELECT m.bits FROM images s
-        CROSS JOIN LATERAL (
-            SELECT (i.phash <~> s.phash)::int AS bits FROM images i WHERE {distinct} AND i.phash IS NOT NULL
-            ORDER BY i.phash <~> s.phash LIMIT 1
-        ) m
-        WHERE s.id = ANY(%(ids)s) AND s.phash IS NOT NULL
-        """,
-        {"ids": ids, "bits": copy_bits},
-    ).fetchall()
-    return np.array([r[0] for r in near], dtype=np.float64), np.array([r[0] for r in hashed], dtype=np.int64)
+    and the Hamming distance to its nearest distinct one by the hash: distinct meaning other content, the same
+    model, and a hash further than any copy's (or none). Both searches are the audit's (search.neighbours,
+    search.hashes)."""
+    by_vector = search.neighbours(conn, ids, DISTINCT_DEPTH)
+    by_hash = hashes.neighbours(conn, ids, DISTINCT_DEPTH)
+    seen = sorted({i for r in by_vector + by_hash for i in r[:2]})
+    about = {r[0]: r[1:] for r in conn.execute("SELECT id, sha256, model, phash::text FROM images WHERE id = ANY(%s)",
+                                               (seen,)).fetchall()}
+
+    def distinct(a: int, b: int) -> bool:
+        (sha_a, model_a, hash_a), (sha_b, model_b, hash_b) = about[a], about[b]
+        return sha_a != sha_b and model_a == model_b and (
+            hash_a is None or hash_b is None or hamming(int(hash_a, 2), int(hash_b, 2)) > copy_bits)
+
+    def nearest(found: list[Any]) -> list[Any]:
+        best: dict[int, Any] = {}
+        for a, b, d in found:
+            if a in about and b in about and distinct(a, b) and (a not in best or d < best[a]):
+                best[a] = d
+        return [best[i] for i in ids if i in best]
+
+    return np.array(nearest(by_vector), dtype=np.float64), np.array(nearest(by_hash), dtype=np.int64)

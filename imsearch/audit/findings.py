@@ -1,7 +1,8 @@
 """The audit pass: every stored image's nearest neighbours, through the indexes, turned into findings.
 
 One pass over the table, a batch of images per statement on a few connections at once: each image's 2K nearest by
-the embedding (mode all, HNSW) and its nearest by the perceptual hash (HNSW on bit(64)). Only those neighbour
+the embedding (imsearch_neighbours, the search planner's entry for stored images: the whole-table HNSW index) and
+its nearest by the perceptual hash (search.hashes: HNSW on bit(64)). Only those neighbour
 lists are kept (n x 2K ids and distances, 16 MB per 100k images at K = 10): never an all-pairs matrix.
 
 - duplicates: the same bytes, a hash within the calibrated bits, or (where the model separates copies from
@@ -26,8 +27,10 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import psycopg
 
+from .. import search
 from ..errors import ImsearchError, ModelMismatch
 from ..model.phash import hamming
+from ..search import hashes
 from .calibration import Calibration
 
 KINDS = ("label", "leak", "duplicate", "outlier")
@@ -41,8 +44,6 @@ KEEP_RULE = "most pixels, then largest file, then first stored"
 
 # Connections searching at once: the server runs each search in its own process.
 WORKERS = max(1, min(4, os.cpu_count() or 1))
-# HNSW candidate list per search (hnsw.ef_search), at least twice the neighbours fetched.
-EF_SEARCH = 64
 
 Progress = Callable[[int, int], None]
 Connect = Callable[[], psycopg.Connection[Any]]
@@ -193,33 +194,6 @@ def _rows(conn: psycopg.Connection[Any]) -> _Rows:
     )
 
 
-NEIGHBOURS_SQL = """
-SELECT s.id, m.id, m.distance, (m.phash <~> s.phash)::int
-FROM images s
-CROSS JOIN LATERAL (
-    SELECT i.id, i.phash, i.embedding <=> s.embedding AS distance
-    FROM images i
-    WHERE i.id <> s.id
-    ORDER BY i.embedding <=> s.embedding
-    LIMIT %(k)s
-) m
-WHERE s.id = ANY(%(ids)s)
-"""
-
-HASH_SQL = """
-SELECT s.id, m.id, m.bits
-FROM images s
-CROSS JOIN LATERAL (
-    SELECT i.id, (i.phash <~> s.phash)::int AS bits
-    FROM images i
-    WHERE i.id <> s.id AND i.phash IS NOT NULL
-    ORDER BY i.phash <~> s.phash
-    LIMIT %(n)s
-) m
-WHERE s.id = ANY(%(ids)s) AND s.phash IS NOT NULL AND m.bits <= %(bits)s
-"""
-
-
 def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K, progress: Progress | None = None,
           files_readable: bool = True, connect: Connect | None = None, same_class: SameClass | None = None) -> Audit:
     """Look at every stored image's neighbours and return the findings (see the module's docstring).
@@ -344,12 +318,11 @@ def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bit
                  np.full((n, fetch), 65, dtype=np.int16), [],
                  int(conn.execute("SELECT count(*) FROM images WHERE phash IS NULL").fetchone()[0]))  # type: ignore[index]
     hashed = near.unhashed < n
-    iterates = _iterates(conn)  # the server's pgvector has iterative scans (0.8+): turned off for this pass
     starts = range(0, n, BATCH)
     workers = min(WORKERS, len(starts)) if connect is not None else 1
     if workers <= 1:
         batches: Iterator[tuple[int, list[Any], list[Any]]] = (
-            (start, *_batch(conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed, iterates))
+            (start, *_batch(conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed))
             for start in starts)
         _fill(rows, near, fetch, batches, progress)
         return near
@@ -362,8 +335,7 @@ def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bit
             local.conn = connect()  # type: ignore[misc]
             with lock:
                 opened.append(local.conn)
-        return (start, *_batch(local.conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed,
-                               iterates))
+        return (start, *_batch(local.conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed))
 
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imsearch-audit") as pool:
@@ -375,17 +347,12 @@ def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bit
     return near
 
 
-def _batch(conn: psycopg.Connection[Any], ids: list[int], fetch: int, hash_bits: int, hashed: bool,
-           iterates: bool) -> tuple[list[Any], list[Any]]:
+def _batch(conn: psycopg.Connection[Any], ids: list[int], fetch: int, hash_bits: int, hashed: bool
+           ) -> tuple[list[Any], list[Any]]:
     """The embedding neighbours and the hash pairs of one batch of images, in one transaction."""
     with conn.transaction():
-        conn.execute("SELECT set_config('hnsw.ef_search', %s, true), set_config('enable_seqscan', 'off', true)",
-                     (str(max(EF_SEARCH, 2 * fetch)),))
-        if iterates:
-            conn.execute("SELECT set_config('hnsw.iterative_scan', 'off', true)")
-        found = conn.execute(NEIGHBOURS_SQL, {"k": fetch, "ids": ids}).fetchall()
-        pairs = conn.execute(HASH_SQL, {"n": HASH_NEIGHBOURS, "ids": ids, "bits": hash_bits}).fetchall() \
-            if hashed else []
+        found = search.neighbours(conn, ids, fetch)
+        pairs = hashes.neighbours(conn, ids, HASH_NEIGHBOURS, hash_bits) if hashed else []
     return found, pairs
 
 
@@ -395,13 +362,15 @@ def _fill(rows: _Rows, near: _Near, fetch: int, batches: Iterable[tuple[int, lis
     for start, found, pairs in batches:
         near.hash_pairs += pairs
         filled: dict[int, int] = {}
-        for sid, mid, d, b in sorted(found, key=lambda r: (r[0], r[2])):
+        for sid, mid, d in sorted(found, key=lambda r: (r[0], r[2])):
             i, j = rows.at(sid), rows.at(mid)
             if j >= n or rows.ids[j] != mid:
                 continue  # stored after the table was read
             col = filled.get(i, 0)
             if col < fetch:
-                near.nbr[i, col], near.dist[i, col], near.bits[i, col] = j, d, 65 if b is None else b
+                a, b = rows.phash[i], rows.phash[j]
+                near.nbr[i, col], near.dist[i, col] = j, d
+                near.bits[i, col] = 65 if a is None or b is None else hamming(a, b)
                 filled[i] = col + 1
         done += len(rows.ids[start:start + BATCH])
         if progress:
@@ -436,10 +405,6 @@ def _recheck(conn: psycopg.Connection[Any], rows: _Rows, near: _Near, candidates
         nearest = sorted(merged.items(), key=lambda item: item[1][0])[:fetch]
         for col, (j, (d, b)) in enumerate(nearest):
             near.nbr[i, col], near.dist[i, col], near.bits[i, col] = j, d, b
-
-
-def _iterates(conn: psycopg.Connection[Any]) -> bool:
-    return conn.execute("SELECT current_setting('hnsw.iterative_scan', true) IS NOT NULL").fetchone()[0]  # type: ignore[index]
 
 
 def _duplicate_mask(rows: _Rows, c: Calibration, near: _Near) -> np.ndarray:
@@ -486,12 +451,7 @@ def _pairs(conn: psycopg.Connection[Any], rows: _Rows, near: _Near, duplicate: n
             add(i, j, None, b)
     missing = [key for key, p in out.items() if p.distance is None]
     if missing:
-        found = conn.execute(
-            "SELECT u.a, u.b, x.embedding <=> y.embedding FROM unnest(%s::bigint[], %s::bigint[]) AS u(a, b) "
-            "JOIN images x ON x.id = u.a JOIN images y ON y.id = u.b",
-            ([int(rows.ids[a]) for a, _ in missing], [int(rows.ids[b]) for _, b in missing]),
-        ).fetchall()
-        for a, b, d in found:
+        for a, b, d in search.distances(conn, [(int(rows.ids[a]), int(rows.ids[b])) for a, b in missing]):
             out[(rows.at(a), rows.at(b))].distance = float(d)
     return out
 

@@ -4,7 +4,6 @@ other-class ones against an exact scan."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any, Iterable
 
@@ -31,8 +30,8 @@ def _size(n: int) -> str:
 
 def class_index_name(cls: str, prefix: str = CLASS_INDEX_PREFIX) -> str:
     """The partial index name `imsearch_index_class(cls)` (or with OTHER_INDEX_PREFIX, `imsearch_index_other`)
-    gives: md5 of the UTF-8 class name, as PostgreSQL's."""
-    return prefix + hashlib.md5(cls.encode()).hexdigest()[:16]
+    gives: the search planner's rule (search.index_name)."""
+    return search.index_name(cls, prefix)
 
 
 def indexed_classes(conn: psycopg.Connection[Any], classes: Iterable[str],

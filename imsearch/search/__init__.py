@@ -14,12 +14,17 @@ Where a large class has no index yet, or there are more than MAX_BRANCHES classe
 scanned iteratively (pgvector >= 0.8), and exactly on older pgvector. docs/scaling.md has the measurements.
 
 find, the web page, evaluate and the audit call `run`, which calls imsearch_search; the SQL functions
-imsearch_nearest and imsearch_class_correspondence call it too. Its text is sql/imsearch_search.sql with the
-constants below filled in (`function_sql`); a migration that changes it carries that text frozen.
+imsearch_nearest and imsearch_class_correspondence call it too. The template's second entry, imsearch_neighbours,
+gives each stored image its nearest other stored images through the whole-table index: the audit and the
+calibration call it through `neighbours`, and imsearch_duplicate_pairs calls it in SQL. Both, and the rule that
+names a class's index (imsearch_class_index), are sql/imsearch_search.sql with the constants below filled in
+(`function_sql`); a migration that changes one carries its text frozen. Every vector search of imsearch's is
+written here (`<=>` appears nowhere else in the package); the perceptual-hash search is `hashes`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -62,7 +67,20 @@ OTHER_INDEX_PREFIX = "images_embedding_hnsw_o_"
 # What imsearch_search raises for a class with no stored image (a code of its own, so callers need not read text).
 UNKNOWN_CLASS_SQLSTATE = "IM001"
 
-SQL_FUNCTIONS = ("imsearch_search", "imsearch_nearest", "imsearch_class_correspondence")
+# Each SQL function and the template file that holds it (the planner's file holds its entries and their helper).
+TEMPLATES = {
+    "imsearch_class_index": "imsearch_search", "imsearch_search": "imsearch_search",
+    "imsearch_neighbours": "imsearch_search", "imsearch_nearest": "imsearch_nearest",
+    "imsearch_class_correspondence": "imsearch_class_correspondence",
+    "imsearch_duplicate_pairs": "imsearch_duplicate_pairs",
+}
+SQL_FUNCTIONS = tuple(TEMPLATES)
+# imsearch_neighbours's beam (hnsw.ef_search), at least twice the neighbours fetched: the audit's since it began.
+NEIGHBOURS_EF_SEARCH = 64
+# pgvector's first release with iterative index scans (hnsw.iterative_scan): filtered searches of the whole-table
+# index. The one check of it: `for_server` leaves their settings out of a function's SET clause before it, and
+# imsearch_search reads its own SET clause to know.
+ITERATIVE_PGVECTOR = (0, 8)
 
 SEARCH = """
 SELECT rank, id, path, class, distance
@@ -79,15 +97,18 @@ def function_sql(name: str) -> str:
 
     if name not in SQL_FUNCTIONS:
         raise ValueError(f"no SQL function {name!r}; there are {', '.join(SQL_FUNCTIONS)}")
-    text = (files(__package__) / "sql" / f"{name}.sql").read_text()
+    text = (files(__package__) / "sql" / f"{TEMPLATES[name]}.sql").read_text()
+    [text] = [f for f in re.split(r"(?m)^(?=CREATE OR REPLACE FUNCTION )", text)
+              if f.startswith(f"CREATE OR REPLACE FUNCTION public.{name}(")]
     values = {
         "EF_SEARCH": EF_SEARCH, "BRANCH_EF_SEARCH": BRANCH_EF_SEARCH, "OTHER_EF_SEARCH": OTHER_EF_SEARCH,
         "OTHER_DEPTH": OTHER_DEPTH, "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
+        "NEIGHBOURS_EF_SEARCH": NEIGHBOURS_EF_SEARCH,
         "MAX_BRANCHES": MAX_BRANCHES, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX,
         "OTHER_INDEX_PREFIX": OTHER_INDEX_PREFIX, "FOLD_ROW": FOLD.replace("embedding", "i.embedding"),
         "MODES": ", ".join(f"'{m}'" for m in MODES), "DIMENSIONS": DIMENSIONS, "MAX_K": MAX_K,
         "UNKNOWN_CLASS": UNKNOWN_CLASS_SQLSTATE,
-        "FOLD_QUERY": FOLD.replace("embedding", "query"),
+        "FOLD_QUERY": FOLD.replace("embedding", "$1"),
     }
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
@@ -97,11 +118,23 @@ def function_sql(name: str) -> str:
 ITERATIVE_SET_CLAUSE = re.compile(r'^ SET "hnsw\.(?:iterative_scan|max_scan_tuples)" TO .*\n', re.M)
 
 
+def iterates(pgvector: str | tuple[int, ...] | None) -> bool:
+    """Whether this pgvector (its version as pg_extension gives it, or as numbers) has iterative index scans."""
+    if not isinstance(pgvector, tuple):
+        pgvector = tuple(int(p) for p in re.findall(r"\d+", pgvector or "0"))
+    return pgvector[:2] >= ITERATIVE_PGVECTOR
+
+
 def for_server(function: str, pgvector: str | None) -> str:
     """A function's text (function_sql, or a migration's frozen one) as a server with this pgvector can create
     it: before 0.8 pgvector has no iterative index scans and refuses their settings in a SET clause."""
-    version = tuple(int(p) for p in re.findall(r"\d+", pgvector or "0")[:2])
-    return function if version >= (0, 8) else ITERATIVE_SET_CLAUSE.sub("", function)
+    return function if iterates(pgvector) else ITERATIVE_SET_CLAUSE.sub("", function)
+
+
+def index_name(cls: str, prefix: str = CLASS_INDEX_PREFIX) -> str:
+    """The name of a class's partial index (CLASS_INDEX_PREFIX) or of its other classes' (OTHER_INDEX_PREFIX):
+    imsearch_class_index's rule, md5 of the UTF-8 class name as PostgreSQL's (a test holds the two equal)."""
+    return prefix + hashlib.md5(cls.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -139,3 +172,21 @@ def run(
               "max_distance": max_distance, "exact": exact}
     rows = conn.execute(SEARCH, params).fetchall()
     return [Match(rank=r[0], id=r[1], path=r[2], cls=r[3], distance=float(r[4])) for r in rows]
+
+
+NEIGHBOURS = "SELECT id, neighbour_id, distance FROM imsearch_neighbours(%s::bigint[], %s::integer)"
+DISTANCES = """
+SELECT u.a, u.b, x.embedding <=> y.embedding
+FROM unnest(%s::bigint[], %s::bigint[]) AS u(a, b) JOIN images x ON x.id = u.a JOIN images y ON y.id = u.b
+"""
+
+
+def neighbours(conn: psycopg.Connection[Any], ids: list[int], k: int) -> list[tuple[int, int, float]]:
+    """Each of these stored images' k nearest other stored images, as (id, neighbour id, cosine distance), unranked:
+    one call of imsearch_neighbours, the planner's second entry (the whole-table index)."""
+    return conn.execute(NEIGHBOURS, (ids, k)).fetchall()
+
+
+def distances(conn: psycopg.Connection[Any], pairs: list[tuple[int, int]]) -> list[tuple[int, int, float]]:
+    """The cosine distance of each pair of stored images, as (id, id, distance); pairs with a deleted image drop."""
+    return conn.execute(DISTANCES, ([a for a, _ in pairs], [b for _, b in pairs])).fetchall()

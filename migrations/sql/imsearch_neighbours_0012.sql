@@ -1,0 +1,33 @@
+CREATE OR REPLACE FUNCTION public.imsearch_neighbours(ids bigint[], k integer DEFAULT 10)
+ RETURNS TABLE(id bigint, neighbour_id bigint, distance double precision)
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_custom_plan'
+ SET enable_indexscan TO 'on'
+ SET enable_sort TO 'on'
+ SET "hnsw.ef_search" TO '64'
+ SET "hnsw.iterative_scan" TO 'off'
+ SET enable_seqscan TO 'off'
+AS $function$
+-- the planner's second entry: each of these stored images' (NULL: every stored image's) k nearest other stored
+-- images through the whole-table index, unranked; the audit, the calibration and imsearch_duplicate_pairs use it
+#variable_conflict use_column
+BEGIN
+    IF k IS NULL OR k < 1 OR k > 1000 THEN
+        RAISE EXCEPTION 'k must be between 1 and 1000, not %', k USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM set_config('hnsw.ef_search', least(greatest(64, 2 * k), 1000)::text, true);
+    RETURN QUERY
+    SELECT s.id, m.id, m.distance
+    FROM images s
+    CROSS JOIN LATERAL (
+        SELECT i.id, i.embedding <=> s.embedding AS distance
+        FROM images i
+        WHERE i.id <> s.id
+        ORDER BY i.embedding <=> s.embedding
+        LIMIT k
+    ) m
+    WHERE ids IS NULL OR s.id = ANY(ids);
+END
+$function$
