@@ -182,13 +182,47 @@ def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: 
             f"{len(result.failed)} failed in {result.seconds:.1f} s ({rate:.1f} img/s)"
             + (" (interrupted: re-run to finish)" if result.interrupted else "")
         )
+        if result.moved or result.reclassified:
+            click.echo(f"{result.moved} moved, {result.reclassified} reclassified (their rows and vectors kept)")
         if result.missing and not prune:
             click.echo(f"{len(result.missing)} stored file(s) under {folder} no longer exist; "
                        "`--prune` removes them", err=True)
         elif result.pruned:
             click.echo(f"pruned {result.pruned} row(s) of vanished files")
+    if result.kept_classes and not as_json:
+        click.echo(f"kept the classes given by an ingest of a parent folder ({result.kept_classes} photo(s)); "
+                   "ingest that folder to change them", err=True)
     if result.failed or result.interrupted:
         ctx.exit(1)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="List the rows that would be dropped; drop nothing.")
+@click.option("--gone-roots", is_flag=True,
+              help="Also drop the rows of an ingest folder none of whose photos remain (deleted, not unmounted).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def prune(ctx: click.Context, dry_run: bool, gone_roots: bool, as_json: bool) -> None:
+    """Drop the rows of photos whose files are gone, anywhere in the library.
+
+    A file that exists but cannot be read is kept. An ingest folder none of whose photos remain (a drive not
+    mounted looks the same) is named and kept unless --gone-roots; ingesting a moved folder moves its rows instead.
+    """
+    from .files import printable
+
+    result = _app(ctx).prune(dry_run=dry_run, gone_roots=gone_roots)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    for root, rows in result.refused:
+        click.echo(f"{printable(root)}: none of its {rows} stored photo(s) remain (a drive not mounted?); kept, "
+                   "`--gone-roots` drops them", err=True)
+    if dry_run:
+        for path in result.missing:
+            click.echo(f"would drop {printable(path)}")
+        click.echo(f"{len(result.missing)} row(s) of vanished files would be dropped (dry run)")
+    else:
+        click.echo(f"pruned {result.pruned} row(s) of vanished files")
 
 
 @cli.command()
@@ -295,22 +329,38 @@ def evaluate(ctx: click.Context, testdir: Path, modes: tuple[str, ...], k: int, 
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A host name the page answers to besides loopback and the address it is reached on (repeat it; "
                    "default: IMSEARCH_ALLOWED_HOSTS). Requests naming any other host get 400.")
+@click.option("--allowed-origin", "allowed_origins", multiple=True, metavar="ORIGIN",
+              help="A site whose pages may send requests to this one, as scheme://host[:port] (repeat it; default: "
+                   "IMSEARCH_ALLOWED_ORIGINS). Other cross-site requests get 403.")
+@click.option("--header-timeout", type=click.FloatRange(0.1, 3600), default=10, show_default=True,
+              metavar="SECONDS", help="How long a request's headers may take to arrive (then 408).")
+@click.option("--body-timeout", type=click.FloatRange(0.1, 3600), default=60, show_default=True, metavar="SECONDS",
+              help="How long a request's body (the upload) may take to arrive after its headers (then 408).")
+@click.option("--keep-alive", type=click.IntRange(1, 3600), default=5, show_default=True, metavar="SECONDS",
+              help="How long an idle connection stays open after an answer.")
+@click.option("--max-connections", type=click.IntRange(8, 100_000), default=1000, show_default=True, metavar="N",
+              help="Connections open at once, lowered to fit the open-file limit; beyond it a new connection "
+                   "displaces the one that has waited longest for a request.")
 @model_options
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, max_upload_mb: int, allowed_hosts: tuple[str, ...],
-          model: dict[str, Any]) -> None:
+          allowed_origins: tuple[str, ...], header_timeout: float, body_timeout: float, keep_alive: int,
+          max_connections: int, model: dict[str, Any]) -> None:
     """Serve the search page and its JSON API (model loaded once, shared by every request)."""
     try:
-        import uvicorn
-
         from .web import create_app
+        from .web.server import Limits, serve_app
     except ImportError as exc:
         raise click.ClickException(f"the web page needs the web extra ({exc}); pip install 'imsearch[web]'") from None
 
     app = _app(ctx, **model)
-    web = create_app(app, max_upload_bytes=max_upload_mb * 1024 * 1024, allowed_hosts=allowed_hosts or None)
+    web = create_app(app, max_upload_bytes=max_upload_mb * 1024 * 1024, allowed_hosts=allowed_hosts or None,
+                     allowed_origins=allowed_origins or None)
+    limits = Limits(header_timeout=header_timeout, body_timeout=body_timeout, keep_alive=keep_alive,
+                    max_connections=max_connections)
     click.echo(f"imsearch: serving {app.count()} images on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    uvicorn.run(web, host=host, port=port, log_level="info" if ctx.meta.get("imsearch.debug") else "warning")
+    serve_app(web, host=host, port=port, limits=limits,
+              log_level="info" if ctx.meta.get("imsearch.debug") else "warning")
 
 
 @cli.command()
@@ -419,9 +469,14 @@ def db() -> None:
 
 
 @db.command("upgrade")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
+              help="How long to wait for another session's migration lock (0: as long as it takes).")
 @click.pass_context
-def db_upgrade(ctx: click.Context) -> None:
-    """Create or migrate imsearch's schema to the newest revision."""
+def db_upgrade(ctx: click.Context, lock_timeout: float) -> None:
+    """Create or migrate imsearch's schema to the newest revision.
+
+    Migrations run under a lock: while another session holds it, this says who, and gives up after --lock-timeout.
+    """
     from .db.connect import redact
     from .db.embedded import database_url
     from .db.indexes import cache_shortfall
@@ -431,7 +486,7 @@ def db_upgrade(ctx: click.Context) -> None:
 
     settings = Settings.from_env(ctx.obj["database_url"])
     url = database_url(settings)
-    revision = upgrade(url, server_log(settings))
+    revision = upgrade(url, server_log(settings), lock_timeout=lock_timeout or None)
     click.echo(f"{redact(url)}: schema at revision {revision}")
     with Store(url) as store:
         if (note := cache_shortfall(store.conn)) is not None:
