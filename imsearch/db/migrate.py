@@ -23,6 +23,10 @@ MIGRATION_LOCK = 7_284_519_311
 # short enough that a session holding it for ever (any login may take an advisory lock) is an error, not a hang.
 LOCK_TIMEOUT = 60.0
 LOCK_POLL = 0.2  # seconds between tries
+# How long a migration waits in silence before it says who holds the lock: another imsearch migrating is given
+# longer (its usual migration is over by then, so two commands started together stay quiet).
+SAY_AFTER = 2.0
+SAY_AFTER_IMSEARCH = 15.0
 # What imsearch's migrating connection calls itself in pg_stat_activity, so that a waiting one can say who it waits on.
 APPLICATION_NAME = "imsearch migration"
 
@@ -38,6 +42,10 @@ class LockHolder:
     pid: int
     user: str | None
     application: str | None
+
+    def quiet_for(self) -> float:
+        """Seconds to wait before saying who holds the lock."""
+        return SAY_AFTER_IMSEARCH if self.application == APPLICATION_NAME else SAY_AFTER
 
     def describe(self) -> str:
         app = f", application {self.application!r}" if self.application else ""
@@ -62,18 +70,19 @@ def take_lock(conn: Any, timeout: float | None = LOCK_TIMEOUT, *,
               waiting: Callable[[LockHolder], None] | None = None) -> None:
     """Take the migration lock on an SQLAlchemy connection, waiting up to `timeout` seconds (None: for ever).
 
-    While it waits it says who holds the lock (once per holder); past the timeout it raises MigrationLocked
-    naming them. A session that is not imsearch may take the lock too (readers can call pg_advisory_lock).
+    Once it has waited a while (SAY_AFTER) it says who holds the lock, once per holder. Past the timeout it raises
+    MigrationLocked naming them. A session that is not imsearch may take the lock too (readers can call pg_advisory_lock).
     """
     from sqlalchemy import text
 
-    deadline = None if timeout is None else time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
     said: LockHolder | None = None
     while True:
         if conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": MIGRATION_LOCK}).scalar():
             return
         holder = lock_holder(conn)
-        if holder is not None and holder != said:
+        if holder is not None and holder != said and time.monotonic() - started >= holder.quiet_for():
             said = holder
             (waiting or _say_waiting)(holder)
         if deadline is not None and time.monotonic() >= deadline:
