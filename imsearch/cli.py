@@ -531,7 +531,7 @@ def db_grant_reader(ctx: click.Context, name: str, password: str | None) -> None
     """Create or update NAME: a login role that can only read imsearch's SQL views and functions (BI tools)."""
     from .db.sqlaccess import grant_reader
 
-    reader = grant_reader(_app(ctx).store, name, password)
+    reader = grant_reader(_app(ctx).store.conn, name, password)
     click.echo(f"{'created' if reader.created else 'updated'} read-only role {reader.name} "
                f"on database {reader.database}")
     if reader.password is not None:
@@ -615,11 +615,14 @@ def db_backfill_hashes(ctx: click.Context, workers: int | None, as_json: bool) -
 @click.pass_context
 def db_serve(ctx: click.Context, port: int, host: str, tls_cert: Path | None, tls_key: Path | None) -> None:
     """Keep the embedded PostgreSQL running and reachable over TCP (password auth) until Ctrl-C or SIGTERM."""
+    from .db.embedded import start
     from .db.server import serve, wait
+    from .db.store import Store
 
     if ctx.obj["database_url"]:
         raise click.UsageError("db serve serves the embedded PostgreSQL; the server in DATABASE_URL is reached "
                                "directly")
+    Store(start()).close()  # the data folder and the schema when new, its revision checked, before serving
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -278,7 +278,7 @@ def test_a_server_process_killed_by_a_signal_is_one_line_naming_statement_signal
                 assert time.monotonic() < deadline, "the server did not recover from the crash"
                 time.sleep(0.2)
     finally:
-        from imsearch.db.server import pg_ctl
+        from imsearch.db.embedded.programs import pg_ctl
 
         pg_ctl(home / "pgdata", "-w", "-m", "immediate", "stop")  # a crashed server needs no clean shutdown
     assert code == 1 and out == ""

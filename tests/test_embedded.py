@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import time
@@ -10,6 +11,7 @@ import psycopg
 
 from imsearch.db.embedded import start as start_embedded
 from imsearch.db.embedded import stop
+from imsearch.db.embedded.owners import FILE_NAME, Owners
 from imsearch.db.migrate import SCHEMA_REVISION
 from imsearch.settings import build_memory_mb, shared_buffers_mb
 
@@ -117,3 +119,17 @@ def test_a_data_folder_of_the_previous_embedded_build_keeps_its_rows_and_indexes
                                 ).fetchone()[0][-1] == "enable_seqscan=off"
     finally:
         stop(pgdata)
+
+
+def test_the_registry_of_an_earlier_build_bare_pids_is_read_and_rewritten_as_records(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    gone = [1, 0.0]  # pid 1 did not start at the epoch: a process that is gone, its pid reused
+    (pgdata / FILE_NAME).write_text(json.dumps([os.getpid(), gone, "junk", [2, 3, 4], True, None]))
+    owners = Owners(pgdata)
+    assert owners.live() == [os.getpid()]
+    assert owners.live(others=True) == []
+    owners.add()
+    [entry] = json.loads((pgdata / FILE_NAME).read_text())
+    assert entry[0] == os.getpid() and isinstance(entry[1], float)
+    assert owners.remove() == [] and json.loads((pgdata / FILE_NAME).read_text()) == []

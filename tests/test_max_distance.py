@@ -322,7 +322,7 @@ def test_0010_up_down_up_keeps_a_readers_execute_grant(database_url):
         assert called_by_reader() == 2
         store = Store(database_url)
         try:
-            grant_reader(store, name, "pass-word")  # a reader so migrated is one grant-reader updates, not refuses
+            grant_reader(store.conn, name, "pass-word")  # a reader so migrated is one grant-reader updates, not refuses
         finally:
             store.close()
     finally:

@@ -102,7 +102,7 @@ def test_a_member_of_any_role_is_refused(imsearch_db, admin, new_role, group):
     admin.execute(f'CREATE ROLE "{name}" LOGIN IN ROLE "{group}"')
     with pytest.raises(ImsearchError, match=rf"^{name} is a member of {group}, whose rights it would have; .*"
                                             rf"`REVOKE {group} FROM {name}` first$"):
-        grant_reader(imsearch_db[0], name, PASSWORD)
+        grant_reader(imsearch_db[0].conn, name, PASSWORD)
     assert_untouched(admin, name)
 
 
@@ -118,7 +118,7 @@ def test_a_role_that_owns_a_table_anywhere_is_refused(imsearch_db, admin, new_ro
     owned = f"table {name}_notes" if where == "imsearch's database" else f"pg_class [0-9]+ in database {database}"
     with pytest.raises(ImsearchError, match=rf"^{name} owns 1 object\(s\) \({owned}\), which it could change; "
                                             rf".*`REASSIGN OWNED BY {name} TO \.\.\.`"):
-        grant_reader(imsearch_db[0], name, PASSWORD)
+        grant_reader(imsearch_db[0].conn, name, PASSWORD)
     assert_untouched(admin, name)
 
 
@@ -134,7 +134,7 @@ def test_a_role_holding_other_privileges_is_refused(imsearch_db, admin, new_role
     admin.execute(f'CREATE ROLE "{name}" LOGIN')
     admin.execute("GRANT " + grant.format(f'"{name}"'))
     with pytest.raises(ImsearchError, match=rf"^{name} holds privileges grant-reader does not give \({shown}\)"):
-        grant_reader(imsearch_db[0], name, PASSWORD)
+        grant_reader(imsearch_db[0].conn, name, PASSWORD)
 
 
 @pytest.mark.parametrize("attribute", ["CREATEDB", "CREATEROLE", "REPLICATION", "BYPASSRLS"])
@@ -143,7 +143,7 @@ def test_a_role_with_an_attribute_beyond_login_is_refused(imsearch_db, admin, ne
     admin.execute(f'CREATE ROLE "{name}" LOGIN {attribute}')
     with pytest.raises(ImsearchError, match=rf"^{name} has {attribute} besides LOGIN, which a reader must not have; "
                                             rf".*`ALTER ROLE {name} NO{attribute}` first$"):
-        grant_reader(imsearch_db[0], name, PASSWORD)
+        grant_reader(imsearch_db[0].conn, name, PASSWORD)
     assert_untouched(admin, name)
 
 
@@ -151,7 +151,7 @@ def test_a_superuser_is_refused(imsearch_db, admin, new_role):
     name = new_role()
     admin.execute(f'CREATE ROLE "{name}" LOGIN SUPERUSER')
     with pytest.raises(ImsearchError, match=f"^{name} is a superuser; choose another name for the reader$"):
-        grant_reader(imsearch_db[0], name, PASSWORD)
+        grant_reader(imsearch_db[0].conn, name, PASSWORD)
 
 
 def test_a_role_that_could_write_through_public_is_refused(imsearch_db, admin, new_role):
@@ -161,7 +161,7 @@ def test_a_role_that_could_write_through_public_is_refused(imsearch_db, admin, n
     try:
         with pytest.raises(ImsearchError, match=rf"^{name} could write through privileges every role has here "
                                                 r"\(writes to guestbook\); revoke them from PUBLIC"):
-            grant_reader(imsearch_db[0], name, PASSWORD)
+            grant_reader(imsearch_db[0].conn, name, PASSWORD)
         assert admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None
     finally:
         admin.execute("DROP TABLE guestbook")
@@ -179,9 +179,9 @@ def test_a_reader_made_earlier_is_granted_again(imsearch_db, admin, new_role):
     admin.execute("GRANT EXECUTE ON FUNCTION imsearch_nearest(bigint, integer, text, double precision), "
                   "imsearch_class_correspondence(integer, text), "
                   f'imsearch_duplicate_pairs(double precision, integer) TO "{name}"')
-    reader = grant_reader(imsearch_db[0], name, PASSWORD)
+    reader = grant_reader(imsearch_db[0].conn, name, PASSWORD)
     assert not reader.created
-    again = grant_reader(imsearch_db[0], name, "another-one")
+    again = grant_reader(imsearch_db[0].conn, name, "another-one")
     assert not again.created and again.password is None
     settings = admin.execute("SELECT setconfig FROM pg_db_role_setting WHERE setrole = %s::regrole",
                              (name,)).fetchone()[0]
@@ -191,7 +191,7 @@ def test_a_reader_made_earlier_is_granted_again(imsearch_db, admin, new_role):
 
 def test_a_reader_cannot_write_even_out_of_read_only_mode(imsearch_db, admin, new_role):
     name = new_role()
-    grant_reader(imsearch_db[0], name, PASSWORD)
+    grant_reader(imsearch_db[0].conn, name, PASSWORD)
     large_objects = admin.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
     writes = {
         "INSERT INTO images (path) VALUES ('x')": "table images",
@@ -233,7 +233,7 @@ def test_a_reader_cannot_write_even_out_of_read_only_mode(imsearch_db, admin, ne
 def test_a_reader_has_a_statement_timeout_and_a_temp_file_limit_it_cannot_lift(imsearch_db, new_role):
     """statement_timeout is a default the reader may change (docs/sql.md says so); temp_file_limit holds."""
     name = new_role()
-    grant_reader(imsearch_db[0], name, PASSWORD)
+    grant_reader(imsearch_db[0].conn, name, PASSWORD)
     with login(imsearch_db[1], name) as c:
         assert c.execute("SELECT current_setting('statement_timeout'), current_setting('temp_file_limit'), "
                          "current_setting('transaction_read_only')").fetchone() == ("1min", "1GB", "on")
@@ -247,7 +247,7 @@ def test_a_reader_has_a_statement_timeout_and_a_temp_file_limit_it_cannot_lift(i
 def test_a_reader_holds_at_most_its_connection_limit_and_the_owner_still_gets_in(imsearch_db, new_role):
     """100 logins of one reader take READER_CONNECTION_LIMIT slots; imsearch's role then opens ten of its own."""
     name = new_role()
-    grant_reader(imsearch_db[0], name, PASSWORD)
+    grant_reader(imsearch_db[0].conn, name, PASSWORD)
     held: list[psycopg.Connection] = []
     refused: list[str] = []
     try:
@@ -274,7 +274,7 @@ def test_a_reader_can_rebuild_the_stored_vectors_it_finds_from_one_hot_searches(
     vectors of what they find. The cosine distance to the i-th unit vector is 1 - x[i] / |x|, so 2,048 searches
     give every found row's direction (all the model's meaning: distances ignore length)."""
     name = new_role()
-    grant_reader(imsearch_db[0], name, PASSWORD)
+    grant_reader(imsearch_db[0].conn, name, PASSWORD)
     with login(imsearch_db[1], name) as c:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("SELECT embedding FROM images")
@@ -301,7 +301,7 @@ def test_a_reader_can_rebuild_the_stored_vectors_it_finds_from_one_hot_searches(
 def test_grant_reader_says_which_other_databases_a_reader_may_connect_to(imsearch_db, new_role, caplog):
     name = new_role()
     with caplog.at_level(logging.WARNING, logger="imsearch.db.sqlaccess"):
-        grant_reader(imsearch_db[0], name, PASSWORD)
+        grant_reader(imsearch_db[0].conn, name, PASSWORD)
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"{name} may also connect to database(s) ") and "template1" in warning
 
@@ -323,11 +323,11 @@ def test_without_a_superuser_grant_reader_closes_what_it_may_and_says_what_stays
             with pytest.raises(ImsearchError, match=rf"^every role may create temporary tables in database "
                                                     rf"{database}, .* `REVOKE TEMPORARY ON DATABASE {database} "
                                                     r"FROM PUBLIC` as its owner"):
-                grant_reader(store, name, PASSWORD)
+                grant_reader(store.conn, name, PASSWORD)
             with psycopg.connect(admin_url, autocommit=True) as c:
                 c.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
             with caplog.at_level(logging.WARNING, logger="imsearch.db.sqlaccess"):
-                grant_reader(store, name, PASSWORD)
+                grant_reader(store.conn, name, PASSWORD)
             warnings = [r.getMessage() for r in caplog.records]
             assert warnings[0] == (f"{name} has no temp_file_limit: only a superuser may set one; as a superuser, "
                                    f"run `ALTER ROLE {name} SET temp_file_limit = '{READER_TEMP_FILE_LIMIT}'`")

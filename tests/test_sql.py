@@ -214,7 +214,7 @@ def test_views_show_images_without_vectors_and_class_shares(shared, conn):
 
 def test_reader_reads_views_and_functions_and_cannot_write(shared, reader_role):
     app, _, url = shared
-    reader = grant_reader(app.store, reader_role, "s3cret-pass")
+    reader = grant_reader(app.store.conn, reader_role, "s3cret-pass")
     assert reader.created and reader.password is None
     with psycopg.connect(as_role(url, reader_role, "s3cret-pass"), autocommit=True) as c:
         assert c.execute("SELECT current_user").fetchone() == (reader_role,)
@@ -249,12 +249,12 @@ def test_reader_reads_views_and_functions_and_cannot_write(shared, reader_role):
 
 def test_grant_reader_updates_a_role_and_refuses_a_superuser(shared, reader_role):
     app = shared[0]
-    first = grant_reader(app.store, reader_role)
+    first = grant_reader(app.store.conn, reader_role)
     assert first.created and first.password and len(first.password) >= 20
     conn = app.store.conn
     hashed = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (reader_role,)).fetchone()[0]
     assert hashed.startswith("SCRAM-SHA-256$") and first.password not in hashed
-    again = grant_reader(app.store, reader_role, "another-one")
+    again = grant_reader(app.store.conn, reader_role, "another-one")
     assert not again.created and again.password is None
     assert conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (reader_role,)).fetchone()[0] != hashed
     grants = conn.execute(
@@ -264,9 +264,9 @@ def test_grant_reader_updates_a_role_and_refuses_a_superuser(shared, reader_role
     assert grants == (True, True, False)
     me = conn.execute("SELECT current_user").fetchone()[0]
     with pytest.raises(ImsearchError, match="is the role imsearch connects as"):
-        grant_reader(app.store, me)
+        grant_reader(app.store.conn, me)
     with pytest.raises(ImsearchError, match="not a usable role name"):
-        grant_reader(app.store, "Robert'); DROP TABLE images;--")
+        grant_reader(app.store.conn, "Robert'); DROP TABLE images;--")
 
 
 def test_grant_reader_command_prints_a_new_password_once(shared, reader_role):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Sequence
 
@@ -9,6 +10,8 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from ..errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def redact(url: str) -> str:
@@ -69,3 +72,25 @@ def pgvector_version(conn: psycopg.Connection[Any]) -> tuple[int, ...] | None:
     if row is None:
         return None
     return tuple(int(p) for p in re.findall(r"\d+", row[0])[:3])
+
+
+def update_vector(conn: psycopg.Connection[Any]) -> tuple[str, str] | None:
+    """Bring the vector extension up to the version the server ships (`ALTER EXTENSION vector UPDATE`), as after a
+    move to a newer embedded build or a pgvector package upgrade; returns (old, new) when it changed anything.
+
+    The shared library is always the new one; the update brings the extension's SQL objects in line with it.
+    """
+    row = conn.execute(
+        "SELECT e.extversion, a.default_version FROM pg_extension e "
+        "JOIN pg_available_extensions a ON a.name = e.extname WHERE e.extname = 'vector'"
+    ).fetchone()
+    if row is None or row[0] == row[1]:
+        return None
+    try:
+        conn.execute("ALTER EXTENSION vector UPDATE")
+    except psycopg.errors.InsufficientPrivilege:
+        log.warning("pgvector's SQL objects are at %s, its library at %s: ask the extension's owner to run "
+                    "ALTER EXTENSION vector UPDATE", row[0], row[1])
+        return None
+    log.info("updated the vector extension from %s to %s", row[0], row[1])
+    return row[0], row[1]

@@ -11,7 +11,8 @@ from typing import Any, Callable
 import psycopg
 
 from ..errors import DatabaseUnavailable, ServerCrashed
-from .connect import connect, redact, scalar
+from .connect import connect, redact, scalar, update_vector
+from .serverlog import crash_in_log
 
 log = logging.getLogger(__name__)
 
@@ -98,28 +99,6 @@ def _say_waiting(holder: LockHolder) -> None:
     log.warning("waiting for the migration lock, held by %s", holder.describe())
 
 
-def update_vector(conn: psycopg.Connection[Any]) -> tuple[str, str] | None:
-    """Bring the vector extension up to the version the server ships (`ALTER EXTENSION vector UPDATE`), as after a
-    move to a newer embedded build or a pgvector package upgrade; returns (old, new) when it changed anything.
-
-    The shared library is always the new one; the update brings the extension's SQL objects in line with it.
-    """
-    row = conn.execute(
-        "SELECT e.extversion, a.default_version FROM pg_extension e "
-        "JOIN pg_available_extensions a ON a.name = e.extname WHERE e.extname = 'vector'"
-    ).fetchone()
-    if row is None or row[0] == row[1]:
-        return None
-    try:
-        conn.execute("ALTER EXTENSION vector UPDATE")
-    except psycopg.errors.InsufficientPrivilege:
-        log.warning("pgvector's SQL objects are at %s, its library at %s: ask the extension's owner to run "
-                    "ALTER EXTENSION vector UPDATE", row[0], row[1])
-        return None
-    log.info("updated the vector extension from %s to %s", row[0], row[1])
-    return row[0], row[1]
-
-
 def schema_revision(conn: psycopg.Connection[Any]) -> str | None:
     if scalar(conn, "SELECT to_regclass('public.alembic_version')") is None:
         return None
@@ -158,8 +137,6 @@ def upgrade(url: str, server_log: Path | None = None, *, lock_timeout: float | N
     except MigrationLocked:
         raise
     except Exception as exc:  # noqa: BLE001 - Alembic/SQLAlchemy wrap driver errors in many types
-        from .embedded import crash_in_log
-
         crash = crash_in_log(server_log, since=log_start) if server_log is not None else None
         if crash is not None:
             raise ServerCrashed(f"migrating {redact(url)} failed: {crash.describe()}; the migration was rolled "

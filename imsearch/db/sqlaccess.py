@@ -17,7 +17,6 @@ import psycopg
 from psycopg import sql
 
 from ..errors import ImsearchError
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class Reader:
     database: str
 
 
-def grant_reader(store: Store, name: str, password: str | None = None) -> Reader:
+def grant_reader(conn: psycopg.Connection[Any], name: str, password: str | None = None) -> Reader:
     """Create (or update) a LOGIN role that can only read imsearch's views and call its functions.
 
     Without a password, a random one is generated and returned (the server keeps only its SCRAM hash).
@@ -80,7 +79,6 @@ def grant_reader(store: Store, name: str, password: str | None = None) -> Reader
         generated = password = secrets.token_urlsafe(18)
     if not password:
         raise ImsearchError("the password must not be empty")
-    conn = store.conn
     role = sql.Identifier(name)
     with conn.transaction():
         current_user, database, superuser = conn.execute(

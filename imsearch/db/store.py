@@ -19,6 +19,7 @@ from ..search import iterates
 from ..vectors import DIMENSIONS
 from .connect import connect, pgvector_version, redact, scalar
 from .migrate import SCHEMA_REVISION, known_revision, schema_mismatch, schema_revision, upgrade
+from .serverlog import crash_in_log
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ class Store:
         """
         if self.server_log is None:
             return None
-        from .embedded import crash_in_log
-
         deadline = time.monotonic() + wait
         while True:
             crash = crash_in_log(self.server_log, since=self._log_start, pid=self.backend_pid)
