@@ -161,7 +161,7 @@ def serve(host: str = "127.0.0.1", port: int = 5432, pgdata: Path | None = None,
         raise ImsearchError("imsearch db serve needs a POSIX system (the embedded server uses a Unix socket)")
     pgdata = (pgdata or embedded_pgdata()).resolve()
     _check_port_free(host, port)
-    Store(embedded.start(pgdata)).close()  # create the data folder and the schema when new; check its revision
+    Store.open(embedded.start(pgdata)).close()  # create the data folder and the schema when new; check its revision
     with embedded.lock(pgdata):
         info = postmaster(pgdata)
         others = embedded.owners(pgdata, others=True)
