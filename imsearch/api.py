@@ -312,7 +312,8 @@ class Imsearch:
         return [Embedded(n, v, s, f) for (n, _, s, f), v in zip(loaded, vectors)]
 
     def query_class(self, query: Embedded, given: str | None = None) -> str | None:
-        """The query's class: as given, else a stored image with the same bytes, else its folder if stored."""
+        """The query's class: as given, else a stored image with the same bytes, else its folder if stored. Part of
+        the library API for callers that embed and search in steps; `search` and `find` infer it the same way."""
         return self._class_and_source(query, given)[0]
 
     def _class_and_source(self, query: Embedded, given: str | None) -> tuple[str | None, str | None]:
