@@ -140,7 +140,7 @@ def split(folder: Path, url: str, weights: str, n: int) -> None:
                                     (max(1, cores - 1), max(1, cores - 1)), (cores, 1)}):
         model = get_model(weights, device="cpu", backend="onnx", threads=threads)
         ceiling = model_only(model, 32, n)
-        store = Store(empty_library(url, "imsearch_bench_split"))
+        store = Store.open(empty_library(url, "imsearch_bench_split"))
         try:
             result = ingest(store, model, folder, workers=workers)
         finally:

@@ -205,7 +205,7 @@ def main() -> None:
             upgrade(url)
             gen = GENERATORS[args.data](seed=args.rows)
             fill(url, gen, args.rows)
-            with Store(url) as store:
+            with Store.open(url) as store:
                 print("shared_buffers", store.conn.execute("SHOW shared_buffers").fetchone()[0])
                 compare(store, gen, COMMON[1], args.queries, args.k)
                 compare(store, gen, RARE, args.queries, args.k)

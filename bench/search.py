@@ -259,7 +259,7 @@ def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
         print(f"\n{rows:,} rows: COPY {load_s:.1f} s ({rows / load_s:,.0f} rows/s), HNSW build {build_s:.1f} s, "
               f"index {size / 2**20:,.0f} MiB; {n_class} class indexes {class_s:.1f} s, {class_size / 2**20:,.0f} MiB")
         # -- queries through imsearch's planner, against an exact scan
-        with Store(url) as store:
+        with Store.open(url) as store:
             print("shared_buffers", store.conn.execute("SHOW shared_buffers").fetchone()[0])
             for _ in range(3):  # warm the cache
                 search.run(store.conn, gen.vectors(COMMON[0], 1)[0], "all", k=args.k, cls=None, skip_sha=None)

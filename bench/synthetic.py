@@ -151,7 +151,7 @@ def fill(url: str, gen: Generator, rows: int, plain: bool = False) -> tuple[floa
         conn.execute("ANALYZE images")
         size = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0]
     # -- per-class indexes, as `imsearch ingest` makes them after storing rows
-    with Store(url) as store:
+    with Store.open(url) as store:
         store.conn.execute("SET maintenance_work_mem = '4GB'")
         store.conn.execute("SET max_parallel_maintenance_workers = 1")
         t = time.perf_counter()
@@ -191,7 +191,7 @@ def fill_audit(url: str, gen: Generator, rows: int, seed: int = 0, flip: float =
     carry their source's hash with 0-COPY_BITS bits changed. `flip` of the rows, picked at random, are stored under
     another class, each picked at random.
     """
-    with Store(url):
+    with Store.open(url):
         pass  # migrates an empty database
     rng = np.random.default_rng(seed)  # hashes, sizes and flips: the generator's own draws stay as elsewhere
     sizes = gen.class_sizes(rows)
@@ -237,7 +237,7 @@ def fill_audit(url: str, gen: Generator, rows: int, seed: int = 0, flip: float =
         for indexdef in indexdefs:
             conn.execute(indexdef)
         conn.execute("ANALYZE images")
-    with Store(url) as store:  # as `imsearch ingest` leaves a library: a class past the exact size has its index
+    with Store.open(url) as store:  # as `imsearch ingest` leaves a library: a class past the exact size has its index
         ensure_class_indexes(store, search.EXACT_MAX_ROWS)
     build_s = time.perf_counter() - t
     return Labelled(n, copies, flipped, load_s, build_s)

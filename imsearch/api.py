@@ -20,9 +20,12 @@ from .audit import calibration, findings
 from .audit.calibration import DUPLICATE, SAMPLE, Calibration, duplicate_distance
 from .audit.findings import Audit, DuplicateGroup, stored_model
 from .db import indexes
-from .db.connect import connect
+from .db.connect import connect, redact
 from .db.embedded import database_url
-from .db.store import Store
+from .db.hashes import BackfillResult, backfill_hashes
+from .db.migrate import LOCK_TIMEOUT, upgrade
+from .db.sqlaccess import Reader, grant_reader
+from .db.store import Store, ensure_schema, stored_paths
 from .errors import BadImage, DatabaseUnavailable, ImsearchError, UnknownClass
 from .evaluation.metrics import Evaluation, score
 from .evaluation.queries import evaluation_folder, find_queries
@@ -86,9 +89,24 @@ def _limit(value: float | str | None) -> float | str | None:
     return None if value is None else search.check_max_distance(value)
 
 
+@dataclass(frozen=True)
+class Upgraded:
+    """What `imsearch db upgrade` did: the database (its URL without a password), the revision reached, and a note
+    when the server's cache is too small for the indexes."""
+
+    where: str
+    revision: str
+    cache_note: str | None
+
+
 class Imsearch:
     """One database and one model. Opens both lazily; safe to share between threads for `find`: every use of the
-    shared connection holds `_lock`."""
+    shared connection holds `_lock`.
+
+    Lock order: `_lock`, then the model cache's lock (imsearch.model.runtimes), never the reverse. A method may ask
+    for the model while it holds `_lock`; the int8 calibration, which runtimes calls under its lock, therefore
+    takes no `_lock` and reads the stored paths on a connection of its own (`_calibration`).
+    """
 
     def __init__(
         self,
@@ -107,6 +125,7 @@ class Imsearch:
             raise ImsearchError(f"unknown preprocessing {preprocess!r}; use one of {', '.join(PREPROCESSING)}")
         self.prep = PREPROCESSING[preprocess]
         self._store: Store | None = None
+        self._url: str | None = None  # the URL last opened, which `_calibration` reads without `_lock`
         self._lock = threading.RLock()
         self._model_loading: threading.Thread | None = None
 
@@ -114,7 +133,9 @@ class Imsearch:
 
     def database_url(self) -> str:
         """The URL this library connects to: DATABASE_URL, else the embedded server's, which this starts."""
-        return database_url(self.settings)
+        url = database_url(self.settings)
+        self._url = url
+        return url
 
     @property
     def store(self) -> Store:
@@ -122,9 +143,10 @@ class Imsearch:
         replaced here, so that a long-lived user such as the web page recovers at its next request."""
         with self._lock:
             if self._store is None:
+                url, log_path = self.database_url(), server_log(self.settings)
                 # imsearch alone uses the embedded database: it is migrated as soon as imsearch is updated
-                embedded = self.settings.database_url is None
-                self._store = Store(self.database_url(), server_log=server_log(self.settings), upgrade_older=embedded)
+                ensure_schema(url, log_path, upgrade_older=self.settings.database_url is None)
+                self._store = Store(url, server_log=log_path)
             elif not self._store.alive():
                 self._reconnect(self._store)
             return self._store
@@ -148,9 +170,12 @@ class Imsearch:
                          backend=self.settings.backend, calibration=self._calibration)
 
     def _calibration(self, n: int) -> np.ndarray:
-        """Up to n stored photos, spread over the library, as model input: what an int8 export is calibrated on."""
-        with self._lock:
-            stored = sorted(self.store.known(Path("/")))
+        """Up to n stored photos, spread over the library, as model input: what an int8 export is calibrated on.
+
+        Runtimes calls it under its model lock, while another thread may hold `_lock` and wait for the model: so it
+        takes no `_lock`, and reads the paths on a connection of its own (see the class's lock order).
+        """
+        stored = stored_paths(self._url or self.database_url())
         arrays = []
         for path in stored[:: max(1, len(stored) // n)][:n]:
             try:
@@ -183,6 +208,26 @@ class Imsearch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the database --------------------------------------------------------------------------------------------
+
+    def upgrade(self, *, lock_timeout: float | None = LOCK_TIMEOUT) -> Upgraded:
+        """Create or migrate the schema to this imsearch's revision, waiting up to `lock_timeout` seconds (None: for
+        ever) for another session's migration; whatever the database is (`imsearch db upgrade`)."""
+        url = self.database_url()
+        revision = upgrade(url, server_log(self.settings), lock_timeout=lock_timeout)
+        with self._lock:
+            return Upgraded(redact(url), revision, indexes.cache_shortfall(self.store.conn))
+
+    def grant_reader(self, name: str, password: str | None = None) -> Reader:
+        """Create or update a read-only login role for BI tools (imsearch.db.sqlaccess)."""
+        with self._lock:
+            return grant_reader(self.store.conn, name, password)
+
+    def backfill_hashes(self, *, workers: int | None = None, progress: Progress | None = None) -> BackfillResult:
+        """Perceptual hashes for rows stored before imsearch hashed images (imsearch.db.hashes); no model."""
+        with self._lock:
+            return backfill_hashes(self.store, workers=workers, progress=progress)
 
     # -- ingest --------------------------------------------------------------------------------------------
 
@@ -267,7 +312,8 @@ class Imsearch:
         return [Embedded(n, v, s, f) for (n, _, s, f), v in zip(loaded, vectors)]
 
     def query_class(self, query: Embedded, given: str | None = None) -> str | None:
-        """The query's class: as given, else a stored image with the same bytes, else its folder if stored."""
+        """The query's class: as given, else a stored image with the same bytes, else its folder if stored. Part of
+        the library API for callers that embed and search in steps; `search` and `find` infer it the same way."""
         return self._class_and_source(query, given)[0]
 
     def _class_and_source(self, query: Embedded, given: str | None) -> tuple[str | None, str | None]:

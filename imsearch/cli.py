@@ -477,20 +477,10 @@ def db_upgrade(ctx: click.Context, lock_timeout: float) -> None:
 
     Migrations run under a lock: while another session holds it, this says who, and gives up after --lock-timeout.
     """
-    from .db.connect import redact
-    from .db.embedded import database_url
-    from .db.indexes import cache_shortfall
-    from .db.migrate import upgrade
-    from .db.store import Store
-    from .settings import Settings, server_log
-
-    settings = Settings.from_env(ctx.obj["database_url"])
-    url = database_url(settings)
-    revision = upgrade(url, server_log(settings), lock_timeout=lock_timeout or None)
-    click.echo(f"{redact(url)}: schema at revision {revision}")
-    with Store(url) as store:
-        if (note := cache_shortfall(store.conn)) is not None:
-            click.echo(f"note: {note}", err=True)
+    upgraded = _app(ctx).upgrade(lock_timeout=lock_timeout or None)
+    click.echo(f"{upgraded.where}: schema at revision {upgraded.revision}")
+    if upgraded.cache_note is not None:
+        click.echo(f"note: {upgraded.cache_note}", err=True)
 
 
 @db.command("url")
@@ -529,9 +519,7 @@ def db_url(ctx: click.Context, tcp: bool) -> None:
 @click.pass_context
 def db_grant_reader(ctx: click.Context, name: str, password: str | None) -> None:
     """Create or update NAME: a login role that can only read imsearch's SQL views and functions (BI tools)."""
-    from .db.sqlaccess import grant_reader
-
-    reader = grant_reader(_app(ctx).store.conn, name, password)
+    reader = _app(ctx).grant_reader(name, password)
     click.echo(f"{'created' if reader.created else 'updated'} read-only role {reader.name} "
                f"on database {reader.database}")
     if reader.password is not None:
@@ -586,12 +574,11 @@ def db_backfill_hashes(ctx: click.Context, workers: int | None, as_json: bool) -
     is reported as `PATH: reason` and keeps no hash (a changed one needs `imsearch ingest` again). Exit 1 when
     some rows could not be hashed; running it again retries only those.
     """
-    from .db.hashes import backfill_hashes
     from .files import printable
 
-    store = _app(ctx).store
+    app = _app(ctx)
     with progress_bar("hashes", shown=not as_json) as progress:
-        result = backfill_hashes(store, workers=workers, progress=progress)
+        result = app.backfill_hashes(workers=workers, progress=progress)
     for failure in result.failed:
         click.echo(f"{printable(failure.path)}: {failure.error}", err=True)
     if as_json:
@@ -622,7 +609,7 @@ def db_serve(ctx: click.Context, port: int, host: str, tls_cert: Path | None, tl
     if ctx.obj["database_url"]:
         raise click.UsageError("db serve serves the embedded PostgreSQL; the server in DATABASE_URL is reached "
                                "directly")
-    Store(start()).close()  # the data folder and the schema when new, its revision checked, before serving
+    Store.open(start()).close()  # the data folder and the schema when new, its revision checked, before serving
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from imsearch.errors import ImsearchError
-from imsearch.model import checksums, embed, pixels, runtimes
+from imsearch.model import checksums, embed, exports, pixels, runtimes
 from imsearch.model.embed import Embedder
-from imsearch.model.runtimes import OnnxEmbedder, get_model, models_dir, paths
+from imsearch.model.exports import models_dir, paths
+from imsearch.model.runtimes import OnnxEmbedder, get_model
 from tests.conftest import CLASSES, ROOMS, copy_photos
 
 
@@ -85,7 +86,7 @@ def test_export_is_cached_once_per_identity_privately(fresh, weights, monkeypatc
     # what a process killed while writing leaves is removed by the next writer
     (models_dir() / ".optimizing-killed").mkdir()
     (models_dir() / f".{export.name}.killed.tmp").write_bytes(b"half")
-    with runtimes.export_lock():
+    with exports.export_lock():
         assert sorted(p.name for p in models_dir().iterdir() if p.name.startswith(".")) == [".lock"]
 
 
@@ -127,7 +128,7 @@ def test_a_damaged_export_is_detected_and_made_again(fresh, weights, monkeypatch
     # this machine's optimized copy: made again from the export
     damage(optimized)
     reload_models(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="imsearch.model.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="imsearch.model.exports"):
         again = get_model(weights, device="cpu")
     assert "optimized.onnx: damaged" in caplog.text
     assert np.allclose(again.embed(photos), expected, atol=1e-4)
@@ -137,11 +138,11 @@ def test_a_damaged_export_is_detected_and_made_again(fresh, weights, monkeypatch
     optimized.unlink()
     caplog.clear()
     reload_models(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="imsearch.model.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="imsearch.model.exports"):
         again = get_model(weights, device="cpu")
     assert f"{export.name}: damaged" in caplog.text
     assert np.allclose(again.embed(photos), expected, atol=1e-4)
-    assert runtimes.cached_export(identity, checksums.file_sha256(embed.checkpoint_file(weights))) is not None
+    assert exports.cached_export(identity, checksums.file_sha256(embed.checkpoint_file(weights))) is not None
 
 
 def test_an_export_that_differs_from_torch_is_not_used(fresh, weights, monkeypatch, caplog):

@@ -253,7 +253,7 @@ def test_find_help_names_the_option_and_the_calibrated_name():
 
 
 def test_the_function_that_runs_is_the_planners_own_text_and_the_newest_frozen_one(database_url):
-    Store(database_url).close()
+    Store.open(database_url).close()
     with psycopg.connect(database_url) as c:
         text = c.execute("SELECT pg_get_functiondef(%s::regprocedure)", (NEAREST,)).fetchone()[0]
     assert text == search.function_sql("imsearch_nearest")
@@ -320,7 +320,7 @@ def test_0010_up_down_up_keeps_a_readers_execute_grant(database_url):
         command.upgrade(cfg, "head")
         assert state() == head
         assert called_by_reader() == 2
-        store = Store(database_url)
+        store = Store.open(database_url)
         try:
             grant_reader(store.conn, name, "pass-word")  # a reader so migrated is one grant-reader updates, not refuses
         finally:

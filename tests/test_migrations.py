@@ -23,7 +23,7 @@ def test_code_expects_the_newest_migration():
 
 
 def test_first_use_creates_the_schema(database_url):
-    Store(database_url).close()
+    Store.open(database_url).close()
     with psycopg.connect(database_url) as conn:
         cols = dict(conn.execute(
             "SELECT column_name, udt_name FROM information_schema.columns WHERE table_name = 'images'").fetchall())

@@ -30,7 +30,7 @@ _names = itertools.count()
 def imsearch_db(server_url):
     """An imsearch database (schema at head) holding three images with random vectors; no model needed."""
     with scratch_database(server_url, f"imsearch_test_readers_{os.getpid()}") as url:
-        store = Store(url)
+        store = Store.open(url)
         store.conn.execute(
             """
             INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding)
@@ -318,7 +318,7 @@ def test_without_a_superuser_grant_reader_closes_what_it_may_and_says_what_stays
             c.execute(f'GRANT CREATE ON SCHEMA public TO "{owner}"')
             database = c.execute("SELECT current_database()").fetchone()[0]
         url = as_user(admin_url, owner)
-        store = Store(url)
+        store = Store.open(url)
         try:
             with pytest.raises(ImsearchError, match=rf"^every role may create temporary tables in database "
                                                     rf"{database}, .* `REVOKE TEMPORARY ON DATABASE {database} "

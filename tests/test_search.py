@@ -255,7 +255,7 @@ def test_a_same_class_query_is_never_served_by_an_other_class_index(app, photos,
 def test_mode_other_over_small_classes_reads_every_candidate_whatever_the_table_size(database_url):
     """Each other class small: an exact scan of `class <> X`. With index scans off and sequential scans still off,
     PostgreSQL would take the cheaper of two disabled plans, the whole-table HNSW index (here from ~2k rows on)."""
-    with Store(database_url) as store:
+    with Store.open(database_url) as store:
         conn = store.conn
         conn.execute(
             "INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding) "

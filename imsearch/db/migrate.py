@@ -72,7 +72,8 @@ def take_lock(conn: Any, timeout: float | None = LOCK_TIMEOUT, *,
     """Take the migration lock on an SQLAlchemy connection, waiting up to `timeout` seconds (None: for ever).
 
     Once it has waited a while (SAY_AFTER) it says who holds the lock, once per holder. Past the timeout it raises
-    MigrationLocked naming them. A session that is not imsearch may take the lock too (readers can call pg_advisory_lock).
+    MigrationLocked naming them. A session that is not imsearch may take the lock too (readers can call
+    pg_advisory_lock).
     """
     from sqlalchemy import text
 

@@ -44,24 +44,17 @@ class Row:
 class Store:
     """A connection to one imsearch database, checked for pgvector and the schema revision."""
 
-    def __init__(self, url: str, *, migrate: bool = True, server_log: Path | None = None,
-                 upgrade_older: bool = False) -> None:
+    def __init__(self, url: str, *, server_log: Path | None = None) -> None:
+        """Connect and check; a database without this imsearch's schema revision is refused (SchemaOutdated).
+        Creating or migrating the schema is a step of its own, `ensure_schema`, taken first (or `Store.open`)."""
         self.url = url
         self.server_log = server_log  # the embedded server's log, read to tell a crash from a dropped connection
         self._log_start = server_log.stat().st_size if server_log is not None and server_log.exists() else 0
-        conn = connect(url, register=False)
-        try:
-            revision = schema_revision(conn)
-            has_images = scalar(conn, "SELECT to_regclass('public.images')") is not None
-        finally:
-            conn.close()
-        older = upgrade_older and revision not in (None, SCHEMA_REVISION) and known_revision(revision)
-        if migrate and (revision is None and not has_images or older):
-            upgrade(url, server_log)  # first use of an empty database, or the embedded one after an update
-            revision = SCHEMA_REVISION
-        if revision != SCHEMA_REVISION:
-            raise SchemaOutdated(schema_mismatch(redact(url), revision, has_images))
         self.conn = connect(url)
+        revision, has_images = _schema_state(self.conn)
+        if revision != SCHEMA_REVISION:
+            self.conn.close()
+            raise SchemaOutdated(schema_mismatch(redact(url), revision, has_images))
         self.backend_pid = self.conn.info.backend_pid
         version = pgvector_version(self.conn)
         if version is None:
@@ -83,6 +76,12 @@ class Store:
                 f"{redact(url)}: images.embedding is {column}, but this imsearch stores halfvec({DIMENSIONS}) "
                 "(ResNet-50 features); use another database for these vectors"
             )
+
+    @classmethod
+    def open(cls, url: str, *, server_log: Path | None = None, upgrade_older: bool = False) -> Store:
+        """`ensure_schema`, then the checked store: what a first use of a database does."""
+        ensure_schema(url, server_log, upgrade_older=upgrade_older)
+        return cls(url, server_log=server_log)
 
     def close(self) -> None:
         self.conn.close()
@@ -288,6 +287,36 @@ class Store:
         with self.conn.transaction():
             cur = self.conn.execute("DELETE FROM images WHERE path = ANY(%s)", (list(paths),))
             return cur.rowcount
+
+
+def _schema_state(conn: psycopg.Connection[Any]) -> tuple[str | None, bool]:
+    """The database's schema revision, and whether it has an `images` table (made by imsearch or not)."""
+    return schema_revision(conn), scalar(conn, "SELECT to_regclass('public.images')") is not None
+
+
+def ensure_schema(url: str, server_log: Path | None = None, *, upgrade_older: bool = False) -> None:
+    """Create the schema on the first use of an empty database; with `upgrade_older` (the embedded database, which
+    imsearch alone uses), migrate an older revision too. Any other mismatch is left for `Store` to refuse."""
+    conn = connect(url, register=False)
+    try:
+        revision, has_images = _schema_state(conn)
+    finally:
+        conn.close()
+    older = upgrade_older and revision not in (None, SCHEMA_REVISION) and known_revision(revision)
+    if revision is None and not has_images or older:
+        upgrade(url, server_log)
+
+
+def stored_paths(url: str) -> list[str]:
+    """Every stored absolute path, sorted, read on a connection of its own: for a caller that must not wait for the
+    shared one (the int8 calibration, under the model lock); none before the schema exists."""
+    conn = connect(url, register=False)
+    try:
+        if scalar(conn, "SELECT to_regclass('public.images')") is None:
+            return []
+        return sorted(p for (p,) in conn.execute("SELECT path FROM images WHERE starts_with(path, '/')"))
+    finally:
+        conn.close()
 
 
 def _is_disconnect(exc: psycopg.OperationalError) -> bool:
