@@ -28,6 +28,7 @@ import numpy as np
 import psycopg
 
 from .. import search
+from ..db.errors import translating
 from ..errors import ImsearchError, ModelMismatch
 from ..model.phash import hamming
 from ..search import hashes
@@ -142,6 +143,7 @@ class Audit:
         }
 
 
+@translating("auditing")
 def stored_model(conn: psycopg.Connection[Any]) -> str:
     """The one model identity of the stored rows; mixed models have no common distances."""
     models = [r[0] for r in conn.execute("SELECT DISTINCT model FROM images ORDER BY 1 LIMIT 3").fetchall()]
@@ -194,6 +196,7 @@ def _rows(conn: psycopg.Connection[Any]) -> _Rows:
     )
 
 
+@translating("auditing")
 def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K, progress: Progress | None = None,
           files_readable: bool = True, connect: Connect | None = None, same_class: SameClass | None = None) -> Audit:
     """Look at every stored image's neighbours and return the findings (see the module's docstring).
@@ -266,6 +269,7 @@ class DuplicateGroup:
 DUPLICATE_NEIGHBOURS = 10
 
 
+@translating("auditing")
 def duplicate_groups(conn: psycopg.Connection[Any], calibration: Calibration,
                      progress: Progress | None = None, connect: Connect | None = None) -> list[DuplicateGroup]:
     """Groups of stored images that are copies of each other by the audit's rule, whatever their classes."""
@@ -552,6 +556,7 @@ def _outliers(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, k: int) -> tuple[f
     return fence, findings
 
 
+@translating("auditing")
 def write(conn: psycopg.Connection[Any], result: Audit) -> int:
     """Replace image_audit with these findings in one transaction; rows deleted meanwhile are left out."""
     f = result.findings

@@ -27,7 +27,6 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
-import psycopg
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import Embedded, Imsearch
 from ..audit.calibration import DUPLICATE
+from ..db.errors import translated
 from ..errors import (
     BadImage,
     DatabaseUnavailable,
@@ -436,6 +436,18 @@ def stored_file(imsearch: Imsearch, image_id: int) -> tuple[dict[str, Any], byte
     return row, data
 
 
+def answering(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` with its driver errors turned into library errors: a value the database refused is the
+    request's fault (400), any other failure the database's (503; the detail goes to the log)."""
+    with translated("answering from"):
+        return fn(*args)
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`answering(fn, *args)` in a worker thread, off the event loop."""
+    return await run_in_threadpool(answering, fn, *args)
+
+
 async def disconnected(request: Request) -> None:
     """Returns once the request's client has closed its connection (the body is read by then)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -479,7 +491,8 @@ def create_app(
     in IMSEARCH_ALLOWED_HOSTS; "*": any). `decode_slots`: decodes at once (None: from the CPU count).
     `allowed_origins`: sites whose pages may send requests here (None: those in IMSEARCH_ALLOWED_ORIGINS; "*": any).
     """
-    imsearch.count()  # the database first: a wrong URL fails before the model loads
+    with translated("answering from"):
+        imsearch.count()  # the database first: a wrong URL fails before the model loads
     identity = imsearch.embedder.identity
     map_image_blocks()
     too_large = f"the upload is larger than the {megabytes(max_upload_bytes)} limit"
@@ -512,14 +525,6 @@ def create_app(
         if isinstance(exc, DatabaseUnavailable):
             return database_down(request, str(exc))
         return JSONResponse({"detail": public_detail(str(exc))}, status_code=status_of(exc))
-
-    @app.exception_handler(psycopg.Error)
-    async def database_error(request: Request, exc: psycopg.Error) -> JSONResponse:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if isinstance(exc, psycopg.DataError):  # a value the database cannot take: the request's own
-            return JSONResponse({"detail": f"the database refused a value of the request: {public_detail(first)}"},
-                                status_code=400)
-        return database_down(request, f"database error: {first}")
 
     def database_down(request: Request, detail: str) -> JSONResponse:
         """503 without the detail, which names the server's socket or URL: that goes to the log."""
@@ -569,7 +574,7 @@ def create_app(
         if query_class is not None and "\x00" in query_class:
             raise HTTPException(400, f"{name}: the class holds a NUL byte, which no class name can hold")
         # checked (and the name resolved) once, before the upload is decoded
-        limit = await run_in_threadpool(imsearch.max_distance, (max_distance or "").strip() or None)
+        limit = await in_thread(imsearch.max_distance, (max_distance or "").strip() or None)
         file_too_large = HTTPException(413, f"{name}: larger than the {megabytes(max_upload_bytes)} upload limit")
         if file.size is not None and file.size > max_upload_bytes:
             raise file_too_large
@@ -587,7 +592,7 @@ def create_app(
                                             until=lambda: disconnected(request))
             except ClientGone as exc:
                 raise HTTPException(400, str(exc)) from None
-            item = await run_in_threadpool(search_upload, imsearch, loaded, data, name, mode, k,
+            item = await in_thread(search_upload, imsearch, loaded, data, name, mode, k,
                                            query_class or None, limit, time.perf_counter() - started)
         for match in item["matches"]:
             match["image"] = str(request.url_for("image", image_id=match["id"]))
@@ -597,13 +602,13 @@ def create_app(
     @app.get("/api/classes", tags=["search"])
     async def classes() -> list[dict[str, Any]]:
         """The stored classes with their image counts, largest first."""
-        rows = await run_in_threadpool(imsearch.classes)
+        rows = await in_thread(imsearch.classes)
         return [{"class": cls, "images": n} for cls, n in rows]
 
     @app.get("/api/health", tags=["server"])
     async def health() -> dict[str, Any]:
         """Answers while the database does: how many images are stored, and the model in use."""
-        count = await run_in_threadpool(imsearch.count)
+        count = await in_thread(imsearch.count)
         return {"status": "ok", "images": count, "model": identity, "max_upload_bytes": max_upload_bytes}
 
     def image_response(data: bytes, media: str, etag: str, request: Request) -> Response:
@@ -618,18 +623,18 @@ def create_app(
              responses={200: {"content": {"image/*": {}}}, 404: {"description": "Not stored, or its file changed"}})
     async def image(image_id: image_id_param, request: Request) -> Response:
         """The stored image's file, as stored (only rows in the database, by id)."""
-        row, data = await run_in_threadpool(stored_file, imsearch, image_id)
+        row, data = await in_thread(stored_file, imsearch, image_id)
         return image_response(data, media_type(data), f'"{row["sha256"][:32]}"', request)
 
     @app.get("/images/{image_id}/thumbnail", name="thumbnail", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "Not stored, or its file changed"}})
     async def thumbnail(image_id: image_id_param, request: Request) -> Response:
         """A JPEG of the stored image at most 320 pixels on its long side, cached in memory."""
-        row = await run_in_threadpool(imsearch.image, image_id)
+        row = await in_thread(imsearch.image, image_id)
         cached = thumbnails.get((image_id, row["sha256"])) if row else None
         if row is not None and cached is not None:
             return image_response(cached, "image/jpeg", f'"{row["sha256"][:32]}-t{THUMBNAIL_SIZE}"', request)
-        stored, data = await run_in_threadpool(stored_file, imsearch, image_id)
+        stored, data = await in_thread(stored_file, imsearch, image_id)
         name = f"image {image_id}"
         header = await slots.read_header(pixels.peek, data, name, prep=THUMBNAIL_DRAFT)
         async with slots.hold(header.decode_pixels > LIGHT_PIXELS):
