@@ -49,6 +49,7 @@ from ..errors import (
 from ..files import sha256_bytes
 from ..model import pixels
 from ..modes import Mode
+from ..workers import default_workers
 from .decoding import ClientGone, Decoders, load_upload, make_thumbnail
 from .guards import (
     HeadAsGet,
@@ -98,13 +99,6 @@ PAGE_POLICY = (
 
 def megabytes(n: int) -> str:
     return f"{n / (1024 * 1024):.3g} MB"
-
-
-def default_decode_slots() -> int:
-    """Decodes (each with its embedding) at once: one per usable core, at least two so that a heavy one never
-    holds up every other search, at most eight since each may hold a few hundred MB."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return max(2, min(8, cores))
 
 
 def map_image_blocks() -> None:
@@ -310,7 +304,7 @@ def create_app(
     map_image_blocks()
     too_large = f"the upload is larger than the {megabytes(max_upload_bytes)} limit"
     thumbnails = Thumbnails()
-    slots = DecodeSlots(decode_slots or default_decode_slots())
+    slots = DecodeSlots(decode_slots or default_workers())
     decoders = Decoders(None if "PILLOW_BLOCK_SIZE" in os.environ else IMAGE_BLOCK_BYTES)
     hosts = allowed_hosts_from_env() if allowed_hosts is None else list(allowed_hosts)
     origins = allowed_origins_from_env() if allowed_origins is None else list(allowed_origins)
