@@ -22,6 +22,7 @@ from .audit.findings import Audit, DuplicateGroup, stored_model
 from .db import indexes
 from .db.connect import connect, redact
 from .db.embedded import database_url
+from .db.errors import translated
 from .db.hashes import BackfillResult, backfill_hashes
 from .db.migrate import LOCK_TIMEOUT, upgrade
 from .db.sqlaccess import Reader, grant_reader
@@ -378,17 +379,12 @@ class Imsearch:
             if cls is None and mode != "all":
                 raise UnknownClass(f"{query.name}: cannot tell the query's class for mode {mode!r}; pass --class "
                                    f"NAME, or pick one on the page (stored classes: {self._stored_classes()})")
-            try:
+            unknown = {search.UNKNOWN_CLASS_SQLSTATE: lambda: UnknownClass(
+                f"{query.name}: class {cls!r} is not stored (stored classes: {self._stored_classes()})")}
+            with translated("searching", store, refusals=unknown):
                 matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
                                      skip_sha=None if include_self else query.sha256, max_distance=max_distance,
                                      exact=exact)
-            except psycopg.Error as exc:
-                if exc.sqlstate == search.UNKNOWN_CLASS_SQLSTATE:
-                    raise UnknownClass(f"{query.name}: class {cls!r} is not stored "
-                                       f"(stored classes: {self._stored_classes()})") from None
-                if isinstance(exc, psycopg.OperationalError):
-                    raise store.lost(exc, "searching") from None
-                raise
         return FindResult(query.name, cls, mode, tuple(matches), class_source=source)
 
     def _stored_classes(self) -> str:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator
@@ -23,15 +21,11 @@ from .errors import BadImage, ImsearchError
 from .files import ImageFile, sha256_bytes, vanished, walk
 from .model import pixels
 from .model.embed import Model
+from .workers import default_workers, in_order
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
-
-
-def default_workers() -> int:
-    """Decoding threads: enough to keep the model fed without starving it of cores."""
-    return max(2, min(8, (os.cpu_count() or 2)))
 
 
 @dataclass(frozen=True)
@@ -256,19 +250,9 @@ def _decoded(files: list[ImageFile], prepare: Callable[[ImageFile], _Prepared], 
              ) -> Generator[_Prepared | BadImage, None, None]:
     """Each file prepared by a worker thread, in order, at most `depth` in flight: memory stays flat however many
     files there are. Closing the generator cancels what has not started."""
-    in_flight: deque[Future[_Prepared]] = deque()
-    pending = iter(files)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imsearch-decode") as pool:
-        try:
-            for f in pending:
-                in_flight.append(pool.submit(prepare, f))
-                if len(in_flight) >= depth:
-                    yield _outcome(in_flight.popleft())
-            while in_flight:
-                yield _outcome(in_flight.popleft())
-        finally:
-            for future in in_flight:
-                future.cancel()
+    with contextlib.closing(in_order(prepare, files, workers=workers, depth=depth, name="imsearch-decode")) as done:
+        for _, future in done:
+            yield _outcome(future)
 
 
 def _outcome(future: Future[_Prepared]) -> _Prepared | BadImage:

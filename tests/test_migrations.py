@@ -45,7 +45,7 @@ def test_migrations_match_the_table_definitions(database_url):
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_folder()))
     cfg.attributes["url"] = sqlalchemy_url(database_url)
-    command.check(cfg)  # raises when tables.py and the migrations disagree
+    command.check(cfg)  # raises when schema.py and the migrations disagree
 
 
 def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(database_url):

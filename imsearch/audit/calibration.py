@@ -17,6 +17,7 @@ from PIL import Image
 from psycopg.types.json import Jsonb
 
 from .. import search
+from ..db.errors import translating
 from ..errors import BadImage, ImsearchError, NotCalibrated
 from ..files import sha256_bytes
 from ..model import pixels
@@ -29,6 +30,7 @@ from ..search import hashes
 DUPLICATE = "duplicate"
 
 
+@translating("reading the calibration from")
 def duplicate_distance(conn: psycopg.Connection[Any], model: str) -> float:
     """The duplicate distance for `model`: the user's override, else the calibrated one.
 
@@ -143,12 +145,14 @@ COLUMNS = ("model", "sample", "copy_distance_p95", "copy_distance_max", "crop_di
            "override_hash_bits", "details")
 
 
+@translating("reading the calibration from")
 def load(conn: psycopg.Connection[Any], model: str) -> Calibration | None:
     """The stored calibration of `model`, if any."""
     row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM model_calibration WHERE model = %s", (model,)).fetchone()
     return None if row is None else Calibration(*row)
 
 
+@translating("calibrating with")
 def save(conn: psycopg.Connection[Any], c: Calibration) -> None:
     """Store a new measurement; the user's overrides stay."""
     conn.execute(
@@ -170,6 +174,7 @@ def save(conn: psycopg.Connection[Any], c: Calibration) -> None:
     )
 
 
+@translating("calibrating with")
 def override(conn: psycopg.Connection[Any], model: str, *, distance: float | None = None,
              hash_bits: int | None = None, clear: bool = False) -> None:
     """Set (or with `clear`, remove) the user's duplicate distance and hash threshold for a calibrated model."""
@@ -219,6 +224,7 @@ def variants(img: Image.Image) -> dict[str, bytes]:
     }
 
 
+@translating("calibrating with")
 def measure(conn: psycopg.Connection[Any], identity: str, prep: Preprocess, model: Callable[[], Model], *,
             sample: int = SAMPLE, progress: Callable[[int, int], None] | None = None) -> Calibration:
     """Embed harmless variants of up to `sample` stored photos and set how far they land from their originals

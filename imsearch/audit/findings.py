@@ -1,9 +1,4 @@
-"""The audit pass: every stored image's nearest neighbours, through the indexes, turned into findings.
-
-One pass over the table, a batch of images per statement on a few connections at once: each image's 2K nearest by
-the embedding (imsearch_neighbours, the search planner's entry for stored images: the whole-table HNSW index) and
-its nearest by the perceptual hash (search.hashes: HNSW on bit(64)). Only those neighbour
-lists are kept (n x 2K ids and distances, 16 MB per 100k images at K = 10): never an all-pairs matrix.
+"""The audit: every stored image's neighbour lists (the pass in `neighbours`) turned into findings.
 
 - duplicates: the same bytes, a hash within the calibrated bits, or (where the model separates copies from
   neighbours) an embedding within the calibrated distance; linked into groups, each naming one image to keep;
@@ -16,47 +11,24 @@ lists are kept (n x 2K ids and distances, 16 MB per 100k images at K = 10): neve
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import psycopg
 
 from .. import search
+from ..db.errors import translating
 from ..errors import ImsearchError, ModelMismatch
-from ..model.phash import hamming
-from ..search import hashes
 from .calibration import Calibration
+from .neighbours import Connect, Near, Neighbour, Progress, Rows, SameClass, linked, neighbours, read_rows, recheck
 
 KINDS = ("label", "leak", "duplicate", "outlier")
 K = 10
-# Images per statement: one round trip per batch, short enough to show progress.
-BATCH = 200
-# Hash neighbours looked at per image; larger groups still join up through their members.
-HASH_NEIGHBOURS = 8
 # Among duplicates, the one kept: the most pixels, then the largest file, then the first stored.
 KEEP_RULE = "most pixels, then largest file, then first stored"
-
-# Connections searching at once: the server runs each search in its own process.
-WORKERS = max(1, min(4, os.cpu_count() or 1))
-
-Progress = Callable[[int, int], None]
-Connect = Callable[[], psycopg.Connection[Any]]
-# (embedding, class, sha256 to leave out, k) -> [(id, cosine distance)], nearest first: find's mode same.
-SameClass = Callable[[np.ndarray, str, str, int], list[tuple[int, float]]]
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    id: int
-    path: str
-    cls: str | None
-    distance: float | None  # None: not measured (a pair the hash found, deleted meanwhile)
 
 
 @dataclass(frozen=True)
@@ -142,6 +114,7 @@ class Audit:
         }
 
 
+@translating("auditing")
 def stored_model(conn: psycopg.Connection[Any]) -> str:
     """The one model identity of the stored rows; mixed models have no common distances."""
     models = [r[0] for r in conn.execute("SELECT DISTINCT model FROM images ORDER BY 1 LIMIT 3").fetchall()]
@@ -153,47 +126,7 @@ def stored_model(conn: psycopg.Connection[Any]) -> str:
     return models[0]
 
 
-@dataclass
-class _Rows:
-    """Per-image columns of the whole table, in id order (a few dozen bytes per image)."""
-
-    ids: np.ndarray
-    paths: list[str]
-    classes: np.ndarray  # class code, -1 for none
-    names: list[str]
-    pixels: np.ndarray
-    bytes: np.ndarray
-    sha: list[str]
-    phash: list[int | None]
-
-    def at(self, image_id: int) -> int:
-        return int(np.searchsorted(self.ids, image_id))
-
-    def cls(self, i: int | np.integer) -> str | None:
-        c = int(self.classes[i])
-        return None if c < 0 else self.names[c]
-
-    def neighbour(self, i: int, distance: float | None) -> Neighbour:
-        return Neighbour(int(self.ids[i]), self.paths[i], self.cls(i), None if distance is None else float(distance))
-
-
-def _rows(conn: psycopg.Connection[Any]) -> _Rows:
-    rows = conn.execute("SELECT id, path, class, width::bigint * height, bytes, sha256, phash::text FROM images "
-                        "ORDER BY id").fetchall()
-    names = sorted({r[2] for r in rows if r[2] is not None})
-    code = {c: i for i, c in enumerate(names)}
-    return _Rows(
-        ids=np.array([r[0] for r in rows], dtype=np.int64),
-        paths=[r[1] for r in rows],
-        classes=np.array([code.get(r[2], -1) for r in rows], dtype=np.int32),
-        names=names,
-        pixels=np.array([r[3] for r in rows], dtype=np.int64),
-        bytes=np.array([r[4] for r in rows], dtype=np.int64),
-        sha=[r[5] for r in rows],
-        phash=[None if r[6] is None else int(r[6], 2) for r in rows],
-    )
-
-
+@translating("auditing")
 def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K, progress: Progress | None = None,
           files_readable: bool = True, connect: Connect | None = None, same_class: SameClass | None = None) -> Audit:
     """Look at every stored image's neighbours and return the findings (see the module's docstring).
@@ -204,13 +137,13 @@ def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K
     if not 1 <= k <= 100:
         raise ImsearchError(f"k must be between 1 and 100, not {k}")
     started = time.perf_counter()
-    rows = _rows(conn)
-    near = _neighbours(conn, rows, 2 * k, calibration.bits, progress, connect)  # room for copies left out of votes
+    rows = read_rows(conn)
+    near = neighbours(conn, rows, 2 * k, calibration.bits, progress, connect)  # room for copies left out of votes
     duplicate = _duplicate_mask(rows, calibration, near)
     if same_class is not None:
         _, suspects = _label_suspects(rows, near.nbr, near.dist, duplicate, k)
         _, alone = _outliers(rows, near.nbr, near.dist, k)
-        _recheck(conn, rows, near, {rows.at(f.id) for f in suspects + alone}, same_class)
+        recheck(conn, rows, near, {rows.at(f.id) for f in suspects + alone}, same_class)
         duplicate = _duplicate_mask(rows, calibration, near)
     pairs = _pairs(conn, rows, near, duplicate)
     findings: list[Finding] = []
@@ -266,148 +199,26 @@ class DuplicateGroup:
 DUPLICATE_NEIGHBOURS = 10
 
 
+@translating("auditing")
 def duplicate_groups(conn: psycopg.Connection[Any], calibration: Calibration,
                      progress: Progress | None = None, connect: Connect | None = None) -> list[DuplicateGroup]:
     """Groups of stored images that are copies of each other by the audit's rule, whatever their classes."""
-    rows = _rows(conn)
-    near = _neighbours(conn, rows, DUPLICATE_NEIGHBOURS, calibration.bits, progress, connect)
+    rows = read_rows(conn)
+    near = neighbours(conn, rows, DUPLICATE_NEIGHBOURS, calibration.bits, progress, connect)
     pairs = _pairs(conn, rows, near, _duplicate_mask(rows, calibration, near))
-    parent: dict[int, int] = {}
     nearest: dict[int, float] = {}
     for p in pairs.values():
-        parent[_root(parent, p.a)] = _root(parent, p.b)
         for i in (p.a, p.b):
             if p.distance is not None:
                 nearest[i] = min(nearest.get(i, p.distance), p.distance)
-    members: dict[int, list[int]] = {}
-    for i in parent:
-        members.setdefault(_root(parent, i), []).append(i)
-    ordered = sorted((sorted(m, key=lambda i: rows.paths[i]) for m in members.values() if len(m) > 1),
+    ordered = sorted((sorted(m, key=lambda i: rows.paths[i]) for m in linked((p.a, p.b) for p in pairs.values())),
                      key=lambda m: rows.paths[m[0]])
     return [DuplicateGroup(number, tuple(DuplicateImage(int(rows.ids[i]), rows.paths[i], rows.cls(i), nearest.get(i))
                                          for i in m))
             for number, m in enumerate(ordered, start=1)]
 
 
-def _root(parent: dict[int, int], x: int) -> int:
-    parent.setdefault(x, x)
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
-    return x
-
-
-@dataclass
-class _Near:
-    """Each image's nearest by the embedding (row indexes, -1 for none; cosine distances; Hamming distances of the
-    hashes, 65 where either is missing), and the pairs the hash index found within the threshold."""
-
-    nbr: np.ndarray
-    dist: np.ndarray
-    bits: np.ndarray
-    hash_pairs: list[tuple[int, int, int]]
-    unhashed: int
-
-
-def _neighbours(conn: psycopg.Connection[Any], rows: _Rows, fetch: int, hash_bits: int,
-                progress: Progress | None, connect: Connect | None = None) -> _Near:
-    """One pass over the table, BATCH images per statement, through the HNSW indexes; with `connect`, on up to
-    WORKERS connections at once (the server searches each in its own process)."""
-    n = len(rows.ids)
-    near = _Near(np.full((n, fetch), -1, dtype=np.int32), np.full((n, fetch), np.inf, dtype=np.float32),
-                 np.full((n, fetch), 65, dtype=np.int16), [],
-                 int(conn.execute("SELECT count(*) FROM images WHERE phash IS NULL").fetchone()[0]))  # type: ignore[index]
-    hashed = near.unhashed < n
-    starts = range(0, n, BATCH)
-    workers = min(WORKERS, len(starts)) if connect is not None else 1
-    if workers <= 1:
-        batches: Iterator[tuple[int, list[Any], list[Any]]] = (
-            (start, *_batch(conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed))
-            for start in starts)
-        _fill(rows, near, fetch, batches, progress)
-        return near
-    local = threading.local()
-    opened: list[psycopg.Connection[Any]] = []
-    lock = threading.Lock()
-
-    def run(start: int) -> tuple[int, list[Any], list[Any]]:
-        if not hasattr(local, "conn"):
-            local.conn = connect()  # type: ignore[misc]
-            with lock:
-                opened.append(local.conn)
-        return (start, *_batch(local.conn, rows.ids[start:start + BATCH].tolist(), fetch, hash_bits, hashed))
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imsearch-audit") as pool:
-            _fill(rows, near, fetch, (f.result() for f in as_completed([pool.submit(run, s) for s in starts])),
-                  progress)
-    finally:
-        for c in opened:
-            c.close()
-    return near
-
-
-def _batch(conn: psycopg.Connection[Any], ids: list[int], fetch: int, hash_bits: int, hashed: bool
-           ) -> tuple[list[Any], list[Any]]:
-    """The embedding neighbours and the hash pairs of one batch of images, in one transaction."""
-    with conn.transaction():
-        found = search.neighbours(conn, ids, fetch)
-        pairs = hashes.neighbours(conn, ids, HASH_NEIGHBOURS, hash_bits) if hashed else []
-    return found, pairs
-
-
-def _fill(rows: _Rows, near: _Near, fetch: int, batches: Iterable[tuple[int, list[Any], list[Any]]],
-          progress: Progress | None) -> None:
-    n, done = len(rows.ids), 0
-    for start, found, pairs in batches:
-        near.hash_pairs += pairs
-        filled: dict[int, int] = {}
-        for sid, mid, d in sorted(found, key=lambda r: (r[0], r[2])):
-            i, j = rows.at(sid), rows.at(mid)
-            if j >= n or rows.ids[j] != mid:
-                continue  # stored after the table was read
-            col = filled.get(i, 0)
-            if col < fetch:
-                a, b = rows.phash[i], rows.phash[j]
-                near.nbr[i, col], near.dist[i, col] = j, d
-                near.bits[i, col] = 65 if a is None or b is None else hamming(a, b)
-                filled[i] = col + 1
-        done += len(rows.ids[start:start + BATCH])
-        if progress:
-            progress(done, n)
-
-
-def _recheck(conn: psycopg.Connection[Any], rows: _Rows, near: _Near, candidates: set[int],
-             same_class: SameClass) -> None:
-    """Search the candidates' own class again and merge what it finds into their neighbour lists.
-
-    One graph over the whole table can strand a search in a crowded cluster of another class: at 100k synthetic
-    rows, the clean images that looked mislabelled had recall@10 0.08 against 0.97 for the rest (docs/audit.md).
-    Their own class's search (its own index, or an exact scan of a small class) finds the neighbours it missed.
-    """
-    labelled = sorted(i for i in candidates if rows.classes[i] >= 0)
-    if not labelled:
-        return
-    vectors = dict(conn.execute("SELECT id, embedding FROM images WHERE id = ANY(%s)",
-                                ([int(rows.ids[i]) for i in labelled],)).fetchall())
-    n, fetch = len(rows.ids), near.nbr.shape[1]
-    for i in labelled:
-        vector = vectors.get(int(rows.ids[i]))
-        if vector is None:
-            continue  # deleted meanwhile
-        merged = {int(j): (float(d), int(b)) for j, d, b in zip(near.nbr[i], near.dist[i], near.bits[i]) if j >= 0}
-        for mid, d in same_class(np.asarray(vector.to_numpy(), dtype=np.float32), rows.cls(i) or "", rows.sha[i],
-                                 fetch):
-            j = rows.at(mid)
-            if j < n and rows.ids[j] == mid and j != i and j not in merged:
-                a, b = rows.phash[i], rows.phash[j]
-                merged[j] = (d, 65 if a is None or b is None else hamming(a, b))
-        nearest = sorted(merged.items(), key=lambda item: item[1][0])[:fetch]
-        for col, (j, (d, b)) in enumerate(nearest):
-            near.nbr[i, col], near.dist[i, col], near.bits[i, col] = j, d, b
-
-
-def _duplicate_mask(rows: _Rows, c: Calibration, near: _Near) -> np.ndarray:
+def _duplicate_mask(rows: Rows, c: Calibration, near: Near) -> np.ndarray:
     """Which neighbours are copies of the image: the same bytes, a hash within the bits, or (where the model
     separates copies from neighbours) an embedding within the duplicate distance. The copy rule, once."""
     same = np.zeros(near.nbr.shape, dtype=bool)
@@ -428,7 +239,7 @@ class _Pair:
     score: float
 
 
-def _pairs(conn: psycopg.Connection[Any], rows: _Rows, near: _Near, duplicate: np.ndarray
+def _pairs(conn: psycopg.Connection[Any], rows: Rows, near: Near, duplicate: np.ndarray
            ) -> dict[tuple[int, int], _Pair]:
     """Duplicate pairs (row indexes, a < b) from the embedding neighbours and the hash neighbours, each with its
     cosine distance (read from the table for pairs only the hash found)."""
@@ -456,11 +267,11 @@ def _pairs(conn: psycopg.Connection[Any], rows: _Rows, near: _Near, duplicate: n
     return out
 
 
-def _leaks_and_groups(rows: _Rows, pairs: dict[tuple[int, int], _Pair]) -> list[Finding]:
+def _leaks_and_groups(rows: Rows, pairs: dict[tuple[int, int], _Pair]) -> list[Finding]:
     """Leaks (duplicates across classes, one finding per image of the pair) and duplicate groups within a class
     (linked pairs; every member but the one kept is a finding naming the kept one)."""
     findings: list[Finding] = []
-    parent: dict[int, int] = {}
+    within: list[tuple[int, int]] = []
     best: dict[int, _Pair] = {}
     for p in sorted(pairs.values(), key=lambda p: (p.a, p.b)):
         if rows.classes[p.a] != rows.classes[p.b] and rows.classes[p.a] >= 0 and rows.classes[p.b] >= 0:
@@ -469,15 +280,11 @@ def _leaks_and_groups(rows: _Rows, pairs: dict[tuple[int, int], _Pair]) -> list[
                                         partner=rows.neighbour(j, p.distance),
                                         hash_bits=p.bits))
         else:
-            parent[_root(parent, p.a)] = _root(parent, p.b)
+            within.append((p.a, p.b))
             for i in (p.a, p.b):
                 if i not in best or p.score > best[i].score:
                     best[i] = p
-    members: dict[int, list[int]] = {}
-    for i in parent:
-        members.setdefault(_root(parent, i), []).append(i)
-    groups = sorted((sorted(m, key=lambda i: rows.ids[i]) for m in members.values() if len(m) > 1),
-                    key=lambda m: rows.ids[m[0]])
+    groups = sorted((sorted(m, key=lambda i: rows.ids[i]) for m in linked(within)), key=lambda m: rows.ids[m[0]])
     for number, group in enumerate(groups, start=1):
         keep = max(group, key=lambda i: (rows.pixels[i], rows.bytes[i], -rows.ids[i]))
         for i in group:
@@ -495,7 +302,7 @@ def _distance_between(pairs: dict[tuple[int, int], _Pair], i: int, j: int) -> fl
     return None if p is None else p.distance
 
 
-def _label_suspects(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, duplicate: np.ndarray, k: int
+def _label_suspects(rows: Rows, nbr: np.ndarray, dist: np.ndarray, duplicate: np.ndarray, k: int
                     ) -> tuple[dict[str, float], list[Finding]]:
     """Class scores from each image's k nearest that are not its copies, weighted by 1/distance and summing to 1;
     an image is suspect when another class outscores its own. Its score is the margin, from 0 to 1.
@@ -534,7 +341,7 @@ def _label_suspects(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, duplicate: n
     return agreement, findings
 
 
-def _outliers(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, k: int) -> tuple[float | None, list[Finding]]:
+def _outliers(rows: Rows, nbr: np.ndarray, dist: np.ndarray, k: int) -> tuple[float | None, list[Finding]]:
     """Images whose nearest neighbour lies beyond Q3 + 3 x IQR of every image's nearest-neighbour distance."""
     nearest = dist[:, 0]
     known = np.isfinite(nearest)
@@ -552,6 +359,7 @@ def _outliers(rows: _Rows, nbr: np.ndarray, dist: np.ndarray, k: int) -> tuple[f
     return fence, findings
 
 
+@translating("auditing")
 def write(conn: psycopg.Connection[Any], result: Audit) -> int:
     """Replace image_audit with these findings in one transaction; rows deleted meanwhile are left out."""
     f = result.findings

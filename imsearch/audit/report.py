@@ -13,7 +13,6 @@ Layout of the folder (names and columns are a contract: scripts read them):
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,16 @@ from typing import Any
 from PIL import Image
 
 from ..evaluation import pictures as drawing
-from ..evaluation.report import CSS, MAX_CACHED_THUMBNAILS, html_img, html_link, html_table, write_csv, write_json
+from ..evaluation.report import (
+    CSS,
+    MAX_CACHED_THUMBNAILS,
+    escape,
+    html_img,
+    html_link,
+    html_table,
+    write_csv,
+    write_json,
+)
 from ..search import Match
 from ..terminal import table
 from .calibration import COPY_VARIANTS, CROP_VARIANT, Calibration
@@ -190,14 +198,14 @@ def _page(result: Audit, drawn: dict[tuple[str, int, int], str]) -> str:
         f"<title>imsearch audit</title><style>{PAGE_CSS}</style></head><body>",
         "<h1>imsearch audit</h1>",
         f"<p>{result.images} stored images in {len(result.classes)} classes, {result.k} neighbours each, "
-        f"in {result.seconds:.2f} s.<br>Model: <code>{_e(result.model)}</code></p>",
+        f"in {result.seconds:.2f} s.<br>Model: <code>{escape(result.model)}</code></p>",
         "<p>" + " · ".join(f"{TITLES[k].lower()}: <b>{len(result.of(k))}</b>"
                            + ("" if counts[k] == len(result.of(k)) else f" ({counts[k]} images)") for k in KINDS)
         + "</p>",
         "<p>Files: " + " · ".join(html_link(f, f) for f in FILES) + " (findings.csv holds every finding)</p>",
     ]
     if result.notes:
-        h.append("<ul class='notes'>" + "".join(f"<li>note: {_e(n)}</li>" for n in result.notes) + "</ul>")
+        h.append("<ul class='notes'>" + "".join(f"<li>note: {escape(n)}</li>" for n in result.notes) + "</ul>")
     h += _calibration(result)
     h.append("<h2>Findings per class</h2><p class='muted'>Images of each class with a finding of each kind.</p>")
     per_class = result.counts()
@@ -219,7 +227,7 @@ def _page(result: Audit, drawn: dict[tuple[str, int, int], str]) -> str:
 def _calibration(result: Audit) -> list[str]:
     c = result.calibration
     d = c.details
-    h = ["<h2>Calibration</h2>", f"<p class='verdict'>{_e(c.verdict())}</p>"]
+    h = ["<h2>Calibration</h2>", f"<p class='verdict'>{escape(c.verdict())}</p>"]
     if c.sample == 0:
         h.append("<p><b>Can the model separate duplicates?</b> Not measured: no stored file could be read.</p>")
     elif c.separable:
@@ -282,7 +290,7 @@ def _confusions(result: Audit) -> list[str]:
 def _kind(result: Audit, kind: str, drawn: dict[tuple[str, int, int], str]) -> list[str]:
     found = result.of(kind)
     top = shown(result, kind)
-    h = [f"<h2 id='{kind}'>{TITLES[kind]} ({len(found)})</h2>", f"<p class='muted'>{_e(_explain(result, kind))}"]
+    h = [f"<h2 id='{kind}'>{TITLES[kind]} ({len(found)})</h2>", f"<p class='muted'>{escape(_explain(result, kind))}"]
     if len(found) > len(top):
         h[-1] += f" The top {len(top)} of {len(found)} by score; findings.csv has them all."
     h[-1] += "</p>"
@@ -292,8 +300,8 @@ def _kind(result: Audit, kind: str, drawn: dict[tuple[str, int, int], str]) -> l
     for f in top:
         n = seen[f.id] = seen.get(f.id, 0) + 1
         rel = drawn.get((kind, f.id, n))
-        block = (f"<div class='finding'><p><b>{_e(Path(f.path).name)}</b> <span class='muted'>#{f.id} · "
-                 f"{_e(f.path)}</span><br>{_describe(result, f)}</p>")
+        block = (f"<div class='finding'><p><b>{escape(Path(f.path).name)}</b> <span class='muted'>#{f.id} · "
+                 f"{escape(f.path)}</span><br>{_describe(result, f)}</p>")
         if rel:
             block += html_link(rel, html_img(rel, f"{Path(f.path).name}: {TITLES[kind].lower()}"))
         h.append(block + "</div>")
@@ -319,26 +327,22 @@ def _explain(result: Audit, kind: str) -> str:
 
 def _describe(result: Audit, f: Finding) -> str:
     """One finding in words, escaped."""
-    cls = _e(f.cls or "no class")
+    cls = escape(f.cls or "no class")
     p = f.partner
     if f.kind == "label":
-        near = ", ".join(f"{_e(n.cls or 'no class')} {_n(n.distance)}" for n in f.neighbours)
-        return (f"filed under <b>{cls}</b>; its neighbours suggest <b>{_e(f.suggested_class)}</b> "
+        near = ", ".join(f"{escape(n.cls or 'no class')} {_n(n.distance)}" for n in f.neighbours)
+        return (f"filed under <b>{cls}</b>; its neighbours suggest <b>{escape(f.suggested_class)}</b> "
                 f"(score {f.score:.3f}).<br><span class='muted'>neighbours: {near}</span>")
     if f.kind == "outlier":
         return (f"class <b>{cls}</b>; nearest neighbour at distance {_n(p.distance if p else None)}, "
                 f"{f.score:.2f} × the fence.")
     if p is None:
         return f"class <b>{cls}</b>."
-    pair = (f"#{p.id} {_e(p.path)} in <b>{_e(p.cls or 'no class')}</b>: distance {_n(p.distance)}, "
-            f"{_e(_bits(f.hash_bits))}")
+    pair = (f"#{p.id} {escape(p.path)} in <b>{escape(p.cls or 'no class')}</b>: distance {_n(p.distance)}, "
+            f"{escape(_bits(f.hash_bits))}")
     if f.kind == "leak":
         return f"class <b>{cls}</b>, the same photo as {pair}."
-    return f"group {f.group}, class <b>{cls}</b>: a copy of {pair}; <b>keep</b> #{p.id} ({_e(result.keep_rule)})."
-
-
-def _e(v: Any) -> str:
-    return html.escape("" if v is None else str(v), quote=True)
+    return f"group {f.group}, class <b>{cls}</b>: a copy of {pair}; <b>keep</b> #{p.id} ({escape(result.keep_rule)})."
 
 
 __all__ = ["write", "text", "calibration_text", "shown", "Written", "FINDING_COLUMNS", "SHOWN"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from typing import Any, Sequence
 
 import psycopg
@@ -12,6 +13,8 @@ from pgvector.psycopg import register_vector
 from ..errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+# The URL each open connection came from, for the messages of its errors (imsearch.db.errors).
+_urls: weakref.WeakKeyDictionary[psycopg.Connection[Any], str] = weakref.WeakKeyDictionary()
 
 
 def redact(url: str) -> str:
@@ -52,12 +55,18 @@ def connect(url: str, *, register: bool = True) -> psycopg.Connection[Any]:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
     except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # refused, or a malformed URL
         raise DatabaseUnavailable(explain_connect_error(exc, url)) from None
+    _urls[conn] = url
     if register:
         try:
             register_vector(conn)
         except psycopg.ProgrammingError:
             pass  # no vector extension yet: the first migration creates it
     return conn
+
+
+def url_of(conn: psycopg.Connection[Any]) -> str | None:
+    """The URL `connect` opened `conn` with; None for a connection opened elsewhere."""
+    return _urls.get(conn)
 
 
 def scalar(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] = ()) -> Any:

@@ -8,10 +8,9 @@ row (vector, size) describes the old bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,6 +21,7 @@ from ..errors import BadImage
 from ..files import sha256_bytes
 from ..model import pixels
 from ..model.phash import phash, to_bits
+from ..workers import default_workers, in_order
 from .connect import scalar
 from .store import Store
 
@@ -60,11 +60,6 @@ class _Unhashed:
     prep: pixels.Preprocess
 
 
-def default_workers() -> int:
-    """Decoding threads (Pillow and hashlib release the GIL): the cores, within 2..8."""
-    return max(2, min(8, os.cpu_count() or 2))
-
-
 def preprocess_of(model: str) -> pixels.Preprocess:
     """The preprocessing named in a row's model identity (`resnet50:<weights>:<prep id>[:precision]`): a JPEG
     decodes at the draft scale it sets, and the backfill decodes as ingest did so that it gets the same hash."""
@@ -99,7 +94,6 @@ def backfill_hashes(store: Store, *, workers: int | None = None, batch_size: int
     failed: list[HashFailure] = []
     done: list[tuple[_Unhashed, int]] = []
     hashed = settled = 0
-    in_flight: deque[tuple[_Unhashed, Future[int]]] = deque()
     depth = 4 * workers  # files queued or decoding at once; a settled one leaves only its hash
 
     def settle(row: _Unhashed, future: Future[int]) -> None:
@@ -116,17 +110,13 @@ def backfill_hashes(store: Store, *, workers: int | None = None, batch_size: int
         if progress:
             progress(settled, max(total, settled))
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imsearch-hash") as pool:
-        try:
-            for row in _unhashed(store, batch_size):
-                in_flight.append((row, pool.submit(hash_file, row.path, row.sha256, row.prep)))
-                if len(in_flight) >= depth:
-                    settle(*in_flight.popleft())
-            while in_flight:
-                settle(*in_flight.popleft())
-        finally:
-            for _, future in in_flight:
-                future.cancel()
+    def hashed_file(row: _Unhashed) -> int:
+        return hash_file(row.path, row.sha256, row.prep)
+
+    with contextlib.closing(in_order(hashed_file, _unhashed(store, batch_size), workers=workers, depth=depth,
+                                     name="imsearch-hash")) as files:
+        for row, future in files:
+            settle(row, future)
     hashed += _store_hashes(store, done)
     return BackfillResult(hashed, tuple(failed))
 

@@ -18,6 +18,7 @@ from ..errors import DatabaseUnavailable, ImsearchError, ModelMismatch, SchemaOu
 from ..search import iterates
 from ..vectors import DIMENSIONS
 from .connect import connect, pgvector_version, redact, scalar
+from .errors import failed
 from .migrate import SCHEMA_REVISION, known_revision, schema_mismatch, schema_revision, upgrade
 from .serverlog import crash_in_log
 
@@ -135,8 +136,7 @@ class Store:
         crash = self.crashed() if self.conn.closed else None
         if crash is not None:
             return crash
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return DatabaseUnavailable(f"{doing} {redact(self.url)} failed: {first}")
+        return failed(exc, doing, self.url)
 
     # -- model identity ------------------------------------------------------------------------------------
 

@@ -199,15 +199,15 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
         "<h1>imsearch evaluation</h1>",
         f"<p>{counts['queries']} query images in {counts['query_classes']} classes against "
         f"{counts['stored_images']} stored images in {counts['stored_classes']} classes; top {k} per query; "
-        f"modes {', '.join(evaluation.modes)}.<br>Model: <code>{_e(evaluation.model)}</code></p>",
+        f"modes {', '.join(evaluation.modes)}.<br>Model: <code>{escape(evaluation.model)}</code></p>",
         "<p>Files: " + " · ".join(html_link(f, f) for f in written.files if f != "report.html") + "</p>",
     ]
     if evaluation.unstored:
         h.append("<p>Classes in the test folder that are not stored (left out of every figure): "
-                 + ", ".join(f"{_e(c)} ({n} images)" for c, n in sorted(evaluation.unstored.items())) + "</p>")
+                 + ", ".join(f"{escape(c)} ({n} images)" for c, n in sorted(evaluation.unstored.items())) + "</p>")
     if evaluation.skipped:
         h.append("<details><summary>" + f"{len(evaluation.skipped)} file(s) skipped</summary><ul>"
-                 + "".join(f"<li>{_e(p)}: {_e(r)}</li>" for p, r in evaluation.skipped) + "</ul></details>")
+                 + "".join(f"<li>{escape(p)}: {escape(r)}</li>" for p, r in evaluation.skipped) + "</ul></details>")
     h.append("<h2>Overall</h2><p class='muted'>micro: mean over query images; macro: mean over the class means. "
              f"precision@{k}: share of the top {k} in the query's class (the seed study's accuracy); "
              f"correspondence@{k} = 1 − precision@{k}; AP@{k}: average precision over the top {k}; mean distance: "
@@ -218,7 +218,7 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
     h.append("<h2>Per class</h2>")
     for mode in evaluation.modes:
         names = [n for n in METRICS if any(n in c.figures for c in evaluation.classes_of(mode))]
-        h.append(f"<h3>mode {_e(mode)}</h3>")
+        h.append(f"<h3>mode {escape(mode)}</h3>")
         h.append(html_table(["class", "images", *(label(n, k) for n in names)],
                             [[c.cls, c.images, *(_fmt(c.figures.get(n)) for n in names)]
                              for c in evaluation.classes_of(mode)]))
@@ -227,19 +227,19 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
         heat = html_img("correspondence.png", "class correspondence heatmap")
         h.append(f"<p>{html_link('correspondence.png', heat)}</p>")
         for mx in matrices:
-            h.append(f"<h3>{_e(MATRIX_TITLES.get(mx.mode, mx.mode))}</h3>")
+            h.append(f"<h3>{escape(MATRIX_TITLES.get(mx.mode, mx.mode))}</h3>")
             h.append(html_table(["query class", *mx.columns],
                                 [[r, *(f"{v:.2f}" for v in shares)] for r, shares in zip(mx.rows, mx.shares)]))
     h.append("<h2>Per image</h2><p>Each query's matches by rank (class and cosine distance)"
              + (", then its grid: <span class='same'>blue frame</span> a match of the query's class, "
                 "<span class='other'>orange frame</span> another class" if written.grids else "") + ".</p>")
     for mode in evaluation.modes:
-        h.append(f"<h3>mode {_e(mode)}</h3>")
+        h.append(f"<h3>mode {escape(mode)}</h3>")
         by_class: dict[str, list[ImageScore]] = {}
         for s in evaluation.by_mode(mode):
             by_class.setdefault(s.cls, []).append(s)
         for cls, group in sorted(by_class.items()):
-            h.append(f"<details><summary>{_e(cls)} ({len(group)})</summary>")
+            h.append(f"<details><summary>{escape(cls)} ({len(group)})</summary>")
             extra = [label(PRECISION, k), label(AVERAGE_PRECISION, k)] if mode == "all" else []
             h.append(html_table(["query", *(str(r) for r in range(1, k + 1)), *extra], [
                 [Path(s.query).name, *(f"{m.cls or '-'} {m.distance:.4f}" for m in s.matches),
@@ -259,9 +259,9 @@ def page(evaluation: Evaluation, written: Written, matrices: Sequence[Matrix]) -
 
 def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """An HTML table, every cell escaped; numbers right-aligned, None shown as '-'."""
-    head = "".join(f"<th>{_e(x)}</th>" for x in headers)
+    head = "".join(f"<th>{escape(x)}</th>" for x in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td{' class=n' if is_number(v) else ''}>{_e('-' if v is None else v)}</td>" for v in row)
+        "<tr>" + "".join(f"<td{' class=n' if is_number(v) else ''}>{escape('-' if v is None else v)}</td>" for v in row)
         + "</tr>"
         for row in rows
     )
@@ -270,16 +270,17 @@ def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def html_link(rel: str, inner: str) -> str:
     """A link to a path relative to the report; `inner` is text (escaped) or an html_img."""
-    return f'<a href="{_e(quote(rel))}">{inner if inner.startswith("<img") else _e(inner)}</a>'
+    return f'<a href="{escape(quote(rel))}">{inner if inner.startswith("<img") else escape(inner)}</a>'
 
 
 def html_img(rel: str, alt: str) -> str:
     """A lazily loaded image at a path relative to the report."""
-    return f'<img src="{_e(quote(rel))}" alt="{_e(alt)}" loading="lazy">'
+    return f'<img src="{escape(quote(rel))}" alt="{escape(alt)}" loading="lazy">'
 
 
-def _e(v: Any) -> str:
-    return html.escape(str(v), quote=True)
+def escape(v: Any) -> str:
+    """A value as HTML text or attribute, escaped; None as nothing (the audit's and the evaluation's pages)."""
+    return html.escape("" if v is None else str(v), quote=True)
 
 
 def _safe(name: str) -> str:

@@ -5,14 +5,13 @@ decoding, the model and the database run in worker threads, off the event loop. 
 (Starlette spools a part over 1 MB to an unnamed temporary file that goes with the request); nothing else is
 written. Images are served only for stored rows, by id, and only while the file holds the bytes that were stored.
 
-What an upload may cost is settled before it is decoded: its size by `UploadLimit`, its format and pixels by its
+What an upload may cost is settled before it is decoded: its size by `guards.UploadLimit`, its format and pixels by its
 header (`pixels.peek`, read in slots of its own), and how many decodes run at once by `DecodeSlots`; each
-decode runs in a child process (`decoding.Decoders`) that is killed if its client goes away. `TrustedHosts`
-answers only requests that name this server.
+decode runs in a child process (`decoding.Decoders`) that is killed if its client goes away. The guards
+(`guards`) answer only requests that name this server and come from no other site's page.
 """
 
 import io
-import ipaddress
 import logging
 import os
 import re
@@ -24,10 +23,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit
 
 import anyio
-import psycopg
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -35,11 +32,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import Embedded, Imsearch
 from ..audit.calibration import DUPLICATE
+from ..db.errors import translated
 from ..errors import (
     BadImage,
     DatabaseUnavailable,
@@ -53,7 +49,17 @@ from ..errors import (
 from ..files import sha256_bytes
 from ..model import pixels
 from ..modes import Mode
+from ..workers import default_workers
 from .decoding import ClientGone, Decoders, load_upload, make_thumbnail
+from .guards import (
+    HeadAsGet,
+    NoSniff,
+    SameSite,
+    TrustedHosts,
+    UploadLimit,
+    allowed_hosts_from_env,
+    allowed_origins_from_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +86,9 @@ RETRY_AFTER_SECONDS = 2
 # the worker threads: under bench/uploads.py the server grew by 1.0-1.9 GB with it and by 0.56-0.68 GB with 64 MB
 # blocks, which glibc maps and unmaps one by one. A smaller image is one allocation either way.
 IMAGE_BLOCK_BYTES = 64 * 1024 * 1024
-# Host names a request may give besides these and the address it came in on; comma-separated, "*" for any.
-ALLOWED_HOSTS_ENV = "IMSEARCH_ALLOWED_HOSTS"
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-# Sites whose pages may send requests here besides this one; comma-separated scheme://host[:port], "*" for any.
-ALLOWED_ORIGINS_ENV = "IMSEARCH_ALLOWED_ORIGINS"
-DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a database failure answers: its detail (a socket path, a URL) goes to the server's log only.
 DATABASE_DOWN = "the database is not answering; try again in a moment"
 URL_IN_TEXT = re.compile(r"postgres(?:ql)?://\S*?(?=:\s|\s|$)")
-HOST_HEADER = re.compile(r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::\d{1,5})?")
 
 # Everything the page loads comes from this server (the query preview is a blob: URL of the chosen file).
 PAGE_POLICY = (
@@ -100,13 +99,6 @@ PAGE_POLICY = (
 
 def megabytes(n: int) -> str:
     return f"{n / (1024 * 1024):.3g} MB"
-
-
-def default_decode_slots() -> int:
-    """Decodes (each with its embedding) at once: one per usable core, at least two so that a heavy one never
-    holds up every other search, at most eight since each may hold a few hundred MB."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return max(2, min(8, cores))
 
 
 def map_image_blocks() -> None:
@@ -131,36 +123,6 @@ def upload_name(filename: str | None) -> str:
     name = re.split(r"[/\\]", filename or "")[-1]
     name = re.sub(r"[\x00-\x1f\x7f]", "", name).strip()[:120]
     return name or "upload"
-
-
-class UploadLimit:
-    """Refuses a request body over the limit before it is parsed or spooled: 413 with a one-line message."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, message: str) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.message = message
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, self.message)  # FastAPI passes it on from the form parser
-            return message
-
-        await self.app(scope, counted, send)
 
 
 class DecodeSlots:
@@ -228,161 +190,6 @@ def busy(what: str) -> HTTPException:
                          headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-def host_of(value: str) -> str | None:
-    """The host a Host header (or an allow-list entry) names: lower-case, without its port, an IPv6 address in
-    brackets; None when it is no host name."""
-    try:
-        address = ipaddress.ip_address(value.strip())
-    except ValueError:
-        found = HOST_HEADER.fullmatch(value.strip().lower())
-        if found is None:
-            return None
-        host = found["host"]
-        try:
-            address = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return None if host.startswith("[") else host
-    return f"[{address.compressed}]" if address.version == 6 else address.compressed
-
-
-def allowed_hosts_from_env() -> list[str]:
-    return [h for h in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if h.strip()]
-
-
-class TrustedHosts:
-    """Answers 400 to a request whose Host header names a host not allowed here.
-
-    A page on any other name that resolves to this server (DNS rebinding) would otherwise read its answers, and
-    the result URLs are built from that header. Allowed: loopback, the address the connection came in on (an IP
-    literal names no one else), and `hosts`; "*" allows any host.
-    """
-
-    def __init__(self, app: ASGIApp, hosts: Sequence[str]) -> None:
-        self.app = app
-        self.any = "*" in [h.strip() for h in hosts]
-        self.hosts = {host for h in (*LOOPBACK_HOSTS, *hosts) if (host := host_of(h)) is not None}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.any or scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        given = Headers(scope=scope).get("host", "")
-        host = host_of(given)
-        server = scope.get("server") or ("", None)
-        try:
-            here = host_of(str(ipaddress.ip_address(server[0])))
-        except ValueError:
-            here = None
-        if host is not None and (host in self.hosts or host == here):
-            await self.app(scope, receive, send)
-            return
-        message = (f"this server does not answer to the host {given[:100]!r}; "
-                   f"list it in {ALLOWED_HOSTS_ENV} to serve it under that name")
-        await JSONResponse({"detail": message}, status_code=400)(scope, receive, send)
-
-
-def origin_of(value: str) -> tuple[str, str, int] | None:
-    """An Origin header (or an allow-list entry) as (scheme, host, port), the host as `host_of` gives it; None
-    when it names no web site ("null", another scheme, a path)."""
-    try:
-        parts = urlsplit(value.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    host = host_of(parts.hostname or "")
-    if scheme not in DEFAULT_PORTS or host is None or parts.path not in ("", "/") or parts.query or parts.fragment:
-        return None
-    return scheme, host, port or DEFAULT_PORTS[scheme]
-
-
-def allowed_origins_from_env() -> list[str]:
-    return [o for o in os.environ.get(ALLOWED_ORIGINS_ENV, "").split(",") if o.strip()]
-
-
-class SameSite:
-    """Answers 403 to a request that a page on another site made the browser send (cross-site request forgery).
-
-    Cross-site: an `Origin` that is not this server (the scheme aside: a proxy may end TLS) nor an allowed origin,
-    or `Sec-Fetch-Site: cross-site` without an allowed origin. A link followed from another site (a GET that opens
-    a page, `Sec-Fetch-Mode: navigate`) still opens: the other site reads nothing back. A request with neither
-    header (curl, scripts) is not a browser's and is accepted. "*" allows every origin.
-    """
-
-    def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
-        self.app = app
-        self.any = "*" in [o.strip() for o in origins]
-        self.origins = {found for o in origins if (found := origin_of(o)) is not None}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        reason = None if self.any or scope["type"] != "http" else self.cross_site(scope)
-        if reason is None:
-            await self.app(scope, receive, send)
-            return
-        message = (f"refused: {reason}; another site's pages may not use this server unless it is listed with "
-                   f"--allowed-origin or in {ALLOWED_ORIGINS_ENV}")
-        await JSONResponse({"detail": message}, status_code=403)(scope, receive, send)
-
-    def cross_site(self, scope: Scope) -> str | None:
-        """Why the request is cross-site, or None."""
-        headers = Headers(scope=scope)
-        given = headers.get("origin")
-        if given is not None:
-            origin = origin_of(given)
-            if origin is None:
-                return f"the request's Origin {given[:100]!r} names no site"
-            if origin in self.origins:
-                return None
-            here = headers.get("host", "")
-            port = here.rsplit(":", 1)[1] if re.search(r":\d{1,5}$", here) else ""
-            if (origin[1], origin[2]) != (host_of(here), int(port) if port else DEFAULT_PORTS[origin[0]]):
-                return f"the request comes from a page on {given[:100]}"
-        site = headers.get("sec-fetch-site", "").strip().lower()
-        navigation = (scope["method"] in ("GET", "HEAD") and headers.get("sec-fetch-mode", "").lower() == "navigate"
-                      and headers.get("sec-fetch-dest", "document").lower() == "document")
-        if site == "cross-site" and not navigation:
-            return "the request comes from a page on another site (Sec-Fetch-Site: cross-site)"
-        return None
-
-
-class HeadAsGet:
-    """Answers HEAD on every route that answers GET: as the GET, without its body."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
-            await self.app(scope, receive, send)
-            return
-
-        async def headers_only(message: Message) -> None:
-            if message["type"] == "http.response.body":
-                message = {**message, "body": b""}
-            await send(message)
-
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
-
-
-class NoSniff:
-    """Every answer says `X-Content-Type-Options: nosniff`: a browser takes its type as given (JSON stays JSON)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_header(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
-            await send(message)
-
-        await self.app(scope, receive, with_header)
-
-
 def public_detail(text: str) -> str:
     """A message for the page's answers: database URLs (which may hold a socket's path) become "the database"."""
     return URL_IN_TEXT.sub("the database", text)
@@ -436,6 +243,18 @@ def stored_file(imsearch: Imsearch, image_id: int) -> tuple[dict[str, Any], byte
     return row, data
 
 
+def answering(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` with its driver errors turned into library errors: a value the database refused is the
+    request's fault (400), any other failure the database's (503; the detail goes to the log)."""
+    with translated("answering from"):
+        return fn(*args)
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`answering(fn, *args)` in a worker thread, off the event loop."""
+    return await run_in_threadpool(answering, fn, *args)
+
+
 async def disconnected(request: Request) -> None:
     """Returns once the request's client has closed its connection (the body is read by then)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -479,12 +298,13 @@ def create_app(
     in IMSEARCH_ALLOWED_HOSTS; "*": any). `decode_slots`: decodes at once (None: from the CPU count).
     `allowed_origins`: sites whose pages may send requests here (None: those in IMSEARCH_ALLOWED_ORIGINS; "*": any).
     """
-    imsearch.count()  # the database first: a wrong URL fails before the model loads
+    with translated("answering from"):
+        imsearch.count()  # the database first: a wrong URL fails before the model loads
     identity = imsearch.embedder.identity
     map_image_blocks()
     too_large = f"the upload is larger than the {megabytes(max_upload_bytes)} limit"
     thumbnails = Thumbnails()
-    slots = DecodeSlots(decode_slots or default_decode_slots())
+    slots = DecodeSlots(decode_slots or default_workers())
     decoders = Decoders(None if "PILLOW_BLOCK_SIZE" in os.environ else IMAGE_BLOCK_BYTES)
     hosts = allowed_hosts_from_env() if allowed_hosts is None else list(allowed_hosts)
     origins = allowed_origins_from_env() if allowed_origins is None else list(allowed_origins)
@@ -512,14 +332,6 @@ def create_app(
         if isinstance(exc, DatabaseUnavailable):
             return database_down(request, str(exc))
         return JSONResponse({"detail": public_detail(str(exc))}, status_code=status_of(exc))
-
-    @app.exception_handler(psycopg.Error)
-    async def database_error(request: Request, exc: psycopg.Error) -> JSONResponse:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if isinstance(exc, psycopg.DataError):  # a value the database cannot take: the request's own
-            return JSONResponse({"detail": f"the database refused a value of the request: {public_detail(first)}"},
-                                status_code=400)
-        return database_down(request, f"database error: {first}")
 
     def database_down(request: Request, detail: str) -> JSONResponse:
         """503 without the detail, which names the server's socket or URL: that goes to the log."""
@@ -569,7 +381,7 @@ def create_app(
         if query_class is not None and "\x00" in query_class:
             raise HTTPException(400, f"{name}: the class holds a NUL byte, which no class name can hold")
         # checked (and the name resolved) once, before the upload is decoded
-        limit = await run_in_threadpool(imsearch.max_distance, (max_distance or "").strip() or None)
+        limit = await in_thread(imsearch.max_distance, (max_distance or "").strip() or None)
         file_too_large = HTTPException(413, f"{name}: larger than the {megabytes(max_upload_bytes)} upload limit")
         if file.size is not None and file.size > max_upload_bytes:
             raise file_too_large
@@ -587,7 +399,7 @@ def create_app(
                                             until=lambda: disconnected(request))
             except ClientGone as exc:
                 raise HTTPException(400, str(exc)) from None
-            item = await run_in_threadpool(search_upload, imsearch, loaded, data, name, mode, k,
+            item = await in_thread(search_upload, imsearch, loaded, data, name, mode, k,
                                            query_class or None, limit, time.perf_counter() - started)
         for match in item["matches"]:
             match["image"] = str(request.url_for("image", image_id=match["id"]))
@@ -597,13 +409,13 @@ def create_app(
     @app.get("/api/classes", tags=["search"])
     async def classes() -> list[dict[str, Any]]:
         """The stored classes with their image counts, largest first."""
-        rows = await run_in_threadpool(imsearch.classes)
+        rows = await in_thread(imsearch.classes)
         return [{"class": cls, "images": n} for cls, n in rows]
 
     @app.get("/api/health", tags=["server"])
     async def health() -> dict[str, Any]:
         """Answers while the database does: how many images are stored, and the model in use."""
-        count = await run_in_threadpool(imsearch.count)
+        count = await in_thread(imsearch.count)
         return {"status": "ok", "images": count, "model": identity, "max_upload_bytes": max_upload_bytes}
 
     def image_response(data: bytes, media: str, etag: str, request: Request) -> Response:
@@ -618,18 +430,18 @@ def create_app(
              responses={200: {"content": {"image/*": {}}}, 404: {"description": "Not stored, or its file changed"}})
     async def image(image_id: image_id_param, request: Request) -> Response:
         """The stored image's file, as stored (only rows in the database, by id)."""
-        row, data = await run_in_threadpool(stored_file, imsearch, image_id)
+        row, data = await in_thread(stored_file, imsearch, image_id)
         return image_response(data, media_type(data), f'"{row["sha256"][:32]}"', request)
 
     @app.get("/images/{image_id}/thumbnail", name="thumbnail", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "Not stored, or its file changed"}})
     async def thumbnail(image_id: image_id_param, request: Request) -> Response:
         """A JPEG of the stored image at most 320 pixels on its long side, cached in memory."""
-        row = await run_in_threadpool(imsearch.image, image_id)
+        row = await in_thread(imsearch.image, image_id)
         cached = thumbnails.get((image_id, row["sha256"])) if row else None
         if row is not None and cached is not None:
             return image_response(cached, "image/jpeg", f'"{row["sha256"][:32]}-t{THUMBNAIL_SIZE}"', request)
-        stored, data = await run_in_threadpool(stored_file, imsearch, image_id)
+        stored, data = await in_thread(stored_file, imsearch, image_id)
         name = f"image {image_id}"
         header = await slots.read_header(pixels.peek, data, name, prep=THUMBNAIL_DRAFT)
         async with slots.hold(header.decode_pixels > LIGHT_PIXELS):
