@@ -12,7 +12,8 @@ IMSEARCH_WEIGHTS is set. Then: --idle sockets connect and send nothing, while a 
 and 19 MB of a 20 MB upload and stop, and the bytes of the temporary files the server holds are read from
 /proc. Prints what each probe got, how long it took, and how many lines the server logged; asserts nothing.
 
-tests/test_serve.py imports the helpers below (`serving`, `idle_sockets`, `stall_upload`, `spooled_bytes`).
+tests/test_serve.py imports the helpers below (`idle_sockets`, `stall_upload`, `spooled_bytes`) and serves with
+`hostile.serving`, as this bench does.
 """
 
 from __future__ import annotations
@@ -31,15 +32,14 @@ from pathlib import Path
 
 import httpx
 
+try:
+    from . import hostile  # imported as bench.connections, by the tests
+except ImportError:
+    import hostile  # run as a script
+
 SHARED = Path(os.environ.get("IMSEARCH_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 ROOMS = SHARED / "datasets" / "rooms"
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raise_own_limit(needed: int) -> None:
@@ -47,51 +47,6 @@ def raise_own_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed + 256:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-@contextlib.contextmanager
-def serving(database_url: str | None, weights: str, log: Path, *, args: Sequence[str] = (),
-            open_files: int | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`imsearch serve ARGS` on a free loopback port in a process of its own, its output in `log`, with soft and
-    hard open-file limits of `open_files` when given: its base URL and process. No database URL: the embedded
-    server under the IMSEARCH_HOME of `env`."""
-    port = free_port()
-
-    def limit() -> None:
-        if open_files is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-
-    url = ["--database-url", database_url] if database_url else []
-    with open(log, "w+b") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from imsearch.cli import main; main()", *url, "serve", "--host", "127.0.0.1",
-             "--port", str(port), "--weights", weights, "--device", "cpu", *args],
-            stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit, env=env, start_new_session=True,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    out.seek(0)
-                    raise RuntimeError(f"imsearch serve exited with {proc.returncode}: {out.read().decode()[-2000:]}")
-                try:
-                    if httpx.get(base + "/api/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"imsearch serve did not answer within {timeout:.0f} s")
-                time.sleep(0.2)
-            yield base, proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def address(base: str) -> tuple[str, int]:
@@ -223,7 +178,8 @@ def main() -> None:
 
         log = work / "serve.log"
         try:
-            with serving(url, weights, log, args=args.serve_args.split(), open_files=args.open_files) as (base, proc):
+            serve = hostile.serving(url, weights, log, args=args.serve_args.split(), open_files=args.open_files)
+            with serve as (base, proc):
                 print(f"imsearch serve, open-file limit {args.open_files}: {open_descriptors(proc.pid)} descriptors "
                       "at rest; " + ", ".join(f"{w} {s} in {t:.2f} s" for w, s, t in probe(base, photo)))
                 # 2. Idle sockets, and a fresh client once a second.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import resource
 import socket
 import statistics
 import struct
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,14 +199,24 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(database_url: str, weights: str, log: Path, *, timeout: float = 120) -> Iterator[tuple[str, int]]:
-    """`imsearch serve` on a free loopback port, in a process of its own: its base URL and process id."""
+def serving(database_url: str | None, weights: str, log: Path, *, args: Sequence[str] = (),
+            open_files: int | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`imsearch serve ARGS` on a free loopback port in a process of its own, its output in `log`, with soft and
+    hard open-file limits of `open_files` when given: its base URL and process. No database URL: the embedded
+    server under the IMSEARCH_HOME of `env`."""
     port = free_port()
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    url = ["--database-url", database_url] if database_url else []
     with open(log, "w+b") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from imsearch.cli import main; main()", "--database-url", database_url,
-             "serve", "--host", "127.0.0.1", "--port", str(port), "--weights", weights, "--device", "cpu"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-c", "from imsearch.cli import main; main()", *url, "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--weights", weights, "--device", "cpu", *args],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit, env=env, start_new_session=True,
         )
         base = f"http://127.0.0.1:{port}"
         try:
@@ -222,7 +233,7 @@ def serving(database_url: str, weights: str, log: Path, *, timeout: float = 120)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"imsearch serve did not answer within {timeout:.0f} s")
                 time.sleep(0.2)
-            yield base, proc.pid
+            yield base, proc
         finally:
             proc.terminate()
             try:

@@ -90,7 +90,8 @@ def main() -> None:
 
         # 3. Serve them, and search with nothing else going on.
         try:
-            with hostile.serving(url, weights, work / "serve.log") as (base, pid):
+            with hostile.serving(url, weights, work / "serve.log") as (base, server):
+                pid = server.pid
                 quiet = hostile.quiet_searches(base, normal, seconds=5)
                 # 4. Each hostile upload alone: its time and the server's peak memory.
                 dearest = hostile.Upload("scans-50-40mp.jpg", hostile.many_scans_jpeg(6300, 6300, 40), "image/jpeg",

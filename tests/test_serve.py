@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import connections
+from bench import connections, hostile
 from tests.conftest import ROOMS, copy_photos
 
 MB = 1024 * 1024
@@ -50,7 +50,7 @@ def read_until_closed(s: socket.socket, within: float) -> tuple[bytes, float]:
 def test_1100_idle_connections_under_an_open_file_limit_of_1024_leave_the_page_answering(library, weights, tmp_path):
     log = tmp_path / "serve.log"
     # Deadlines far off: what keeps the page answering here is the connection cap, not the header deadline.
-    with connections.serving(library, weights, log, open_files=1024,
+    with hostile.serving(library, weights, log, open_files=1024,
                              args=["--header-timeout", "120", "--keep-alive", "120"]) as (base, proc), \
             connections.idle_sockets(base, 1100) as idle:
         time.sleep(1)
@@ -68,7 +68,7 @@ def test_1100_idle_connections_under_an_open_file_limit_of_1024_leave_the_page_a
 
 
 def test_headers_and_body_have_deadlines_and_a_stalled_upload_leaves_no_temporary_file(library, weights, tmp_path):
-    with connections.serving(library, weights, tmp_path / "serve.log",
+    with hostile.serving(library, weights, tmp_path / "serve.log",
                              args=["--header-timeout", "2", "--body-timeout", "3"]) as (base, proc):
         silent = socket.create_connection(connections.address(base))
         partial = socket.create_connection(connections.address(base))
@@ -99,7 +99,7 @@ def test_headers_and_body_have_deadlines_and_a_stalled_upload_leaves_no_temporar
 
 
 def test_beyond_the_connection_cap_the_longest_idle_connection_makes_room(library, weights, tmp_path):
-    with connections.serving(library, weights, tmp_path / "serve.log",
+    with hostile.serving(library, weights, tmp_path / "serve.log",
                              args=["--max-connections", "8", "--header-timeout", "120"]) as (base, _), \
             connections.idle_sockets(base, 8) as idle:
         time.sleep(0.5)
@@ -121,7 +121,7 @@ def test_the_page_comes_back_after_kill_9_of_its_embedded_server(weights, tmp_pa
     assert ingest.returncode == 0, ingest.stderr
     pid_file = home / "pgdata" / "postmaster.pid"
     try:
-        with connections.serving(None, weights, tmp_path / "serve.log", env=env) as (base, _):
+        with hostile.serving(None, weights, tmp_path / "serve.log", env=env) as (base, _):
             assert httpx.get(base + "/api/health", timeout=10).json()["images"] == 5
             postmaster = int(pid_file.read_text().split()[0])
             os.kill(postmaster, signal.SIGKILL)

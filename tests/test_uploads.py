@@ -167,7 +167,8 @@ def test_each_hostile_upload_alone_gets_its_status(stored):
 def test_a_server_under_hostile_uploads_stays_within_its_memory_and_keeps_searching(stored, database_url, weights,
                                                                                    tmp_path):
     uploads = hostile.uploads()
-    with hostile.serving(database_url, weights, tmp_path / "serve.log") as (base, pid):
+    with hostile.serving(database_url, weights, tmp_path / "serve.log") as (base, server):
+        pid = server.pid
         hostile.quiet_searches(base, photo(), seconds=1)  # the model warmed up: its memory is at rest
         load = hostile.pound(base, pid, uploads, photo(), seconds=LOAD_SECONDS, clients=8)
 
@@ -304,7 +305,8 @@ def raw_upload(base: str, name: str, data: bytes) -> socket.socket:
 
 def test_a_decode_stops_when_its_client_goes_away(stored, database_url, weights, tmp_path):
     slow = hostile.many_scans_jpeg(6300, 6300, 40)  # 50 scans of 39.7 MP: accepted, about 2 s of one core
-    with hostile.serving(database_url, weights, tmp_path / "serve.log") as (base, pid):
+    with hostile.serving(database_url, weights, tmp_path / "serve.log") as (base, server):
+        pid = server.pid
         hostile.quiet_searches(base, photo(), seconds=1)  # a decoder process is started and idle
         idle = {p.pid: p.cpu_times().user for p in decoders(pid)}
         assert idle, "no decoder process: uploads are decoded in the server's own threads"
