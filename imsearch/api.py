@@ -1,93 +1,51 @@
-"""The library API that the CLI and the web page both stand on: open a database, ingest, find."""
+"""The library API that the CLI and the web page both stand on: open a database, ingest, find.
+
+A thin facade: each method takes the lock, calls one stage function (model.queries, search.find, db.indexes,
+evaluation.run, audit.run) with the Store, and returns its plain result."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
-import psycopg
 from PIL import Image
 
 from . import search
-from .audit import calibration, findings
-from .audit.calibration import DUPLICATE, SAMPLE, Calibration, duplicate_distance
-from .audit.findings import Audit, DuplicateGroup, stored_model
+from .audit import findings
+from .audit import run as audit_stage
+from .audit.calibration import SAMPLE, Calibration
+from .audit.findings import Audit, DuplicateGroup
 from .db import indexes
-from .db.connect import connect, redact
+from .db.connect import redact
 from .db.embedded import database_url
-from .db.errors import translated
 from .db.hashes import BackfillResult, backfill_hashes
 from .db.migrate import LOCK_TIMEOUT, upgrade
 from .db.sqlaccess import Reader, grant_reader
 from .db.store import Store, ensure_schema, stored_paths
-from .errors import BadImage, DatabaseUnavailable, ImsearchError, UnknownClass
-from .evaluation.metrics import Evaluation, score
-from .evaluation.queries import evaluation_folder, find_queries
-from .files import sha256_bytes
+from .errors import BadImage, DatabaseUnavailable, ImsearchError
+from .evaluation import run as evaluation_stage
+from .evaluation.metrics import Evaluation
 from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, PruneResult, ingest, prune
 from .model import pixels
+from .model import queries as queries_stage
 from .model.embed import Model
 from .model.pixels import PREPROCESSING
+from .model.queries import Embedded, Query
 from .model.runtimes import get_model
 from .modes import MODES, check_search
-from .search import Match
+from .search import find as find_stage
+from .search.find import FindResult
 from .settings import Settings, server_log
-from .timing import done, phase
+from .timing import phase
+
+__all__ = ["Embedded", "FindResult", "Imsearch", "Query", "Upgraded"]
 
 log = logging.getLogger(__name__)
-
-Query = Union[str, Path, bytes, Image.Image]
-
-
-@dataclass(frozen=True)
-class FindResult:
-    """The ranked matches for one query in one mode."""
-
-    query: str
-    query_class: str | None
-    mode: str
-    matches: tuple[Match, ...]
-    class_source: str | None = None  # given, stored copy, folder, top match (the page shows it)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "query": self.query,
-            "query_class": self.query_class,
-            "mode": self.mode,
-            "matches": [
-                {"rank": m.rank, "id": m.id, "path": m.path, "class": m.cls, "distance": round(m.distance, 6)}
-                for m in self.matches
-            ],
-        }
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """A query turned into a vector, with what identifies its content and suggests its class."""
-
-    name: str
-    vector: np.ndarray
-    sha256: str | None
-    folder: str | None
-
-
-def _limit(value: float | str | None) -> float | str | None:
-    """A max_distance checked: None, a cosine distance (from a number or its text), or the name DUPLICATE."""
-    if isinstance(value, str):
-        if value.strip() == DUPLICATE:
-            return DUPLICATE
-        try:
-            value = float(value)
-        except ValueError:
-            raise ImsearchError(f"max_distance must be a cosine distance or {DUPLICATE!r}, not {value!r}") from None
-    return None if value is None else search.check_max_distance(value)
 
 
 @dataclass(frozen=True)
@@ -218,12 +176,12 @@ class Imsearch:
         url = self.database_url()
         revision = upgrade(url, server_log(self.settings), lock_timeout=lock_timeout)
         with self._lock:
-            return Upgraded(redact(url), revision, indexes.cache_shortfall(self.store.conn))
+            return Upgraded(redact(url), revision, indexes.cache_shortfall(self.store))
 
     def grant_reader(self, name: str, password: str | None = None) -> Reader:
         """Create or update a read-only login role for BI tools (imsearch.db.sqlaccess)."""
         with self._lock:
-            return grant_reader(self.store.conn, name, password)
+            return grant_reader(self.store, name, password)
 
     def backfill_hashes(self, *, workers: int | None = None, progress: Progress | None = None) -> BackfillResult:
         """Perceptual hashes for rows stored before imsearch hashed images (imsearch.db.hashes); no model."""
@@ -263,7 +221,7 @@ class Imsearch:
         now. Ingest keeps them complete from then on. With `drop`, remove them all instead."""
         with self._lock:
             if drop:
-                indexes.drop_other_indexes(self.store.conn)
+                indexes.drop_other_indexes(self.store)
                 return []
             return indexes.ensure_other_indexes(self.store, search.EXACT_MAX_ROWS)
 
@@ -276,59 +234,27 @@ class Imsearch:
     def other_indexes(self) -> list[tuple[str, int]]:
         """The other-class indexes with their sizes in bytes."""
         with self._lock:
-            return indexes.other_indexes(self.store.conn)
+            return indexes.other_indexes(self.store)
 
     # -- find ----------------------------------------------------------------------------------------------
 
     def embed(
         self, queries: Sequence[Query], *, names: Sequence[str] | None = None, max_decode_pixels: int | None = None
     ) -> list[Embedded]:
-        """Queries (paths, bytes or PIL images) -> vectors, in one batch through the model.
+        """Queries (paths, bytes or PIL images) -> vectors, in one batch through the model (imsearch.model.queries).
 
         `max_decode_pixels` refuses files whose decode would hold more pixels (the web page's uploads).
         """
-        loaded: list[tuple[str, np.ndarray, str | None, str | None]] = []
-        started = time.perf_counter()
-        for i, q in enumerate(queries):
-            name = names[i] if names else None
-            if isinstance(q, Image.Image):
-                arr = pixels.prepare(pixels.to_rgb(q), self.prep)
-                loaded.append((name or "<image>", arr, None, None))
-                continue
-            if isinstance(q, (str, Path)):
-                path = Path(q).expanduser()
-                data = pixels.read_file(path)
-                name = name or str(path)
-                folder = path.resolve().parent.name
-            else:
-                data, name, folder = q, name or "<upload>", None
-            arr = pixels.load(data, name, self.prep, max_decode_pixels=max_decode_pixels).pixels
-            loaded.append((name, arr, sha256_bytes(data), folder))
-        done("decode", started)
-        if not loaded:
-            return []
-        model = self.embedder
-        with phase("embed"):
-            vectors = model.embed(np.stack([a for _, a, _, _ in loaded]))
-        return [Embedded(n, v, s, f) for (n, _, s, f), v in zip(loaded, vectors)]
+        return queries_stage.embed(queries, self.prep, lambda: self.embedder, names=names,
+                                   max_decode_pixels=max_decode_pixels)
 
     def query_class(self, query: Embedded, given: str | None = None) -> str | None:
         """The query's class: as given, else a stored image with the same bytes, else its folder if stored. Part of
         the library API for callers that embed and search in steps; `search` and `find` infer it the same way."""
-        return self._class_and_source(query, given)[0]
-
-    def _class_and_source(self, query: Embedded, given: str | None) -> tuple[str | None, str | None]:
         if given:
-            return given, "given"
+            return given
         with self._lock:
-            store = self.store
-            if query.sha256:
-                cls = store.class_of_content(query.sha256)
-                if cls is not None:
-                    return cls, "stored copy"
-            if query.folder and store.count(query.folder) > 0:
-                return query.folder, "folder"
-        return None, None
+            return find_stage.query_class(self.store, query, given)[0]
 
     def search(
         self,
@@ -356,39 +282,22 @@ class Imsearch:
         """A cosine distance beyond which matches are dropped, from a number, its text, or the name DUPLICATE:
         the duplicate distance calibrated for the model in use (NotCalibrated when there is none). None: no
         limit. Resolved once per call of search or find, not per query."""
-        limit = _limit(value)
-        if not isinstance(limit, str):
-            return limit
+        checked = find_stage.limit(value)
+        if not isinstance(checked, str):
+            return checked
         identity = self.embedder.identity  # before the lock: loading the model may need the database (int8)
         with self._lock:
-            return duplicate_distance(self.store.conn, identity)
+            return find_stage.max_distance(self.store, identity, checked)
 
     def _search(self, query: Embedded, mode: str, *, k: int, query_class: str | None, include_self: bool,
                 exact: bool, class_from_top_match: bool = False, max_distance: float | None = None) -> FindResult:
-        """`search` with max_distance resolved once (`max_distance`): one call of imsearch_search, which plans."""
+        """`search` with max_distance resolved once (`max_distance`): imsearch.search.find.search."""
         check_search(mode, k)
         identity = self.embedder.identity  # before the lock: loading the model may need the database (int8)
         with self._lock:
-            store = self.store
-            store.check_model(identity, action="search")
-            cls, source = self._class_and_source(query, query_class)
-            if cls is None and mode != "all" and class_from_top_match:
-                top = self._search(query, "all", k=1, query_class=None, include_self=include_self, exact=exact)
-                if top.matches and top.matches[0].cls is not None:
-                    cls, source = top.matches[0].cls, "top match"
-            if cls is None and mode != "all":
-                raise UnknownClass(f"{query.name}: cannot tell the query's class for mode {mode!r}; pass --class "
-                                   f"NAME, or pick one on the page (stored classes: {self._stored_classes()})")
-            unknown = {search.UNKNOWN_CLASS_SQLSTATE: lambda: UnknownClass(
-                f"{query.name}: class {cls!r} is not stored (stored classes: {self._stored_classes()})")}
-            with translated("searching", store, refusals=unknown):
-                matches = search.run(store.conn, query.vector, mode, k=k, cls=cls,
-                                     skip_sha=None if include_self else query.sha256, max_distance=max_distance,
-                                     exact=exact)
-        return FindResult(query.name, cls, mode, tuple(matches), class_source=source)
-
-    def _stored_classes(self) -> str:
-        return ", ".join(sorted(c for c, _ in self.store.classes())) or "none stored"
+            return find_stage.search(self.store, identity, query, mode, k=k, given=query_class,
+                                     include_self=include_self, exact=exact,
+                                     class_from_top_match=class_from_top_match, max_distance=max_distance)
 
     def find(
         self,
@@ -406,11 +315,11 @@ class Imsearch:
         `max_distance`, less those farther away (see `max_distance`), so a query may get fewer than k."""
         if isinstance(queries, (str, Path, bytes, Image.Image)):
             queries = [queries]
-        _limit(max_distance)  # a bad value fails before the model loads
+        find_stage.limit(max_distance)  # a bad value fails before the model loads
         self._load_model_meanwhile()
         with phase("database"), self._lock:
             _ = self.store  # the database first: a wrong URL fails before the model is used
-            if log.isEnabledFor(logging.DEBUG) and (note := indexes.cache_shortfall(self.store.conn)) is not None:
+            if log.isEnabledFor(logging.DEBUG) and (note := indexes.cache_shortfall(self.store)) is not None:
                 log.debug(note)
         embedded = self.embed(list(queries), names=names)
         with phase("search"):
@@ -448,47 +357,13 @@ class Imsearch:
         exact: bool = False,
         progress: Progress | None = None,
     ) -> Evaluation:
-        """Search every image under testdir (class = its first-level sub-folder) in each mode, and score it.
-
-        The model loads once and the queries are embedded in batches. Images of a class that is not stored are
-        counted in `unstored` and left out of the figures; unreadable files and files outside a class folder are
-        listed in `skipped`.
-        """
-        started = time.perf_counter()
-        for mode in modes:
-            check_search(mode, k)
-        evaluation_folder(testdir)  # before the database: a wrong path fails first
-        counts = dict(self.classes())
-        found = find_queries(testdir, counts)
-        queries, skipped = found.files, list(found.skipped)  # files that fail to decode join `skipped`
-        results: list[FindResult] = []
-        for start in range(0, len(queries), batch_size):
-            batch = queries[start:start + batch_size]
-            for f, e in zip(batch, self._embed_each([f.path for f in batch], skipped)):
-                if e is not None:
-                    results += [self._search(e, mode, k=k, query_class=f.cls, include_self=False, exact=exact)
-                                for mode in modes]
-            if progress:
-                progress(start + len(batch), len(queries))
-        return score(results, k=k, stored=counts, model=self.embedder.identity, unstored=found.unstored,
-                     skipped=skipped, seconds=time.perf_counter() - started)
-
-    def _embed_each(self, paths: Sequence[Path], failed: list[tuple[str, str]]) -> list[Embedded | None]:
-        """Embed a batch; when a file in it is bad, embed one by one so the others still count."""
-        try:
-            return list(self.embed(list(paths)))
-        except BadImage:
-            pass
-        out: list[Embedded | None] = []
-        for path in paths:
-            try:
-                out.append(self.embed([path])[0])
-            except BadImage as exc:
-                failed.append((exc.path, exc.reason))
-                out.append(None)
-        return out
-
-
+        """Search every image under testdir (class = its first-level sub-folder) in each mode, and score it
+        (imsearch.evaluation.run). The model loads once and the queries are embedded in batches; each search
+        takes the lock on its own, so the page goes on answering during an evaluation."""
+        return evaluation_stage.evaluate(
+            testdir, modes, k=k, batch_size=batch_size, stored=lambda: dict(self.classes()), embed=self.embed,
+            search=lambda e, mode, cls: self._search(e, mode, k=k, query_class=cls, include_self=False, exact=exact),
+            identity=lambda: self.embedder.identity, progress=progress)
 
     # -- audit ---------------------------------------------------------------------------------------------
 
@@ -498,15 +373,13 @@ class Imsearch:
         The model loads only when stored files can be read: rows alone calibrate the hash's fallback only.
         """
         with self._lock:
-            return self._calibrate(stored_model(self.store.conn), sample, progress)
+            return audit_stage.calibrate(self.store, self.prep, self._model, sample=sample, progress=progress)
 
     def set_calibration(self, *, distance: float | None = None, hash_bits: int | None = None,
                         clear: bool = False) -> Calibration:
         """Override (or with `clear`, stop overriding) the calibrated duplicate distance and hash threshold."""
         with self._lock:
-            model = stored_model(self.store.conn)
-            calibration.override(self.store.conn, model, distance=distance, hash_bits=hash_bits, clear=clear)
-            return calibration.load(self.store.conn, model)  # type: ignore[return-value]
+            return audit_stage.set_calibration(self.store, distance=distance, hash_bits=hash_bits, clear=clear)
 
     def audit(self, *, k: int = findings.K, recalibrate: bool = False, duplicate_distance: float | None = None,
               hash_bits: int | None = None, progress: Progress | None = None,
@@ -517,55 +390,18 @@ class Imsearch:
         `hash_bits` override the calibration for this audit only.
         """
         with self._lock:
-            measured = self._thresholds(recalibrate, duplicate_distance, hash_bits, calibrating)
-            conn = self.store.conn
-            result = findings.audit(conn, measured, k=k, progress=progress, files_readable=measured.sample > 0,
-                                    connect=self._connector(), same_class=self._same_class())
-            findings.write(conn, result)
-            return result
+            used = audit_stage.thresholds(self.store, self.prep, self._model, recalibrate=recalibrate,
+                                          distance=duplicate_distance, hash_bits=hash_bits, progress=calibrating)
+            return audit_stage.audit(self.store, used, k=k, progress=progress)
 
     def duplicates(self, *, distance: float | None = None, hash_bits: int | None = None,
                    progress: Progress | None = None, calibrating: Progress | None = None
                    ) -> tuple[list[DuplicateGroup], Calibration]:
         """Groups of stored copies by the audit's copy rule, and the thresholds used (calibrated first if needed)."""
         with self._lock:
-            used = self._thresholds(False, distance, hash_bits, calibrating)
-            return findings.duplicate_groups(self.store.conn, used, progress, self._connector()), used
+            used = audit_stage.thresholds(self.store, self.prep, self._model, recalibrate=False, distance=distance,
+                                          hash_bits=hash_bits, progress=calibrating)
+            return audit_stage.duplicates(self.store, used, progress), used
 
-    def _connector(self) -> Callable[[], psycopg.Connection[Any]]:
-        """Opens more connections to this database, for work on several at once (the audit's pass); it does not
-        touch `self`, so threads may call it while the caller holds `_lock`."""
-        url = self.store.url
-        return lambda: connect(url)
-
-    def _same_class(self) -> Callable[[np.ndarray, str, str, int], list[tuple[int, float]]]:
-        """Mode same for stored vectors, as find searches: what the audit searches its suspects again with."""
-        store = self.store
-
-        def run(vector: np.ndarray, cls: str, sha: str, k: int) -> list[tuple[int, float]]:
-            return [(m.id, m.distance) for m in search.run(store.conn, vector, "same", k=k, cls=cls, skip_sha=sha)]
-        return run
-
-    def _thresholds(self, recalibrate: bool, distance: float | None, hash_bits: int | None,
-                    progress: Progress | None) -> Calibration:
-        """The stored rows' calibration (measured now if missing, or with `recalibrate`), with one-off overrides."""
-        calibration.check(distance, hash_bits)
-        conn = self.store.conn
-        model = stored_model(conn)
-        measured = None if recalibrate else calibration.load(conn, model)
-        if measured is None or measured.sample == 0:  # none, or none from files: they may be readable now
-            measured = self._calibrate(model, SAMPLE, progress)
-        if distance is not None:
-            measured = dataclasses.replace(measured, override_distance=distance)
-        if hash_bits is not None:
-            measured = dataclasses.replace(measured, override_hash_bits=hash_bits)
-        return measured
-
-    def _calibrate(self, model: str, sample: int, progress: Progress | None) -> Calibration:
-        def loaded() -> Model:
-            self.store.check_model(self.embedder.identity, action="calibration")
-            return self.embedder
-
-        measured = calibration.measure(self.store.conn, model, self.prep, loaded, sample=sample, progress=progress)
-        calibration.save(self.store.conn, measured)
-        return calibration.load(self.store.conn, model) or measured
+    def _model(self) -> Model:
+        return self.embedder

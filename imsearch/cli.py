@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from .errors import ImsearchError
+from .model.choices import BACKENDS, DEVICES, PRECISIONS, PREPROCESSINGS
 from .modes import MAX_K, MODES
 from .timing import phase, since_process_start
 
@@ -63,20 +64,20 @@ weights_option = click.option(
     "--weights", envvar="IMSEARCH_WEIGHTS", metavar="NAME|FILE",
     help="torchvision ResNet50_Weights name (default IMAGENET1K_V1) or a local .pth file [env IMSEARCH_WEIGHTS].",
 )
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",
                              show_default=True, help="Where the model runs; auto picks CUDA when available.")
 precision_option = click.option(
-    "--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto", show_default=True,
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help="Model precision; auto is fp32. int8 runs on ONNX Runtime, calibrated on stored photos (docs/inference.md).",
 )
 backend_option = click.option(
-    "--backend", type=click.Choice(["auto", "torch", "onnx"]), envvar="IMSEARCH_BACKEND", default="auto",
+    "--backend", type=click.Choice(BACKENDS), envvar="IMSEARCH_BACKEND", default="auto",
     show_default=True,
     help="Model runtime: auto is ONNX Runtime on the CPU (faster, and no torch import once exported) and torch on "
          "CUDA; both give the same vectors (docs/inference.md) [env IMSEARCH_BACKEND].",
 )
 preprocess_option = click.option(
-    "--preprocess", type=click.Choice(["recipe", "square224", "seed1028x768"]), default="recipe", show_default=True,
+    "--preprocess", type=click.Choice(PREPROCESSINGS), default="recipe", show_default=True,
     help="How photos are cut for the model: torchvision's recipe (resize 256, centre-crop 224), the whole frame "
          "at 224x224, or the seed study's whole frame at 1028x768 (see docs/evaluation.md).",
 )

@@ -18,6 +18,7 @@ import pytest
 
 from imsearch.errors import ImsearchError
 from imsearch.model import checksums, embed, exports, pixels, runtimes
+from imsearch.model import choices as choices_module
 from imsearch.model.embed import Embedder
 from imsearch.model.exports import models_dir, paths
 from imsearch.model.runtimes import OnnxEmbedder, get_model
@@ -181,6 +182,20 @@ def test_cli_choices_are_the_librarys():
     assert choices["device"] == list(embed.DEVICES)
     assert choices["precision"] == list(embed.PRECISIONS)
     assert choices["preprocess"] == list(pixels.PREPROCESSING)
+    assert (choices["backend"], choices["device"], choices["precision"], choices["preprocess"]) == (
+        list(choices_module.BACKENDS), list(choices_module.DEVICES), list(choices_module.PRECISIONS),
+        list(choices_module.PREPROCESSINGS))
+    assert set(runtimes.ONNX_PRECISIONS) <= set(embed.PRECISIONS)
+
+
+def test_cold_help_imports_neither_numpy_nor_pil_nor_torch():
+    """The choice lists come from imsearch.model.choices, which imports nothing: `imsearch --help` stays fast."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "imsearch", "find", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "imsearch.model.choices" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("numpy", "PIL", "torch", "psycopg")}
 
 
 def test_torch_hub_folder_is_found_without_torch(monkeypatch, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, Union
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -67,6 +67,22 @@ def connect(url: str, *, register: bool = True) -> psycopg.Connection[Any]:
 def url_of(conn: psycopg.Connection[Any]) -> str | None:
     """The URL `connect` opened `conn` with; None for a connection opened elsewhere."""
     return _urls.get(conn)
+
+
+class Connected(Protocol):
+    """What holds an open connection and replaces it when it breaks: the Store."""
+
+    conn: psycopg.Connection[Any]
+
+
+# What a stage function that reads or writes rows takes: the Store (the facade's way), or a bare connection (the
+# SQL tests', the benchmarks', a worker thread's own).
+Where = Union[psycopg.Connection[Any], Connected]
+
+
+def connection(where: Where) -> psycopg.Connection[Any]:
+    """The connection to use now: the one given, or the Store's current one (it may have reconnected since)."""
+    return where if isinstance(where, psycopg.Connection) else where.conn
 
 
 def scalar(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] = ()) -> Any:

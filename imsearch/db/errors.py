@@ -15,7 +15,7 @@ from typing import Any, Callable, Concatenate, Iterator, Mapping, ParamSpec, Pro
 import psycopg
 
 from ..errors import DatabaseUnavailable, ImsearchError
-from .connect import redact, url_of
+from .connect import Where, connection, redact, url_of
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -68,12 +68,13 @@ def translated(doing: str, where: psycopg.Connection[Any] | Lost | None = None, 
 
 
 def translating(doing: str) -> Callable[[Callable[Concatenate[psycopg.Connection[Any], P], R]],
-                                        Callable[Concatenate[psycopg.Connection[Any], P], R]]:
-    """`translated(doing, conn)` around a function whose first argument is the connection it uses."""
-    def decorate(fn: Callable[Concatenate[psycopg.Connection[Any], P], R]
-                 ) -> Callable[Concatenate[psycopg.Connection[Any], P], R]:
+                                        Callable[Concatenate[Where, P], R]]:
+    """`translated(doing, conn)` around a function whose first argument is the connection it uses; callers may
+    pass the Store instead, whose current connection it then gets."""
+    def decorate(fn: Callable[Concatenate[psycopg.Connection[Any], P], R]) -> Callable[Concatenate[Where, P], R]:
         @functools.wraps(fn)
-        def run(conn: psycopg.Connection[Any], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        def run(where: Where, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            conn = connection(where)
             with translated(doing, conn):
                 return fn(conn, *args, **kwargs)
         return run

@@ -14,7 +14,7 @@ from .. import search
 from ..errors import ImsearchError
 from ..search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
 from ..settings import build_memory
-from .connect import scalar
+from .connect import Where, connection, scalar
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,18 @@ def _build(store: Store, sql: str, cls: str, rows: int) -> None:
         raise store.lost(exc, "building an index in") from None
 
 
-def other_indexes(conn: psycopg.Connection[Any]) -> list[tuple[str, int]]:
+def other_indexes(where: Where) -> list[tuple[str, int]]:
     """The other-class indexes (`imsearch db index-other`) with their sizes in bytes."""
-    return conn.execute(
+    return connection(where).execute(
         "SELECT c.relname::text, pg_relation_size(indexrelid) FROM pg_index "
         "JOIN pg_class c ON c.oid = indexrelid WHERE starts_with(c.relname, %s) ORDER BY 1",
         (OTHER_INDEX_PREFIX,),
     ).fetchall()
 
 
-def drop_other_indexes(conn: psycopg.Connection[Any]) -> int:
+def drop_other_indexes(where: Where) -> int:
     """Drop every other-class index; mode other goes back to one search per class. Returns how many."""
+    conn = connection(where)
     names = [name for name, _ in other_indexes(conn)]
     for name in names:
         conn.execute(f'DROP INDEX "{name}"')
@@ -131,11 +132,11 @@ def other_recall(store: Store, *, sample: int, k: int) -> float | None:
     return found / wanted if wanted else None
 
 
-def cache_shortfall(conn: psycopg.Connection[Any]) -> str | None:
+def cache_shortfall(where: Where) -> str | None:
     """Why searches read from disk when the HNSW indexes outgrow the server's buffer cache, naming the setting
     that fixes it; None when they fit. An index search reads pages at random: at PostgreSQL's default 128 MB a
     100k-row library reads most of them from the OS cache (docs/scaling.md)."""
-    indexes, buffers, prewarm = conn.execute(
+    indexes, buffers, prewarm = connection(where).execute(
         """
         SELECT coalesce(sum(pg_relation_size(x.indexrelid)), 0)::bigint,
                pg_size_bytes(current_setting('shared_buffers'))::bigint,

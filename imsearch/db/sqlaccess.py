@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from ..errors import ImsearchError
+from .connect import Where, connection
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,15 @@ class Reader:
     database: str
 
 
-def grant_reader(conn: psycopg.Connection[Any], name: str, password: str | None = None) -> Reader:
+def grant_reader(where: Where, name: str, password: str | None = None) -> Reader:
     """Create (or update) a LOGIN role that can only read imsearch's views and call its functions.
 
     Without a password, a random one is generated and returned (the server keeps only its SCRAM hash).
     Refuses, changing nothing, a role that is more than a login (see `_refuse_more_than_a_login`) or that could
     write through what PUBLIC may do; takes from PUBLIC what lets any role write in this database
-    (`_close_public_writes`), and says what it could not take.
+    (`_close_public_writes`), and says what it could not take. `where` is the Store, or a connection.
     """
+    conn = connection(where)
     if not ROLE_NAME.fullmatch(name) or name.startswith("pg_"):
         raise ImsearchError(
             f"{name!r} is not a usable role name: use lower-case letters, digits and _ (not starting with pg_)"

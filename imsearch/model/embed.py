@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ImsearchError, WeightsUnavailable
 from .checksums import file_sha256
+from .choices import DEVICES, PRECISIONS
 from .pixels import DEFAULT_PREPROCESS, MEAN, STD, Preprocess
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ WEIGHTS = {
     "IMAGENET1K_V2": NamedWeights("https://download.pytorch.org/models/resnet50-11ad3fa6.pth", 232, 224),
 }
 WEIGHTS_ALIASES = {"DEFAULT": "IMAGENET1K_V2"}
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 class Model(Protocol):

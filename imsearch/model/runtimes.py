@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import ImsearchError
 from ..timing import phase
 from .checksums import file_sha256
-from .embed import DEVICES, Model, checkpoint_file, get_embedder, model_identity, recipe, resolve_device
+from .choices import BACKENDS, DEVICES, ONNX_PRECISIONS
+from .embed import Model, checkpoint_file, get_embedder, model_identity, recipe, resolve_device
 from .exports import (
     MIN_COSINE,
     Export,
@@ -46,8 +47,6 @@ from .pixels import DEFAULT_PREPROCESS, Preprocess
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnx")
-ONNX_PRECISIONS = ("auto", "fp32", "int8")
 # Below this cosine to fp32, int8 is reported as lossy (it is opt-in either way; docs/inference.md).
 INT8_MIN_COSINE = 0.995
 CHECK_PHOTOS = 4

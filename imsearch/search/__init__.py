@@ -34,6 +34,7 @@ import numpy as np
 import psycopg
 from pgvector import HalfVector
 
+from ..db.connect import Where, connection
 from ..errors import ImsearchError
 from ..modes import MAX_K, MODES
 from ..vectors import DIMENSIONS
@@ -156,7 +157,7 @@ def check_max_distance(value: float) -> float:
 
 
 def run(
-    conn: psycopg.Connection[Any],
+    where: Where,
     vector: np.ndarray,
     mode: str,
     *,
@@ -167,10 +168,11 @@ def run(
     exact: bool = False,
 ) -> list[Match]:
     """The k stored images nearest to `vector` in one mode (class `cls` for the class modes), less those holding the
-    content `skip_sha` and those farther than `max_distance`, ranked: one call of imsearch_search, which plans."""
+    content `skip_sha` and those farther than `max_distance`, ranked: one call of imsearch_search, which plans.
+    `where` is the Store, or a connection."""
     params = {"q": HalfVector(vector), "k": k, "mode": mode, "cls": cls, "skip_sha": skip_sha,
               "max_distance": max_distance, "exact": exact}
-    rows = conn.execute(SEARCH, params).fetchall()
+    rows = connection(where).execute(SEARCH, params).fetchall()
     return [Match(rank=r[0], id=r[1], path=r[2], cls=r[3], distance=float(r[4])) for r in rows]
 
 
