@@ -23,8 +23,6 @@ import contextlib
 import os
 import resource
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -37,8 +35,7 @@ try:
 except ImportError:
     import hostile  # run as a script
 
-SHARED = Path(os.environ.get("IMSEARCH_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
-ROOMS = SHARED / "datasets" / "rooms"
+ROOMS = hostile.ROOMS
 MB = 1024 * 1024
 
 
@@ -148,7 +145,6 @@ def log_summary(log: Path) -> str:
 def main() -> None:
     from synthetic import bench_server, drop_database, fresh_database
 
-    from imsearch import Imsearch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle", type=int, default=1100, help="idle connections [1100]")
@@ -163,17 +159,7 @@ def main() -> None:
         work = Path(tmp)
         url = fresh_database(admin, name)
         # 1. Weights and 2 photos per class.
-        weights = os.environ.get("IMSEARCH_WEIGHTS") or str(work / "standin.pth")
-        if not os.environ.get("IMSEARCH_WEIGHTS"):
-            subprocess.run([sys.executable, str(SHARED / "tools" / "make_test_weights.py"), weights], check=True,
-                           capture_output=True)
-        photos = work / "photos"
-        for folder in sorted((ROOMS / "base").iterdir()):
-            (photos / folder.name).mkdir(parents=True)
-            for src in sorted(folder.glob("*.jpg"))[:2]:
-                (photos / folder.name / src.name).write_bytes(src.read_bytes())
-        with Imsearch(url, weights=weights, device="cpu") as app:
-            app.ingest(photos)
+        weights, _ = hostile.stored_library(work, url, 2)
         photo = sorted((ROOMS / "test" / "kitchen").glob("*.jpg"))[0].read_bytes()
 
         log = work / "serve.log"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import resource
 import socket
 import statistics
@@ -191,6 +192,28 @@ def uploads(max_upload_bytes: int = 20 * 1024 * 1024, names: Iterable[str] | Non
 
 
 # -- a real server under load ------------------------------------------------------------------------------------
+
+SHARED = Path(os.environ.get("IMSEARCH_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+ROOMS = SHARED / "datasets" / "rooms"
+
+
+def stored_library(work: Path, url: str, per_class: int) -> tuple[str, int]:
+    """The weights (IMSEARCH_WEIGHTS, else the stand-in checkpoint written into `work`) and the first `per_class`
+    photos of each class of ../shared's rooms stored in the database at `url`: the weights and how many were added."""
+    from imsearch import Imsearch
+
+    weights = os.environ.get("IMSEARCH_WEIGHTS") or str(work / "standin.pth")
+    if not os.environ.get("IMSEARCH_WEIGHTS"):
+        subprocess.run([sys.executable, str(SHARED / "tools" / "make_test_weights.py"), weights], check=True,
+                       capture_output=True)
+    photos = work / "photos"
+    for folder in sorted((ROOMS / "base").iterdir()):
+        (photos / folder.name).mkdir(parents=True)
+        for src in sorted(folder.glob("*.jpg"))[:per_class]:
+            (photos / folder.name / src.name).write_bytes(src.read_bytes())
+    with Imsearch(url, weights=weights, device="cpu") as app:
+        return weights, app.ingest(photos).added
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,10 +29,7 @@ import httpx
 import psutil
 from synthetic import bench_server, drop_database, fresh_database
 
-from imsearch import Imsearch
-
-SHARED = Path(os.environ.get("IMSEARCH_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
-ROOMS = SHARED / "datasets" / "rooms"
+ROOMS = hostile.ROOMS
 MB = 1024 * 1024
 
 
@@ -71,34 +66,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imsearch-bench-uploads-") as tmp, bench_server() as admin:
         work = Path(tmp)
         url = fresh_database(admin, name)
-        # 1. Weights: IMSEARCH_WEIGHTS, else the stand-in checkpoint.
-        weights = os.environ.get("IMSEARCH_WEIGHTS") or str(work / "standin.pth")
-        if not os.environ.get("IMSEARCH_WEIGHTS"):
-            subprocess.run([sys.executable, str(SHARED / "tools" / "make_test_weights.py"), weights], check=True,
-                           capture_output=True)
-
-        # 2. Store 5 photos per class.
-        photos = work / "photos"
-        for folder in sorted((ROOMS / "base").iterdir()):
-            (photos / folder.name).mkdir(parents=True)
-            for src in sorted(folder.glob("*.jpg"))[:5]:
-                (photos / folder.name / src.name).write_bytes(src.read_bytes())
-        with Imsearch(url, weights=weights, device="cpu") as app:
-            stored = app.ingest(photos).added
+        # 1. Weights (IMSEARCH_WEIGHTS, else the stand-in checkpoint) and 5 photos per class stored.
+        weights, stored = hostile.stored_library(work, url, 5)
         normal = sorted((ROOMS / "test" / "kitchen").glob("*.jpg"))[0].read_bytes()
         uploads = hostile.uploads()
 
-        # 3. Serve them, and search with nothing else going on.
+        # 2. Serve them, and search with nothing else going on.
         try:
             with hostile.serving(url, weights, work / "serve.log") as (base, server):
                 pid = server.pid
                 quiet = hostile.quiet_searches(base, normal, seconds=5)
-                # 4. Each hostile upload alone: its time and the server's peak memory.
+                # 3. Each hostile upload alone: its time and the server's peak memory.
                 dearest = hostile.Upload("scans-50-40mp.jpg", hostile.many_scans_jpeg(6300, 6300, 40), "image/jpeg",
                                          frozenset({200}))
                 single = {upload.name: alone(base, pid, upload) for upload in [*uploads, dearest]}
                 rest = hostile.rss(psutil.Process(pid))
-                # 5. The same searches under hostile uploads.
+                # 4. The same searches under hostile uploads.
                 load = hostile.pound(base, pid, uploads, normal, seconds=args.seconds, clients=args.clients)
         finally:
             drop_database(admin, name)
