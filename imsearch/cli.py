@@ -18,6 +18,7 @@ import click
 from .errors import ImsearchError
 from .model.choices import BACKENDS, DEVICES, PRECISIONS, PREPROCESSINGS
 from .modes import MAX_K, MODES
+from .settings import LOCK_TIMEOUT
 from .timing import phase, since_process_start
 
 log = logging.getLogger("imsearch")
@@ -470,7 +471,8 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--lock-timeout", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=LOCK_TIMEOUT, show_default=True,
+              metavar="SECONDS",
               help="How long to wait for another session's migration lock (0: as long as it takes).")
 @click.pass_context
 def db_upgrade(ctx: click.Context, lock_timeout: float) -> None:

@@ -10,6 +10,10 @@ DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 
 
 ROOT_HOME = Path("/var/lib/imsearch")
+# How long a migration waits for the migration lock by default (`db upgrade --lock-timeout`): long enough for another
+# imsearch process's usual migration, short enough that a session holding it for ever (any login may take an
+# advisory lock) is an error, not a hang. Here, not in db/, so that the CLI shows it without loading a driver.
+LOCK_TIMEOUT = 60  # seconds
 
 
 def home() -> Path:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import psycopg
 
 from ..errors import DatabaseUnavailable, ServerCrashed
+from ..settings import LOCK_TIMEOUT
 from .connect import connect, redact, scalar, update_vector
 from .serverlog import crash_in_log
 
@@ -20,9 +21,6 @@ log = logging.getLogger(__name__)
 SCHEMA_REVISION = "0012"
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
 MIGRATION_LOCK = 7_284_519_311
-# How long a migration waits for that lock by default: long enough for another imsearch process's usual migration,
-# short enough that a session holding it for ever (any login may take an advisory lock) is an error, not a hang.
-LOCK_TIMEOUT = 60.0
 LOCK_POLL = 0.2  # seconds between tries
 # How long a migration waits in silence before it says who holds the lock: another imsearch migrating is given
 # longer (its usual migration is over by then, so two commands started together stay quiet).
