@@ -10,7 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -170,11 +170,13 @@ class Imsearch:
 
     # -- the database --------------------------------------------------------------------------------------------
 
-    def upgrade(self, *, lock_timeout: float | None = LOCK_TIMEOUT) -> Upgraded:
+    def upgrade(self, *, lock_timeout: float | None = LOCK_TIMEOUT,
+                progress: Callable[[str, int, int], None] | None = None) -> Upgraded:
         """Create or migrate the schema to this imsearch's revision, waiting up to `lock_timeout` seconds (None: for
-        ever) for another session's migration; whatever the database is (`imsearch db upgrade`)."""
+        ever) for another session's migration; whatever the database is (`imsearch db upgrade`). `progress(index,
+        rows done, rows)` hears of the index builds a migration runs."""
         url = self.database_url()
-        revision = upgrade(url, server_log(self.settings), lock_timeout=lock_timeout)
+        revision = upgrade(url, server_log(self.settings), lock_timeout=lock_timeout, progress=progress)
         with self._lock:
             return Upgraded(redact(url), revision, indexes.cache_shortfall(self.store))
 
@@ -215,26 +217,11 @@ class Imsearch:
         with self._lock:
             return prune(self.store, dry_run=dry_run, gone_roots=gone_roots)
 
-    def index_other_classes(self, drop: bool = False) -> list[str]:
-        """Give every class an HNSW index over all the other classes, so that mode other is one index search
-        rather than one per class (migration 0005; its cost is in docs/scaling.md); returns the classes indexed
-        now. Ingest keeps them complete from then on. With `drop`, remove them all instead."""
+    def check_recall(self, *, sample: int = 50, k: int = 5) -> dict[str, float | None]:
+        """Recall@k of each mode through the indexes against an exact scan, on up to `sample` stored photos
+        (imsearch.db.indexes.index_recall)."""
         with self._lock:
-            if drop:
-                indexes.drop_other_indexes(self.store)
-                return []
-            return indexes.ensure_other_indexes(self.store, search.EXACT_MAX_ROWS)
-
-    def check_other_indexes(self, *, sample: int = 50, k: int = 5) -> float | None:
-        """Recall@k of mode other through the other-class indexes against an exact scan, on up to `sample` stored
-        photos; None without such indexes (imsearch.db.indexes.other_recall)."""
-        with self._lock:
-            return indexes.other_recall(self.store, sample=sample, k=k)
-
-    def other_indexes(self) -> list[tuple[str, int]]:
-        """The other-class indexes with their sizes in bytes."""
-        with self._lock:
-            return indexes.other_indexes(self.store)
+            return indexes.index_recall(self.store, sample=sample, k=k)
 
     # -- find ----------------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine, text
 from imsearch.db import embedded
 from imsearch.db.migrate import APPLICATION_NAME, LOCK_TIMEOUT, MIGRATION_LOCK, take_lock
 from imsearch.db.schema import metadata
-from imsearch.search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
+from imsearch.search import LEGACY_PREFIX, WHOLE_INDEX
 from imsearch.settings import Settings, sqlalchemy_url
 
 config = context.config
@@ -16,8 +16,9 @@ target_metadata = metadata
 
 
 def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
-    """Compare only imsearch's own tables; views, functions and per-class indexes are managed by hand."""
-    if type_ == "index" and reflected and name and name.startswith((CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX)):
+    """Compare only imsearch's own tables; views, functions and the vector indexes (expressions, per class) are
+    managed by hand."""
+    if type_ == "index" and reflected and name and name.startswith((WHOLE_INDEX, LEGACY_PREFIX)):
         return False
     return not (type_ == "table" and reflected and compare_to is None and name not in metadata.tables)
 

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import psycopg
 import pytest
 from alembic.config import Config
@@ -32,7 +33,9 @@ def test_first_use_creates_the_schema(database_url):
     assert {"id", "path", "class", "sha256", "width", "height", "bytes", "model", "embedding",
             "ingested_at"} <= set(cols)
     assert cols["embedding"] == "halfvec"
-    assert "hnsw" in indexes["images_embedding_hnsw"] and "halfvec_cosine_ops" in indexes["images_embedding_hnsw"]
+    whole = indexes["images_fold_hnsw"]
+    assert "hnsw" in whole and "imsearch_fold(embedding)" in whole and "halfvec_cosine_ops" in whole
+    assert not any(name.startswith("images_embedding_hnsw") for name in indexes)
     assert "(class)" in indexes["images_class_idx"]
 
 
@@ -84,9 +87,9 @@ def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(databa
 
 
 FUNCTIONS = ("imsearch_search", "imsearch_nearest", "imsearch_class_correspondence", "imsearch_neighbours",
-             "imsearch_class_index", "imsearch_duplicate_pairs")
-# Functions whose texts before this revision are written out in their migrations' Python (0002, 0008).
-FROZEN_SINCE = {"imsearch_duplicate_pairs": "0008"}
+             "imsearch_class_index", "imsearch_duplicate_pairs", "imsearch_fold", "imsearch_index_class")
+# Functions whose texts before this revision are written out in their migrations' Python (0002, 0003, 0008).
+FROZEN_SINCE = {"imsearch_duplicate_pairs": "0008", "imsearch_index_class": "0013"}
 
 
 def function_text(url: str, name: str) -> str | None:
@@ -129,7 +132,8 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
              (command.downgrade, "0009", "0006"), (command.upgrade, "0011", "0011"),
              (command.downgrade, "0010", "0010"), (command.upgrade, "0011", "0011"),
              (command.upgrade, "0012", "0012"), (command.downgrade, "0011", "0011"),
-             (command.upgrade, "0012", "0012")]
+             (command.upgrade, "0012", "0012"), (command.upgrade, "0013", "0013"),
+             (command.downgrade, "0012", "0012"), (command.upgrade, "0013", "0013")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:
@@ -205,3 +209,93 @@ def test_db_upgrade_names_the_holder_and_exits_1_after_lock_timeout(database_url
     assert f"imsearch: waiting for the migration lock, held by process {pid} " in done.stderr
     assert f"Error: the migration lock of this database is held by process {pid} " in done.stderr
     assert "--lock-timeout SECONDS" in done.stderr
+
+
+def _synthetic_rows(url: str, rows: int, classes: tuple[str, ...], seed: int = 0) -> np.ndarray:
+    """Non-negative ResNet-like rows in `classes` (the last one rare), copied in; their vectors."""
+    from pgvector import HalfVector
+    from pgvector.psycopg import register_vector
+
+    rng = np.random.default_rng(seed)
+    centres = np.maximum(rng.normal(0, 1, (len(classes), 2048)), 0)
+    labels = [classes[-1] if i % 50 == 0 else classes[i % (len(classes) - 1)] for i in range(rows)]
+    vectors = (centres[[classes.index(c) for c in labels]] + np.maximum(rng.normal(0, 0.8, (rows, 2048)), 0))
+    with psycopg.connect(url) as conn:
+        register_vector(conn)
+        with conn.cursor() as cur, cur.copy(
+                "COPY images (path, class, sha256, width, height, bytes, model, embedding) FROM STDIN") as copy:
+            for i, (label, v) in enumerate(zip(labels, vectors)):
+                copy.write_row((f"/lib/{label}/{i}.jpg", label, f"{i:064x}", 640, 480, 1000, "m", HalfVector(v)))
+    return vectors.astype(np.float32)
+
+
+def test_0013_keeps_every_row_and_every_exact_answer_and_downgrades(database_url, monkeypatch):
+    """The folded layout replaces the full-width indexes: the rows and what an exact scan answers in every mode stay
+    the same (index answers vary between builds), and 0012's indexes and functions come back on downgrade."""
+    from alembic import command
+
+    from imsearch import search
+    from imsearch.settings import sqlalchemy_url
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_folder()))
+    cfg.attributes["url"] = sqlalchemy_url(database_url)
+    command.upgrade(cfg, "0012")
+    vectors = _synthetic_rows(database_url, 3_300, ("a", "b", "c", "rare"))
+    queries = vectors[:6] + 0.05
+
+    def answers() -> list[list[tuple[int, float]]]:
+        with psycopg.connect(database_url) as conn:
+            from pgvector.psycopg import register_vector
+
+            register_vector(conn)
+            return [[(m.id, round(m.distance, 6)) for m in search.run(conn, q, mode, k=5, cls=cls, skip_sha=None,
+                                                                   exact=True)]
+                    for q in queries for mode, cls in (("all", None), ("same", "a"), ("same", "rare"),
+                                                       ("other", "a"), ("other", "rare"))]
+
+    def table() -> list[tuple]:
+        with psycopg.connect(database_url) as conn:
+            return conn.execute("SELECT id, path, class, sha256, width, height, bytes, model, embedding::text "
+                                "FROM images ORDER BY id").fetchall()
+
+    def vector_indexes() -> set[str]:
+        with psycopg.connect(database_url) as conn:
+            return {r[0] for r in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'images' AND indexdef LIKE '%hnsw (%embedding%'")}
+
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SELECT imsearch_index_class('a')")
+    before, rows = answers(), table()
+    assert vector_indexes() == {"images_embedding_hnsw", search.index_name("a").replace("fold", "embedding")}
+    command.upgrade(cfg, "0013")
+    assert table() == rows and answers() == before
+    # 'a' holds a third of the library: the whole-table index serves it; 'rare' has too few rows for one
+    assert vector_indexes() == {"images_fold_hnsw"}
+    command.downgrade(cfg, "0012")
+    assert table() == rows and answers() == before
+    assert vector_indexes() == {"images_embedding_hnsw"} | {
+        search.index_name(c).replace("fold", "embedding") for c in ("a", "b", "c")}
+
+
+def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(database_url, monkeypatch):
+    """Rebuilding the vector indexes takes minutes at a million rows: other commands say what to run."""
+    from alembic import command
+
+    from imsearch.db import migrate
+    from imsearch.db.store import ensure_schema
+    from imsearch.errors import SchemaOutdated
+    from imsearch.settings import sqlalchemy_url
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_folder()))
+    cfg.attributes["url"] = sqlalchemy_url(database_url)
+    command.upgrade(cfg, "0012")
+    _synthetic_rows(database_url, 300, ("a", "b", "rare"))
+    monkeypatch.setattr(migrate, "LONG_MIGRATION_ROWS", 200)
+    with pytest.raises(SchemaOutdated, match=r"schema revision 0012, this imsearch needs 0013, which rebuilds the "
+                                             r"vector indexes of more than 200 stored images .*run `imsearch db upgrade`"):
+        ensure_schema(database_url, upgrade_older=True)
+    seen: list[tuple[str, int, int]] = []
+    assert upgrade(database_url, progress=lambda *a: seen.append(a)) == SCHEMA_REVISION
+    Store(database_url).close()

@@ -1,6 +1,6 @@
-"""The HNSW indexes imsearch builds beside the migrations' own: one per large class, and on request one over each
-class's others (migration 0005); their names, builds, sizes, the buffer cache they need, and the recall of the
-other-class ones against an exact scan."""
+"""The vector indexes imsearch builds beside the migrations' own: a partial one per class that holds a small share of
+the library (migration 0013); their names, builds, sizes, the buffer cache they need, and the recall of every mode
+through them against an exact scan."""
 
 from __future__ import annotations
 
@@ -12,63 +12,54 @@ import psycopg
 
 from .. import search
 from ..errors import ImsearchError
-from ..search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
+from ..modes import MODES
+from ..search import CLASS_INDEX_MAX_SHARE, CLASS_INDEX_PREFIX
 from ..settings import build_memory
 from .connect import Where, connection, scalar
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-# An HNSW build keeps its graph in maintenance_work_mem while it fits: pgvector reported the 64 MB default full after
-# 11,894 rows of a class index (m = 32), and that build of 19,900 rows took 103 s instead of 31 s (docs/scaling.md).
-GRAPH_BYTES_PER_ROW = 5_700
+# An HNSW build keeps its graph in maintenance_work_mem while it fits, and goes on many times slower on disk after
+# (docs/scaling.md): a fold's graph takes about 2.6 kB a row (measured on pgvector 0.8, m = 16).
+GRAPH_BYTES_PER_ROW = 2_600
 
 
 def _size(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} kB"
 
 
-def class_index_name(cls: str, prefix: str = CLASS_INDEX_PREFIX) -> str:
-    """The partial index name `imsearch_index_class(cls)` (or with OTHER_INDEX_PREFIX, `imsearch_index_other`)
-    gives: the search planner's rule (search.index_name)."""
-    return search.index_name(cls, prefix)
+def class_index_name(cls: str) -> str:
+    """The partial index name `imsearch_index_class(cls)` gives: the search planner's rule (search.index_name)."""
+    return search.index_name(cls)
 
 
-def indexed_classes(conn: psycopg.Connection[Any], classes: Iterable[str],
-                    prefix: str = CLASS_INDEX_PREFIX) -> set[str]:
-    """Which of these classes have their own partial HNSW index (with OTHER_INDEX_PREFIX: an other-class one)."""
+def indexed_classes(conn: psycopg.Connection[Any], classes: Iterable[str]) -> set[str]:
+    """Which of these classes have their own partial HNSW index."""
     rows = conn.execute(
         "SELECT indexname FROM pg_indexes WHERE tablename = 'images' AND starts_with(indexname, %s)",
-        (prefix,),
+        (CLASS_INDEX_PREFIX,),
     ).fetchall()
     names = {r[0] for r in rows}
-    return {c for c in classes if class_index_name(c, prefix) in names}
+    return {c for c in classes if class_index_name(c) in names}
+
+
+def wanted_class_indexes(counts: dict[str, int], min_rows: int) -> list[str]:
+    """The classes that should have an index of their own: past min_rows rows, holding at most
+    CLASS_INDEX_MAX_SHARE of the library. A larger class fills so much of the whole-table graph that a filtered
+    scan of it finds its rows at once (docs/scaling.md)."""
+    total = sum(counts.values())
+    return sorted(c for c, n in counts.items() if n > min_rows and n <= CLASS_INDEX_MAX_SHARE * total)
 
 
 def ensure_class_indexes(store: Store, min_rows: int) -> list[str]:
-    """Give every class with more than min_rows rows its own HNSW index, and where other-class indexes exist,
-    every class that lacks one its other-class index; returns the classes indexed now."""
+    """Give every class that wants one (wanted_class_indexes) its own HNSW index; returns the classes indexed now.
+    An index stays when its class grows past the share: it still serves."""
     counts = dict(store.classes())
-    big = [c for c, n in counts.items() if n > min_rows]
-    missing = sorted(set(big) - indexed_classes(store.conn, big))
+    missing = sorted(set(wanted_class_indexes(counts, min_rows)) - indexed_classes(store.conn, counts))
     for cls in missing:
         log.info("building the HNSW index of class %r (%d rows)", cls, counts[cls])
         _build(store, "SELECT imsearch_index_class(%s)", cls, counts[cls])
-    if other_indexes(store.conn):
-        missing += ensure_other_indexes(store, min_rows, counts)
-    return missing
-
-
-def ensure_other_indexes(store: Store, min_rows: int, counts: dict[str, int] | None = None) -> list[str]:
-    """Give every class whose other classes hold more than min_rows rows an HNSW index over them (migration
-    0005); returns the classes indexed now."""
-    counts = counts if counts is not None else dict(store.classes())
-    total = sum(counts.values())
-    wide = [c for c, n in counts.items() if total - n > min_rows]
-    missing = sorted(set(wide) - indexed_classes(store.conn, wide, OTHER_INDEX_PREFIX))
-    for cls in missing:
-        log.info("building the other-class HNSW index of class %r (%d rows)", cls, total - counts[cls])
-        _build(store, "SELECT imsearch_index_other(%s)", cls, total - counts[cls])
     return missing
 
 
@@ -92,44 +83,27 @@ def _build(store: Store, sql: str, cls: str, rows: int) -> None:
         raise store.lost(exc, "building an index in") from None
 
 
-def other_indexes(where: Where) -> list[tuple[str, int]]:
-    """The other-class indexes (`imsearch db index-other`) with their sizes in bytes."""
-    return connection(where).execute(
-        "SELECT c.relname::text, pg_relation_size(indexrelid) FROM pg_index "
-        "JOIN pg_class c ON c.oid = indexrelid WHERE starts_with(c.relname, %s) ORDER BY 1",
-        (OTHER_INDEX_PREFIX,),
-    ).fetchall()
+def index_recall(store: Store, *, sample: int, k: int) -> dict[str, float | None]:
+    """Recall@k of each mode through the indexes against an exact scan of the same filter, with up to `sample`
+    stored photos as queries (their own content left out); None for a mode nothing could be asked of.
 
-
-def drop_other_indexes(where: Where) -> int:
-    """Drop every other-class index; mode other goes back to one search per class. Returns how many."""
-    conn = connection(where)
-    names = [name for name, _ in other_indexes(conn)]
-    for name in names:
-        conn.execute(f'DROP INDEX "{name}"')
-    return len(names)
-
-
-def other_recall(store: Store, *, sample: int, k: int) -> float | None:
-    """Recall@k of mode other through the other-class indexes against an exact scan, with up to `sample`
-    stored photos of indexed classes as queries; None without such indexes.
-
-    Their graphs hold a fold of the embedding (migration 0006), whose recall depends on the embeddings, so it
-    is measured on the library's own rather than assumed (docs/scaling.md).
-    """
-    counts = dict(store.classes())
+    The indexes hold a fold of the embedding, whose recall depends on the embeddings, so it is measured on the
+    library's own rather than assumed (`imsearch db check-recall`, and after a load or a migration)."""
     rows = store.conn.execute(
-        "SELECT embedding, class, sha256 FROM images WHERE class = ANY(%s) ORDER BY random() LIMIT %s",
-        (sorted(indexed_classes(store.conn, counts, OTHER_INDEX_PREFIX)), sample),
-    ).fetchall()
-    found = wanted = 0
-    for embedding, cls, sha in rows:
-        vector = np.asarray(embedding.to_numpy(), dtype=np.float32)
-        answers = [{m.id for m in search.run(store.conn, vector, "other", k=k, cls=cls, skip_sha=sha, exact=exact)}
-                   for exact in (False, True)]
-        found += len(answers[0] & answers[1])
-        wanted += len(answers[1])
-    return found / wanted if wanted else None
+        "SELECT embedding, class, sha256 FROM images ORDER BY random() LIMIT %s", (sample,)).fetchall()
+    recall: dict[str, float | None] = {}
+    for mode in MODES:
+        found = wanted = 0
+        for embedding, cls, sha in rows:
+            if mode != "all" and cls is None:
+                continue
+            vector = np.asarray(embedding.to_numpy(), dtype=np.float32)
+            answers = [{m.id for m in search.run(store.conn, vector, mode, k=k, cls=cls, skip_sha=sha, exact=exact)}
+                       for exact in (False, True)]
+            found += len(answers[0] & answers[1])
+            wanted += len(answers[1])
+        recall[mode] = found / wanted if wanted else None
+    return recall
 
 
 def cache_shortfall(where: Where) -> str | None:

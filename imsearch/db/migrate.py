@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +21,7 @@ from .serverlog import crash_in_log
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0013"
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
 MIGRATION_LOCK = 7_284_519_311
 LOCK_POLL = 0.2  # seconds between tries
@@ -28,6 +31,18 @@ SAY_AFTER = 2.0
 SAY_AFTER_IMSEARCH = 15.0
 # What imsearch's migrating connection calls itself in pg_stat_activity, so that a waiting one can say who it waits on.
 APPLICATION_NAME = "imsearch migration"
+# Migrations that rebuild the vector indexes read every stored vector: past this many rows only `imsearch db upgrade`
+# runs them (with a progress bar), where other commands would silently stall for minutes.
+REBUILDS = ("0013",)
+LONG_MIGRATION_ROWS = 20_000
+# Index builds in progress, as PostgreSQL reports them to any session (pgvector counts tuples as it adds them).
+BUILDS = """
+SELECT coalesce(i.relname, 'an index'), p.tuples_done, greatest(t.reltuples, 0)::bigint
+FROM pg_stat_progress_create_index p
+JOIN pg_class t ON t.oid = p.relid
+LEFT JOIN pg_class i ON i.oid = p.index_relid
+WHERE p.datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
 
 
 class MigrationLocked(DatabaseUnavailable):
@@ -105,11 +120,13 @@ def schema_revision(conn: psycopg.Connection[Any]) -> str | None:
     return row[0] if row else None
 
 
-def upgrade(url: str, server_log: Path | None = None, *, lock_timeout: float | None = LOCK_TIMEOUT) -> str:
+def upgrade(url: str, server_log: Path | None = None, *, lock_timeout: float | None = LOCK_TIMEOUT,
+            progress: Callable[[str, int, int], None] | None = None) -> str:
     """Run the Alembic migrations to head on the database at url; returns the revision reached.
 
     The migration waits up to `lock_timeout` seconds (None: for ever) for another session's migration lock.
-    With the embedded server's log, a migration whose server process crashed says so.
+    With the embedded server's log, a migration whose server process crashed says so. `progress(index, rows done,
+    rows in the table)` hears of each index build, read from another session every half second.
     """
     from alembic import command
     from alembic.config import Config
@@ -132,7 +149,8 @@ def upgrade(url: str, server_log: Path | None = None, *, lock_timeout: float | N
     cfg.attributes["lock_timeout"] = lock_timeout
     log_start = server_log.stat().st_size if server_log is not None and server_log.exists() else 0
     try:
-        command.upgrade(cfg, "head")
+        with watching_builds(url, progress):
+            command.upgrade(cfg, "head")
     except MigrationLocked:
         raise
     except Exception as exc:  # noqa: BLE001 - Alembic/SQLAlchemy wrap driver errors in many types
@@ -147,6 +165,46 @@ def upgrade(url: str, server_log: Path | None = None, *, lock_timeout: float | N
     finally:
         conn.close()
     return SCHEMA_REVISION
+
+
+@contextlib.contextmanager
+def watching_builds(url: str, progress: Callable[[str, int, int], None] | None) -> Iterator[None]:
+    """Report the database's index builds to `progress` from a thread of its own while the body runs."""
+    if progress is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        try:
+            conn = connect(url, register=False)
+        except Exception:  # noqa: BLE001 - a progress bar is not worth failing a migration for
+            return
+        with conn:
+            while not done.wait(0.5):
+                for name, rows, total in conn.execute(BUILDS).fetchall():
+                    progress(name, rows, total)
+
+    thread = threading.Thread(target=watch, name="imsearch-build-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+
+
+def long_migration(conn: psycopg.Connection[Any], revision: str | None) -> str | None:
+    """Why migrating this database from `revision` should run only through `imsearch db upgrade`: a pending
+    revision rebuilds the vector indexes of a large library. None when it is quick."""
+    if revision is None or revision >= max(REBUILDS) or not known_revision(revision):
+        return None
+    rows = scalar(conn, "SELECT count(*) FROM (SELECT FROM images LIMIT %s) r", (LONG_MIGRATION_ROWS + 1,))
+    if rows <= LONG_MIGRATION_ROWS:
+        return None
+    return (f"schema revision {revision}, this imsearch needs {SCHEMA_REVISION}, which rebuilds the vector indexes "
+            f"of more than {LONG_MIGRATION_ROWS:,} stored images (minutes; searches answer, exactly, meanwhile): "
+            "run `imsearch db upgrade`")
 
 
 def schema_mismatch(where: str, revision: str | None, has_images: bool) -> str:

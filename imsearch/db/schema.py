@@ -34,9 +34,9 @@ images = Table(
     Column("path", Text, nullable=False, unique=True, comment="absolute, resolved file path"),
     Column("class", Text, nullable=True, comment="first-level sub-folder under the ingest root; NULL at the root"),
     Column("sha256", String(64), nullable=False),
-    Column("width", Integer, nullable=False, comment="pixels, upright (after EXIF orientation)"),
-    Column("height", Integer, nullable=False),
-    Column("bytes", BigInteger, nullable=False),
+    Column("width", Integer, nullable=True, comment="pixels, upright (after EXIF orientation)"),
+    Column("height", Integer, nullable=True),
+    Column("bytes", BigInteger, nullable=True),
     Column("model", Text, nullable=False, comment="model identity: architecture:weights:preprocessing"),
     # halfvec: pgvector indexes `vector` only up to 2,000 dimensions, halfvec up to 4,000.
     Column("embedding", HALFVEC(DIMENSIONS), nullable=False),
@@ -44,13 +44,8 @@ images = Table(
     Column("phash", BIT(64), nullable=True, comment="64-bit perceptual hash (DCT) of the upright decoded image"),
 )
 
-Index(
-    "images_embedding_hnsw",
-    images.c.embedding,
-    postgresql_using="hnsw",
-    postgresql_with={"m": 16, "ef_construction": 64},
-    postgresql_ops={"embedding": "halfvec_cosine_ops"},
-)
+# The vector indexes (over imsearch_fold(embedding), whole-table and per class) are made by migration 0013 and
+# imsearch_index_class, outside this metadata: Alembic does not compare expression indexes.
 Index("images_class_idx", images.c["class"])
 Index("images_sha256_idx", images.c.sha256)
 Index("images_model_idx", images.c.model)

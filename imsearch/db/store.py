@@ -19,7 +19,7 @@ from ..search import iterates
 from ..vectors import DIMENSIONS
 from .connect import connect, pgvector_version, redact, scalar
 from .errors import failed
-from .migrate import SCHEMA_REVISION, known_revision, schema_mismatch, schema_revision, upgrade
+from .migrate import SCHEMA_REVISION, known_revision, long_migration, schema_mismatch, schema_revision, upgrade
 from .serverlog import crash_in_log
 
 log = logging.getLogger(__name__)
@@ -303,6 +303,14 @@ def ensure_schema(url: str, server_log: Path | None = None, *, upgrade_older: bo
     finally:
         conn.close()
     older = upgrade_older and revision not in (None, SCHEMA_REVISION) and known_revision(revision)
+    if older:
+        conn = connect(url, register=False)
+        try:
+            why = long_migration(conn, revision)
+        finally:
+            conn.close()
+        if why is not None:
+            raise SchemaOutdated(f"{redact(url)}: {why}")
     if revision is None and not has_images or older:
         upgrade(url, server_log)
 

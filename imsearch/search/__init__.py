@@ -1,17 +1,17 @@
 """Matches: the three search modes, planned and run in one place, the SQL function imsearch_search.
 
-Every mode orders the same rows by `embedding <=> query`; a mode only adds a WHERE clause. A filtered HNSW scan
-over the whole table loses results when the filter drops the query's own neighbourhood (`class <> X` for a query
-of class X: the greedy search spends itself inside X), so imsearch_search plans filtered queries per class:
+Every mode ranks rows by `embedding <=> query`, the exact cosine distance from the stored halfvec; a mode only adds
+a WHERE clause. Each vector is indexed about once (migration 0013, docs/scaling.md): one whole-table HNSW index
+over a 1,024-d fold of the embedding (imsearch_fold), and a partial one per class that holds a small share of the
+library. An index gives the nearest RERANK_DEPTH candidates by the fold, which the exact distance ranks:
 
-- a class of at most EXACT_MAX_ROWS rows is scanned exactly through the btree on `class` (a few ms);
-- a larger class has its own partial HNSW index (`imsearch_index_class`, made after ingest), which a query
-  `WHERE class = c` searches like an unfiltered index;
-- mode *other* searches the query class's other-class index (`imsearch db index-other`) where it has one, else the
-  union of the *same* query over every other class, each branch planned as above, merged by distance.
-
-Where a large class has no index yet, or there are more than MAX_BRANCHES classes, the whole-table index is
-scanned iteratively (pgvector >= 0.8), and exactly on older pgvector. docs/scaling.md has the measurements.
+- mode all: the whole-table index;
+- a filter that keeps at most EXACT_MAX_ROWS rows (a small class, or mode other beside a huge class): an exact
+  scan through the btree on `class`;
+- mode same, a class with its own index: that index, searched like an unfiltered one;
+- mode same for a large class without one, and mode other: the whole-table index scanned iteratively (pgvector
+  >= 0.8) until RERANK_DEPTH rows pass the filter; exactly on older pgvector, and while a bulk load has the index
+  down.
 
 find, the web page, evaluate and the audit call `run`, which calls imsearch_search; the SQL functions
 imsearch_nearest and imsearch_class_correspondence call it too. The template's second entry, imsearch_neighbours,
@@ -40,44 +40,61 @@ from ..modes import MAX_K, MODES
 from ..vectors import DIMENSIONS
 
 # Filtered sets up to this many rows are scanned exactly: cheaper than an index scan at that size, and exact. The
-# session setting imsearch.exact_max_rows overrides it in SQL; ingest gives larger classes their own index.
+# session setting imsearch.exact_max_rows overrides it in SQL.
 EXACT_MAX_ROWS = 1_000
-EF_SEARCH = 100
-# A query of class X searches the other classes' graphs from outside them, where HNSW needs a wider beam. At 100k
-# scene-like rows mode other's recall@5 was 0.995-1.0 / 1.0 / 1.0 at ef_search 100 / 200 / 400, p50 20-23 / 31-37 /
-# 46-58 ms (bench/other_mode.py; docs/scaling.md has the noise data's too).
-BRANCH_EF_SEARCH = 200
-# One graph of every other class, searched from outside it (m = 16, ef_construction = 400): at 100k scene rows
-# recall@5 0.970-0.974 / 0.970 (two query classes) at ef_search 200, 0.982 / 0.978 at 250, p50 5-6 ms; 50 or 100
-# candidates re-ranked made no difference (docs/scaling.md).
-OTHER_EF_SEARCH = 250
-OTHER_DEPTH = 50
+# The vector indexes hold FOLD_DIMENSIONS-d folds of the embedding (imsearch_fold, migration 0013); a search takes an
+# index's nearest RERANK_DEPTH by the fold (hnsw.ef_search as wide) and ranks them by the exact distance. The session
+# setting imsearch.rerank_depth overrides it. docs/scaling.md has the measurements behind both.
+FOLD_DIMENSIONS = 1024
+RERANK_DEPTH = 200
 MAX_SCAN_TUPLES = 50_000
-MAX_BRANCHES = 32
+# Both kinds of index are built as pgvector's defaults; a class index only for a class holding at most this share
+# of the library: a larger class fills enough of the whole-table graph that a filtered scan of it finds its rows.
+GRAPH_M = 16
+GRAPH_EF_CONSTRUCTION = 64
+CLASS_INDEX_MAX_SHARE = 0.125
 
-# Mode other's other-class index (migrations 0005-0006) holds FOLD, a 1,024-d fold of the embedding (half the bytes
-# per compared vector). Cosine on the fold, where the class indexes use `<#>` on the unit-length embedding, so
-# neither kind can serve the other's query.
-FOLD = "(subvector(embedding, 1, 1024) - subvector(embedding, 1025, 1024))::halfvec(1024)"
+# The whole-table index (migration 0013), and the partial ones per class (`imsearch_index_class`): the class prefix
+# and the first 16 hex digits of the class's md5. Migration 0013 dropped the full-width indexes of 0003-0006, whose
+# names begin with LEGACY_PREFIX.
+WHOLE_INDEX = "images_fold_hnsw"
+CLASS_INDEX_PREFIX = "images_fold_hnsw_c_"
+LEGACY_PREFIX = "images_embedding_hnsw"
 
-# Partial HNSW indexes per class (`imsearch_index_class`, migration 0003) and per other class (`db index-other`):
-# the prefix and the first 16 hex digits of the class's md5.
-CLASS_INDEX_PREFIX = "images_embedding_hnsw_c_"
-OTHER_INDEX_PREFIX = "images_embedding_hnsw_o_"
+
+def fold_signs() -> tuple[list[int], list[int]]:
+    """The fixed random signs imsearch_fold gives each half of the embedding: bits of SHA-256 over a counter, so
+    they are the same on every machine and need no seed of a library's."""
+    bits: list[int] = []
+    counter = 0
+    while len(bits) < 2 * FOLD_DIMENSIONS:
+        for byte in hashlib.sha256(f"imsearch fold {counter}".encode()).digest():
+            bits.extend(1 if byte >> j & 1 else -1 for j in range(8))
+        counter += 1
+    return bits[:FOLD_DIMENSIONS], bits[FOLD_DIMENSIONS:2 * FOLD_DIMENSIONS]
+
+
+def fold(vector: np.ndarray) -> np.ndarray:
+    """imsearch_fold in numpy (benchmarks and tests compare the two)."""
+    first, second = (np.asarray(s, dtype=np.float32) for s in fold_signs())
+    v = np.asarray(vector, dtype=np.float32)
+    return v[..., :FOLD_DIMENSIONS] * first + v[..., FOLD_DIMENSIONS:] * second
+
 
 # What imsearch_search raises for a class with no stored image (a code of its own, so callers need not read text).
 UNKNOWN_CLASS_SQLSTATE = "IM001"
 
 # Each SQL function and the template file that holds it (the planner's file holds its entries and their helper).
 TEMPLATES = {
-    "imsearch_class_index": "imsearch_search", "imsearch_search": "imsearch_search",
+    "imsearch_class_index": "imsearch_search", "imsearch_fold": "imsearch_search",
+    "imsearch_index_class": "imsearch_search", "imsearch_search": "imsearch_search",
     "imsearch_neighbours": "imsearch_search", "imsearch_nearest": "imsearch_nearest",
     "imsearch_class_correspondence": "imsearch_class_correspondence",
     "imsearch_duplicate_pairs": "imsearch_duplicate_pairs",
 }
 SQL_FUNCTIONS = tuple(TEMPLATES)
-# imsearch_neighbours's beam (hnsw.ef_search), at least twice the neighbours fetched: the audit's since it began.
-NEIGHBOURS_EF_SEARCH = 64
+# imsearch_neighbours's re-ranking depth (and beam), at least four times the neighbours fetched.
+NEIGHBOURS_DEPTH = 64
 # pgvector's first release with iterative index scans (hnsw.iterative_scan): filtered searches of the whole-table
 # index. The one check of it: `for_server` leaves their settings out of a function's SET clause before it, and
 # imsearch_search reads its own SET clause to know.
@@ -101,15 +118,15 @@ def function_sql(name: str) -> str:
     text = (files(__package__) / "sql" / f"{TEMPLATES[name]}.sql").read_text()
     [text] = [f for f in re.split(r"(?m)^(?=CREATE OR REPLACE FUNCTION )", text)
               if f.startswith(f"CREATE OR REPLACE FUNCTION public.{name}(")]
+    first, second = fold_signs()
     values = {
-        "EF_SEARCH": EF_SEARCH, "BRANCH_EF_SEARCH": BRANCH_EF_SEARCH, "OTHER_EF_SEARCH": OTHER_EF_SEARCH,
-        "OTHER_DEPTH": OTHER_DEPTH, "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
-        "NEIGHBOURS_EF_SEARCH": NEIGHBOURS_EF_SEARCH,
-        "MAX_BRANCHES": MAX_BRANCHES, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX,
-        "OTHER_INDEX_PREFIX": OTHER_INDEX_PREFIX, "FOLD_ROW": FOLD.replace("embedding", "i.embedding"),
+        "RERANK_DEPTH": RERANK_DEPTH, "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
+        "NEIGHBOURS_DEPTH": NEIGHBOURS_DEPTH, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX, "WHOLE_INDEX": WHOLE_INDEX,
+        "FOLD_DIMENSIONS": FOLD_DIMENSIONS, "FOLD_SECOND": FOLD_DIMENSIONS + 1,
+        "FOLD_SIGNS_1": "[" + ",".join(map(str, first)) + "]", "FOLD_SIGNS_2": "[" + ",".join(map(str, second)) + "]",
+        "GRAPH_M": GRAPH_M, "GRAPH_EF_CONSTRUCTION": GRAPH_EF_CONSTRUCTION,
         "MODES": ", ".join(f"'{m}'" for m in MODES), "DIMENSIONS": DIMENSIONS, "MAX_K": MAX_K,
         "UNKNOWN_CLASS": UNKNOWN_CLASS_SQLSTATE,
-        "FOLD_QUERY": FOLD.replace("embedding", "$1"),
     }
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
@@ -133,8 +150,7 @@ def for_server(function: str, pgvector: str | None) -> str:
 
 
 def index_name(cls: str, prefix: str = CLASS_INDEX_PREFIX) -> str:
-    """The name of a class's partial index (CLASS_INDEX_PREFIX) or of its other classes' (OTHER_INDEX_PREFIX):
-    imsearch_class_index's rule, md5 of the UTF-8 class name as PostgreSQL's (a test holds the two equal)."""
+    """The name of a class's partial index: imsearch_class_index's rule, md5 of the UTF-8 class name as PostgreSQL's (a test holds the two equal)."""
     return prefix + hashlib.md5(cls.encode()).hexdigest()[:16]
 
 

@@ -3,10 +3,40 @@ CREATE OR REPLACE FUNCTION public.imsearch_class_index(prefix text, class text)
  LANGUAGE sql
  STABLE
 AS $function$
--- the partial HNSW index of a class (prefix @CLASS_INDEX_PREFIX@, migration 0003) or of its other classes
--- (@OTHER_INDEX_PREFIX@, imsearch db index-other), NULL while it has none: the prefix and the first 16 hex digits
--- of the class's md5 (imsearch.search.index_name says the same in Python)
+-- the partial HNSW index of a class (prefix @CLASS_INDEX_PREFIX@, imsearch_index_class), NULL while it has none:
+-- the prefix and the first 16 hex digits of the class's md5 (imsearch.search.index_name says the same in Python)
 SELECT to_regclass(format('public.%I', prefix || left(md5(class), 16)))
+$function$
+CREATE OR REPLACE FUNCTION public.imsearch_fold(embedding halfvec)
+ RETURNS halfvec
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+-- what the vector indexes hold (migration 0013): the embedding's two halves, each with fixed random signs, added:
+-- a @FOLD_DIMENSIONS@-d random projection, half the bytes, that keeps the cosine order well enough to re-rank from
+-- (docs/scaling.md). Names are qualified: an index build evaluates it with an empty search_path
+SELECT (public.subvector(embedding, 1, @FOLD_DIMENSIONS@) OPERATOR(public.*) '@FOLD_SIGNS_1@'::public.halfvec
+        OPERATOR(public.+)
+        public.subvector(embedding, @FOLD_SECOND@, @FOLD_DIMENSIONS@) OPERATOR(public.*) '@FOLD_SIGNS_2@'::public.halfvec
+       )::public.halfvec(@FOLD_DIMENSIONS@)
+$function$
+CREATE OR REPLACE FUNCTION public.imsearch_index_class(cls text)
+ RETURNS text
+ LANGUAGE plpgsql
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+-- a class's own partial index (imsearch builds one for a class past @EXACT_MAX_ROWS@ rows that holds a small share of
+-- the library): the unit-length fold by inner product, which orders rows as the fold's cosine distance does but is
+-- an expression only these indexes hold, so the planner cannot take the whole-table index with a filter for it
+DECLARE
+    name text := '@CLASS_INDEX_PREFIX@' || left(md5(cls), 16);
+BEGIN
+    EXECUTE format(
+        'CREATE INDEX IF NOT EXISTS %I ON images '
+        'USING hnsw ((l2_normalize(imsearch_fold(embedding))::halfvec(@FOLD_DIMENSIONS@)) halfvec_ip_ops) '
+        'WITH (m = @GRAPH_M@, ef_construction = @GRAPH_EF_CONSTRUCTION@) WHERE class = %L', name, cls);
+    RETURN name;
+END
 $function$
 CREATE OR REPLACE FUNCTION public.imsearch_search(query halfvec, k integer DEFAULT 5, mode text DEFAULT 'all'::text, query_class text DEFAULT NULL::text, skip_sha256 text DEFAULT NULL::text, max_distance double precision DEFAULT NULL::double precision, exact boolean DEFAULT false)
  RETURNS TABLE(rank integer, id bigint, path text, class text, distance double precision)
@@ -16,33 +46,29 @@ CREATE OR REPLACE FUNCTION public.imsearch_search(query halfvec, k integer DEFAU
  SET plan_cache_mode TO 'force_custom_plan'
  SET enable_indexscan TO 'on'
  SET enable_sort TO 'on'
- SET "hnsw.ef_search" TO '@EF_SEARCH@'
+ SET "hnsw.ef_search" TO '@RERANK_DEPTH@'
  SET "hnsw.iterative_scan" TO 'relaxed_order'
  SET "hnsw.max_scan_tuples" TO '@MAX_SCAN_TUPLES@'
  SET enable_seqscan TO 'off'
 AS $function$
 -- imsearch's one search planner: imsearch find, the web page, evaluate and imsearch_nearest all come through here.
--- A 2048-d halfvec is stored out of line (TOAST), so the table looks small to the planner, which would rather scan
--- it and sort than use an index (659 ms instead of 0.4 ms at 100k rows): sequential scans stay off unless exact.
--- Each plan below only picks the rows to rank (`nearest`: a query of $1 the query, $2 skip_sha256, $3 k, $4 the
--- query at unit length, $6 query_class); one statement at the end ranks them.
+-- The vector indexes hold the embedding's fold (imsearch_fold, migration 0013): an index gives the nearest `depth`
+-- candidates by the fold's distance, and one statement at the end ranks them by the exact distance from the stored
+-- halfvec. A 2048-d halfvec is stored out of line (TOAST), so the table looks small to the planner, which would
+-- rather scan it and sort than use an index: sequential scans stay off unless exact.
 #variable_conflict use_column
 DECLARE
     -- whether this server has iterative index scans: the SET clause above names them only where imsearch found
     -- pgvector >= 0.8 when it created the function (imsearch.search.for_server)
     iterative boolean := current_setting('hnsw.iterative_scan', true) IS NOT DISTINCT FROM 'relaxed_order';
-    -- a session may move the exact-scan size and widen (or narrow) mode other's beams: SET imsearch.NAME = N
+    -- a session may move the exact-scan size and the re-ranking depth: SET imsearch.NAME = N
     exact_max bigint := coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, @EXACT_MAX_ROWS@);
-    branch_ef integer := coalesce(nullif(current_setting('imsearch.branch_ef_search', true), '')::integer,
-                                  @BRANCH_EF_SEARCH@);
-    other_ef integer := coalesce(nullif(current_setting('imsearch.other_ef_search', true), '')::integer,
-                                 @OTHER_EF_SEARCH@);
+    depth integer := coalesce(nullif(current_setting('imsearch.rerank_depth', true), '')::integer, @RERANK_DEPTH@);
+    filter text := CASE mode WHEN 'same' THEN ' AND i.class = $5' WHEN 'other' THEN ' AND i.class <> $5' ELSE '' END;
     scan_exactly boolean := exact;
+    order_by text;
     nearest text;
     candidates bigint;
-    small_only boolean;
-    big_unindexed boolean;
-    branches text[];
 BEGIN
     IF k IS NULL OR k < 1 OR k > @MAX_K@ THEN
         RAISE EXCEPTION 'k must be between 1 and @MAX_K@, not %', k USING ERRCODE = 'invalid_parameter_value';
@@ -68,107 +94,52 @@ BEGIN
             RAISE EXCEPTION 'class % is not stored', quote_literal(query_class) USING ERRCODE = '@UNKNOWN_CLASS@';
         END IF;
     END IF;
-    PERFORM set_config('hnsw.ef_search', least(greatest(@EF_SEARCH@, 2 * k), 1000)::text, true);
+    depth := least(greatest(depth, 4 * k), 1000);
+    PERFORM set_config('hnsw.ef_search', depth::text, true);
 
-    IF exact OR mode = 'all' THEN
-        NULL;  -- the whole-table index, or every row: below
-    ELSIF mode = 'same' THEN
-        -- a class of at most exact_max rows is scanned exactly through the btree on class (counted no further);
-        -- a larger one through its own index (migration 0003), which holds the unit-length embedding by inner
-        -- product: it orders rows as cosine distance does, and is searched like an unfiltered index
+    -- a filter that keeps at most exact_max rows is scanned exactly through the btree on class (counted no further)
+    IF NOT exact AND mode = 'same' THEN
         SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class = query_class LIMIT exact_max + 1) c;
-        IF candidates <= exact_max THEN
-            scan_exactly := true;
-        ELSIF imsearch_class_index('@CLASS_INDEX_PREFIX@', query_class) IS NOT NULL THEN
-            nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
-                       'WHERE i.sha256 IS DISTINCT FROM $2 AND i.class = $6 '
-                       'ORDER BY l2_normalize(i.embedding)::halfvec(@DIMENSIONS@) <#> $4 LIMIT $3';
-        ELSIF NOT iterative THEN
-            scan_exactly := true;
-        END IF;
-    ELSE
-        -- mode other. A filtered scan of the whole-table index loses results here: the greedy search spends itself
-        -- inside the query's own class. So: the query class's other-class index (imsearch db index-other) when it
-        -- has one: one search of a graph over every other class on the fold of the embedding, its nearest
-        -- @OTHER_DEPTH@ ranked by the exact distance
+        scan_exactly := candidates <= exact_max;
+    ELSIF NOT exact AND mode = 'other' THEN
         SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
-        IF candidates > exact_max AND imsearch_class_index('@OTHER_INDEX_PREFIX@', query_class) IS NOT NULL THEN
-            PERFORM set_config('hnsw.ef_search', least(greatest(other_ef, 2 * k), 1000)::text, true);
-            nearest := 'SELECT f.id, f.path, f.class, f.embedding <=> $1 AS distance FROM ('
-                       'SELECT i.id, i.path, i.class, i.embedding FROM images i '
-                       'WHERE i.sha256 IS DISTINCT FROM $2 AND i.class <> $6 '
-                       'ORDER BY @FOLD_ROW@ <=> @FOLD_QUERY@ '
-                       'LIMIT greatest(@OTHER_DEPTH@, $3)) f ORDER BY 4 LIMIT $3';
-        ELSE
-            -- else, with at most @MAX_BRANCHES@ other classes, each either small or with its own index, the union
-            -- of the same-class query over every other class, merged by distance (the classes found by skipping
-            -- through the btree on class, each counted no further than exact_max); else the whole-table index
-            -- scanned iteratively (pgvector >= 0.8), exactly on older pgvector; exactly while every other class
-            -- is small
-            WITH RECURSIVE stored(class) AS (
-                (SELECT i.class FROM images i WHERE i.class IS NOT NULL ORDER BY i.class LIMIT 1)
-                UNION ALL
-                SELECT (SELECT i.class FROM images i WHERE i.class > s.class ORDER BY i.class LIMIT 1)
-                FROM stored s WHERE s.class IS NOT NULL
-            ), others AS (
-                SELECT s.class,
-                       (SELECT count(*) FROM (SELECT FROM images i WHERE i.class = s.class LIMIT exact_max + 1) c) AS n,
-                       imsearch_class_index('@CLASS_INDEX_PREFIX@', s.class) AS index
-                FROM stored s
-                WHERE s.class IS NOT NULL AND s.class <> query_class
-                LIMIT @MAX_BRANCHES@ + 1
-            )
-            SELECT coalesce(bool_and(o.n <= exact_max), true),
-                   coalesce(bool_or(o.n > exact_max AND o.index IS NULL), false),
-                   coalesce(array_agg(
-                       CASE WHEN o.n <= exact_max THEN format(
-                           '(SELECT * FROM (SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
-                           'WHERE i.sha256 IS DISTINCT FROM $2 AND i.class = %L OFFSET 0) AS small '
-                           'ORDER BY small.distance LIMIT $3)', o.class)
-                       ELSE format(
-                           '(SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
-                           'WHERE i.sha256 IS DISTINCT FROM $2 AND i.class = %L '
-                           'ORDER BY l2_normalize(i.embedding)::halfvec(@DIMENSIONS@) <#> $4 LIMIT $3)', o.class)
-                       END ORDER BY o.class), '{}')
-            INTO small_only, big_unindexed, branches
-            FROM others o;
-            IF cardinality(branches) > @MAX_BRANCHES@ THEN
-                small_only := false;
-                big_unindexed := true;
-            END IF;
-            IF NOT small_only AND NOT big_unindexed THEN
-                PERFORM set_config('hnsw.ef_search', least(greatest(branch_ef, 2 * k), 1000)::text, true);
-                nearest := array_to_string(branches, ' UNION ALL ') || ' ORDER BY distance LIMIT $3';
-            ELSE
-                scan_exactly := small_only OR NOT iterative;
-            END IF;
-        END IF;
-    END IF;
-
-    IF iterative AND NOT scan_exactly AND (nearest IS NOT NULL OR mode = 'all') THEN
-        -- only a filtered scan of the whole-table index goes on past its beam
-        PERFORM set_config('hnsw.iterative_scan', 'off', true);
-    END IF;
-    IF nearest IS NOT NULL THEN
-        -- an index of the class's own, or the union of them: searched like an unfiltered index, its rows in order
-        PERFORM set_config('enable_sort', 'off', true);  -- else the planner reads the btree on class and sorts
-    ELSE
-        -- every mode's own filter, on the whole-table index (iteratively when filtered) or exactly
-        nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
-                   'WHERE i.sha256 IS DISTINCT FROM $2'
-                   || CASE mode WHEN 'same' THEN ' AND i.class = $6' WHEN 'other' THEN ' AND i.class <> $6' ELSE '' END
-                   || ' ORDER BY i.embedding <=> $1 LIMIT $3';
+        scan_exactly := candidates <= exact_max;
     END IF;
     IF scan_exactly THEN
+        NULL;
+    ELSIF mode = 'same' AND imsearch_class_index('@CLASS_INDEX_PREFIX@', query_class) IS NOT NULL THEN
+        -- a class of a small share of the library has its own index, searched like an unfiltered one
+        order_by := 'l2_normalize(imsearch_fold(i.embedding))::halfvec(@FOLD_DIMENSIONS@) <#> $7';
+        PERFORM set_config('hnsw.iterative_scan', 'off', true);
+    ELSIF to_regclass('public.@WHOLE_INDEX@') IS NOT NULL AND (mode = 'all' OR iterative) THEN
+        -- the whole-table index; with a filter (a large class, or every class but the query's) scanned iteratively
+        -- (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
+        order_by := 'imsearch_fold(i.embedding)::halfvec(@FOLD_DIMENSIONS@) <=> $6';
+        IF mode = 'all' THEN
+            PERFORM set_config('hnsw.iterative_scan', 'off', true);
+        END IF;
+    ELSE
+        scan_exactly := true;
+    END IF;
+
+    IF scan_exactly THEN
         -- every candidate read and sorted: through the btree on class or the table, whichever costs less (with
-        -- both kinds of scan off, PostgreSQL would take the cheaper disabled one: the whole-table HNSW index)
+        -- both kinds of scan off, PostgreSQL would take the cheaper disabled one: an HNSW index)
         PERFORM set_config('enable_indexscan', 'off', true);
         PERFORM set_config('enable_seqscan', 'on', true);
+        nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
+                   'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
+    ELSE
+        nearest := 'SELECT c.id, c.path, c.class, c.embedding <=> $1 AS distance FROM ('
+                   'SELECT i.id, i.path, i.class, i.embedding FROM images i '
+                   'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY ' || order_by || ' LIMIT $8) c '
+                   'ORDER BY 4 LIMIT $3';
     END IF;
     RETURN QUERY EXECUTE
         'SELECT (row_number() OVER (ORDER BY n.distance, n.id))::integer, n.id, n.path, n.class, n.distance '
-        'FROM (' || nearest || ') n WHERE $5 IS NULL OR n.distance <= $5 ORDER BY 1'
-    USING query, skip_sha256, k, l2_normalize(query), max_distance, query_class;
+        'FROM (' || nearest || ') n WHERE $4 IS NULL OR n.distance <= $4 ORDER BY 1'
+    USING query, skip_sha256, k, max_distance, query_class, imsearch_fold(query), l2_normalize(imsearch_fold(query)),
+          depth;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.imsearch_neighbours(ids bigint[], k integer DEFAULT 10)
@@ -179,26 +150,35 @@ CREATE OR REPLACE FUNCTION public.imsearch_neighbours(ids bigint[], k integer DE
  SET plan_cache_mode TO 'force_custom_plan'
  SET enable_indexscan TO 'on'
  SET enable_sort TO 'on'
- SET "hnsw.ef_search" TO '@NEIGHBOURS_EF_SEARCH@'
+ SET "hnsw.ef_search" TO '@NEIGHBOURS_DEPTH@'
  SET "hnsw.iterative_scan" TO 'off'
  SET enable_seqscan TO 'off'
 AS $function$
 -- the planner's second entry: each of these stored images' (NULL: every stored image's) k nearest other stored
--- images through the whole-table index, unranked; the audit, the calibration and imsearch_duplicate_pairs use it
+-- images through the whole-table index, its nearest `depth` by the fold re-ranked by the exact distance, unranked;
+-- the audit, the calibration and imsearch_duplicate_pairs use it
 #variable_conflict use_column
+DECLARE
+    depth integer;
 BEGIN
     IF k IS NULL OR k < 1 OR k > @MAX_K@ THEN
         RAISE EXCEPTION 'k must be between 1 and @MAX_K@, not %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM set_config('hnsw.ef_search', least(greatest(@NEIGHBOURS_EF_SEARCH@, 2 * k), 1000)::text, true);
+    depth := least(greatest(@NEIGHBOURS_DEPTH@, 4 * k), 1000);
+    PERFORM set_config('hnsw.ef_search', depth::text, true);
     RETURN QUERY
     SELECT s.id, m.id, m.distance
     FROM images s
     CROSS JOIN LATERAL (
-        SELECT i.id, i.embedding <=> s.embedding AS distance
-        FROM images i
-        WHERE i.id <> s.id
-        ORDER BY i.embedding <=> s.embedding
+        SELECT c.id, c.embedding <=> s.embedding AS distance
+        FROM (
+            SELECT i.id, i.embedding
+            FROM images i
+            WHERE i.id <> s.id
+            ORDER BY imsearch_fold(i.embedding)::halfvec(@FOLD_DIMENSIONS@) <=> imsearch_fold(s.embedding)
+            LIMIT depth
+        ) c
+        ORDER BY 2
         LIMIT k
     ) m
     WHERE ids IS NULL OR s.id = ANY(ids);
