@@ -87,7 +87,7 @@ def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(databa
 
 
 FUNCTIONS = ("imsearch_search", "imsearch_nearest", "imsearch_class_correspondence", "imsearch_neighbours",
-             "imsearch_class_index", "imsearch_duplicate_pairs", "imsearch_fold", "imsearch_index_class")
+             "imsearch_class_index", "imsearch_duplicate_pairs", "imsearch_fold", "imsearch_index_all", "imsearch_index_class")
 # Functions whose texts before this revision are written out in their migrations' Python (0002, 0003, 0008).
 FROZEN_SINCE = {"imsearch_duplicate_pairs": "0008", "imsearch_index_class": "0013"}
 

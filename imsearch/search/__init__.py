@@ -86,7 +86,7 @@ UNKNOWN_CLASS_SQLSTATE = "IM001"
 
 # Each SQL function and the template file that holds it (the planner's file holds its entries and their helper).
 TEMPLATES = {
-    "imsearch_class_index": "imsearch_search", "imsearch_fold": "imsearch_search",
+    "imsearch_class_index": "imsearch_search", "imsearch_fold": "imsearch_search", "imsearch_index_all": "imsearch_search",
     "imsearch_index_class": "imsearch_search", "imsearch_search": "imsearch_search",
     "imsearch_neighbours": "imsearch_search", "imsearch_nearest": "imsearch_nearest",
     "imsearch_class_correspondence": "imsearch_class_correspondence",

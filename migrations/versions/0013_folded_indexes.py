@@ -6,8 +6,8 @@ per class over every other class. At 100k rows that was 2.9 GB of indexes; at a 
 
 Now every graph holds imsearch_fold(embedding), a 1,024-d random-sign fold (a third of a page a row):
 
-- images_fold_hnsw over every row: mode all, mode other (scanned iteratively until enough rows pass the filter)
-  and mode same for a large class;
+- images_fold_hnsw over every row (imsearch_index_all, which a bulk load calls after its rows are in): mode all,
+  mode other (scanned iteratively until enough rows pass the filter) and mode same for a large class;
 - a partial index per class past 1,000 rows that holds at most an eighth of the library (imsearch_index_class),
   where a filtered scan of the whole-table graph would wade through the other classes.
 
@@ -80,10 +80,10 @@ def upgrade() -> None:
         op.alter_column("images", column, nullable=True)
     create("imsearch_fold_0013.sql")
     grant(FOLD, ["PUBLIC"], COMMENT)
-    create("imsearch_class_index_0013.sql", "imsearch_index_class_0013.sql", "imsearch_search_0013.sql",
-           "imsearch_neighbours_0013.sql")
-    op.execute("CREATE INDEX images_fold_hnsw ON images USING hnsw ((imsearch_fold(embedding)::halfvec(1024)) halfvec_cosine_ops) "
-               "WITH (m = 16, ef_construction = 64)")
+    create("imsearch_class_index_0013.sql", "imsearch_index_all_0013.sql", "imsearch_index_class_0013.sql",
+           "imsearch_search_0013.sql", "imsearch_neighbours_0013.sql")
+    op.execute("REVOKE ALL ON FUNCTION imsearch_index_all() FROM PUBLIC")
+    op.execute("SELECT imsearch_index_all()")
     index_classes(CLASS_INDEX_MAX_SHARE)
 
 
@@ -126,6 +126,7 @@ def downgrade() -> None:
         """
     )
     op.execute("REVOKE ALL ON FUNCTION imsearch_index_other(text) FROM PUBLIC")
+    op.execute("DROP FUNCTION imsearch_index_all()")
     op.execute(f"DROP FUNCTION {FOLD}")
     op.execute("CREATE INDEX images_embedding_hnsw ON images USING hnsw (embedding halfvec_cosine_ops) "
                "WITH (m = 16, ef_construction = 64)")

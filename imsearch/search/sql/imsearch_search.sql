@@ -20,6 +20,20 @@ SELECT (public.subvector(embedding, 1, @FOLD_DIMENSIONS@) OPERATOR(public.*) '@F
         public.subvector(embedding, @FOLD_SECOND@, @FOLD_DIMENSIONS@) OPERATOR(public.*) '@FOLD_SIGNS_2@'::public.halfvec
        )::public.halfvec(@FOLD_DIMENSIONS@)
 $function$
+CREATE OR REPLACE FUNCTION public.imsearch_index_all()
+ RETURNS text
+ LANGUAGE plpgsql
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+-- the whole-table index (migration 0013): every row's fold by cosine distance. A bulk load drops it while its rows
+-- go in and calls this after; it leaves an index that exists as it is
+BEGIN
+    EXECUTE 'CREATE INDEX IF NOT EXISTS @WHOLE_INDEX@ ON images '
+            'USING hnsw ((imsearch_fold(embedding)::halfvec(@FOLD_DIMENSIONS@)) halfvec_cosine_ops) '
+            'WITH (m = @GRAPH_M@, ef_construction = @GRAPH_EF_CONSTRUCTION@)';
+    RETURN '@WHOLE_INDEX@';
+END
+$function$
 CREATE OR REPLACE FUNCTION public.imsearch_index_class(cls text)
  RETURNS text
  LANGUAGE plpgsql
