@@ -197,30 +197,34 @@ def vector_index_bytes(conn: psycopg.Connection) -> tuple[int, int]:
 
 
 def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray, real: np.ndarray,
-            queries: int, k: int) -> None:
-    """recall@k, p50 and p95 per mode and query kind; the query classes are the first common class and the rare
-    one (a real photo's class in modes same and other is taken as given, whatever it shows)."""
+            queries: int, k: int, depths: list[int]) -> None:
+    """recall@k, p50 and p95 per mode, query kind and re-ranking depth (imsearch.rerank_depth); the query classes
+    are the first common class and the rare one (a real photo's class in modes same and other is taken as given,
+    whatever it shows)."""
     common = next(c for c in lib.members if c != RARE)
     cases = (("all", None), ("same", common), ("same", RARE), ("other", common), ("other", RARE))
     ids = dict(store.conn.execute("SELECT path, id FROM images").fetchall())
     row_id = np.array([ids[f"/library/{c}/{i:07d}.jpg"] for i, c in enumerate(labels)])
     kinds = {"gen": lambda cls: lib.draw(cls or common, queries).astype(np.float32), "real": lambda cls: real}
-    print(f"{'mode':28} {'queries':>7} {'recall@5':>8} {'min':>5} {'p50 ms':>7} {'p95 ms':>7}")
+    print(f"{'mode':28} {'depth':>5} {'queries':>7} {'recall@5':>8} {'min':>5} {'p50 ms':>7} {'p95 ms':>7}")
     for kind, make in kinds.items():
         for mode, cls in cases:
             qs = make(cls)
-            for q in qs[: min(10, len(qs))]:  # warm-up
-                search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
-            recalls, seconds = [], []
-            for q in qs:
-                t = time.perf_counter()
-                got = search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
-                seconds.append((time.perf_counter() - t) * 1000)
-                want = {int(row_id[i]) for i in truth(vectors, labels, q, mode, cls, k)}
-                recalls.append(len({m.id for m in got} & want) / k)
-            label = f"{kind} {mode}" + (f" {cls}" if cls else "")
-            print(f"{label:28} {len(qs):7d} {statistics.mean(recalls):8.3f} {min(recalls):5.2f} "
-                  f"{np.percentile(seconds, 50):7.1f} {np.percentile(seconds, 95):7.1f}", flush=True)
+            wanted = [{int(row_id[i]) for i in truth(vectors, labels, q, mode, cls, k)} for q in qs]
+            for depth in depths:
+                store.conn.execute("SELECT set_config('imsearch.rerank_depth', %s, false)", (str(depth),))
+                for q in qs[: min(10, len(qs))]:  # warm-up
+                    search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
+                recalls, seconds = [], []
+                for q, want in zip(qs, wanted):
+                    t = time.perf_counter()
+                    got = search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
+                    seconds.append((time.perf_counter() - t) * 1000)
+                    recalls.append(len({m.id for m in got} & want) / k)
+                label = f"{kind} {mode}" + (f" {cls}" if cls else "")
+                print(f"{label:28} {depth:5d} {len(qs):7d} {statistics.mean(recalls):8.3f} {min(recalls):5.2f} "
+                      f"{np.percentile(seconds, 50):7.1f} {np.percentile(seconds, 95):7.1f}", flush=True)
+            store.conn.execute("RESET imsearch.rerank_depth")
 
 
 def run(admin: str, args: argparse.Namespace, work: Path) -> None:
@@ -243,7 +247,7 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
             print(f"load: {load_s:.0f} s in all (rows and index builds; {loaded}); server peak {memory.peak / 2**30:.1f} GiB")
             print(f"vector indexes: {count}, {size / 2**20:,.0f} MiB, {size / args.rows / 1024:.2f} KiB a row; "
                   f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}", flush=True)
-            measure(store, lib, vectors, labels, real, args.queries, args.k)
+            measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths)
         if args.cache:
             wanted = int(size * 1.25) // 2**20 + 256
             with psycopg.connect(admin, autocommit=True) as conn:
@@ -253,7 +257,7 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
                 store.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
                 store.conn.execute("SELECT pg_prewarm(indexrelid) FROM pg_index WHERE indrelid = 'images'::regclass")
                 print(f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}, indexes prewarmed")
-                measure(store, lib, vectors, labels, real, args.queries, args.k)
+                measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths)
     finally:
         if not args.keep:
             drop_database(admin, "bench_million")
@@ -265,6 +269,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=5, help="common classes (the rare one comes on top)")
     ap.add_argument("--queries", type=int, default=50, help="generated queries per mode (real: the 100 test photos)")
     ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--depths", type=lambda v: [int(d) for d in v.split(",")], default=[search.RERANK_DEPTH],
+                    help="re-ranking depths to measure, comma-separated (imsearch.rerank_depth)")
     ap.add_argument("--cache", action="store_true", help="measure again with shared_buffers holding the indexes")
     ap.add_argument("--keep", action="store_true", help="keep the bench database (with DATABASE_URL)")
     args = ap.parse_args()

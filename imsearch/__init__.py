@@ -16,6 +16,7 @@ from .errors import (
     ImsearchError,
     ModelMismatch,
     NotCalibrated,
+    RefusedFile,
     SchemaOutdated,
     ServerCrashed,
     UnknownClass,
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Imsearch", "FindResult", "IngestResult", "Match", "ImsearchError", "BadImage", "DatabaseUnavailable",
-    "ModelMismatch", "NotCalibrated", "SchemaOutdated", "ServerCrashed", "UnknownClass", "WeightsUnavailable",
+    "ModelMismatch", "NotCalibrated", "RefusedFile", "SchemaOutdated", "ServerCrashed", "UnknownClass",
+    "WeightsUnavailable",
 ]
 
 

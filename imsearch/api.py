@@ -10,7 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -42,6 +42,9 @@ from .search import find as find_stage
 from .search.find import FindResult
 from .settings import Settings, server_log
 from .timing import phase
+
+if TYPE_CHECKING:
+    from .bulk import ExportResult, LoadResult
 
 __all__ = ["Embedded", "FindResult", "Imsearch", "Query", "Upgraded"]
 
@@ -210,6 +213,25 @@ class Imsearch:
             if not result.interrupted:
                 # A class past the exact-scan size gets its own HNSW index (see imsearch/search/__init__.py).
                 indexes.ensure_class_indexes(self.store, search.EXACT_MAX_ROWS)
+            return result
+
+    def export(self, file: str | Path, *, model: str | None = None,
+               progress: Progress | None = None) -> ExportResult:
+        """Write the stored rows of one model to a Parquet file; see `imsearch.bulk.export`. No model loads."""
+        from . import bulk  # pyarrow loads for these two commands only, not for every find
+
+        with self._lock:
+            return bulk.export(self.store, Path(file), model=model, progress=progress)
+
+    def load(self, files: Sequence[str | Path], *, model: str | None = None,
+             progress: Progress | None = None) -> LoadResult:
+        """Store the rows of Parquet files, all or nothing; see `imsearch.bulk.load`. No model loads."""
+        from . import bulk
+
+        with self._lock:
+            result = bulk.load(self.store, [Path(f) for f in files], model=model, progress=progress)
+            # As after an ingest: a class past the exact-scan size gets its own HNSW index.
+            indexes.ensure_class_indexes(self.store, search.EXACT_MAX_ROWS)
             return result
 
     def prune(self, *, dry_run: bool = False, gone_roots: bool = False) -> PruneResult:

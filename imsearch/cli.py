@@ -249,6 +249,44 @@ def prune(ctx: click.Context, dry_run: bool, gone_roots: bool, as_json: bool) ->
 
 
 @cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.parquet")
+@click.option("--model", metavar="ID", help="The model identity to export, for a library holding several.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def export(ctx: click.Context, file: Path, model: str | None, as_json: bool) -> None:
+    """Write the library to a Parquet file: path, class, sha256, sizes, phash and the embedding (float32), with the
+    model identity in the file's metadata (docs/bulk.md). No model loads."""
+    with progress_bar("export", shown=not as_json) as progress:
+        result = _app(ctx).export(file, model=model, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(f"exported {result.rows} row(s) to {result.file} in {result.seconds:.1f} s")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path),
+                metavar="FILE.parquet...")
+@click.option("--model", metavar="ID",
+              help="The model identity of files without imsearch:model metadata (imsearch export writes it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def load(ctx: click.Context, files: tuple[Path, ...], model: str | None, as_json: bool) -> None:
+    """Store the rows of Parquet files (as imsearch export writes them), all or nothing; no model loads.
+
+    A new path is added, a stored one whose bytes, class or vector differ is updated, the same row skipped. A file
+    with a bad value, a missing column or another model is refused in one line naming it and the row (docs/bulk.md).
+    """
+    with progress_bar("load", shown=not as_json) as progress:
+        result = _app(ctx).load(files, model=model, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(f"{result.added} added, {result.updated} updated, {result.skipped} skipped in "
+                   f"{result.seconds:.1f} s")
+
+
+@cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-k", "--top", "k", type=click.IntRange(1, MAX_K), default=5, show_default=True,
               help="How many matches per query.")

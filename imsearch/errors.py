@@ -56,3 +56,15 @@ class NotCalibrated(ImsearchError):
 class TooCostly(TooManyPixels):
     """An image whose header declares a decode far dearer than its pixels (thousands of JPEG scans, millions of
     TIFF strips), refused before it is opened or decoded."""
+
+
+class RefusedFile(ImsearchError):
+    """A file `imsearch load` refuses, whole: a missing column, a bad value (named by its 0-based row), another
+    model. Nothing of the load is stored."""
+
+    def __init__(self, path: str, reason: str, row: int | None = None) -> None:
+        where = path if row is None else f"{path}, row {row} (0-based)"
+        super().__init__(f"{where}: {reason}; nothing was loaded")
+        self.path = path
+        self.row = row
+        self.reason = reason

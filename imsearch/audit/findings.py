@@ -28,7 +28,8 @@ from .neighbours import Connect, Near, Neighbour, Progress, Rows, SameClass, lin
 KINDS = ("label", "leak", "duplicate", "outlier")
 K = 10
 # Among duplicates, the one kept: the most pixels, then the largest file, then the first stored.
-KEEP_RULE = "most pixels, then largest file, then first stored"
+KEEP_RULE = ("most pixels, then largest file, then first stored; where no copy's size is known (rows loaded without "
+             "sizes), the first by path")
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,9 @@ def audit(conn: psycopg.Connection[Any], calibration: Calibration, *, k: int = K
     findings += outliers
     notes = []
     if near.unhashed:
-        notes.append(f"{near.unhashed} image(s) have no perceptual hash (stored before it existed): "
-                     "`imsearch db backfill-hashes` computes them")
+        notes.append(f"{near.unhashed} image(s) have no perceptual hash (stored before it existed, or loaded without "
+                     "one), so the hash finds none of their copies: `imsearch db backfill-hashes` computes them from "
+                     "their files")
     if not files_readable:
         notes.append("no stored file could be read: the model's distances are not calibrated, and the audit works "
                      "from the stored rows alone (exact content and the stored hashes find duplicates)")
@@ -286,7 +288,7 @@ def _leaks_and_groups(rows: Rows, pairs: dict[tuple[int, int], _Pair]) -> list[F
                     best[i] = p
     groups = sorted((sorted(m, key=lambda i: rows.ids[i]) for m in linked(within)), key=lambda m: rows.ids[m[0]])
     for number, group in enumerate(groups, start=1):
-        keep = max(group, key=lambda i: (rows.pixels[i], rows.bytes[i], -rows.ids[i]))
+        keep = _kept(rows, group)
         for i in group:
             if i == keep:
                 continue
@@ -295,6 +297,15 @@ def _leaks_and_groups(rows: Rows, pairs: dict[tuple[int, int], _Pair]) -> list[F
                                     partner=rows.neighbour(keep, _distance_between(pairs, i, keep)),
                                     hash_bits=p.bits if keep in (p.a, p.b) else None, group=number))
     return findings
+
+
+def _kept(rows: Rows, group: list[int]) -> int:
+    """The copy a duplicate group keeps (KEEP_RULE): sizes decide among the copies whose size is known (-1: a row
+    loaded without it); where none is, the first by path."""
+    known = [i for i in group if rows.pixels[i] >= 0]
+    if known:
+        return max(known, key=lambda i: (rows.pixels[i], rows.bytes[i], -rows.ids[i]))
+    return min(group, key=lambda i: rows.paths[i])
 
 
 def _distance_between(pairs: dict[tuple[int, int], _Pair], i: int, j: int) -> float | None:

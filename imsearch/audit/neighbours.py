@@ -49,8 +49,8 @@ class Rows:
     paths: list[str]
     classes: np.ndarray  # class code, -1 for none
     names: list[str]
-    pixels: np.ndarray
-    bytes: np.ndarray
+    pixels: np.ndarray  # width x height, -1 where unknown
+    bytes: np.ndarray  # file size, -1 where unknown
     sha: list[str]
     phash: list[int | None]
 
@@ -66,8 +66,9 @@ class Rows:
 
 
 def read_rows(conn: psycopg.Connection[Any]) -> Rows:
-    rows = conn.execute("SELECT id, path, class, width::bigint * height, bytes, sha256, phash::text FROM images "
-                        "ORDER BY id").fetchall()
+    # -1: a size unknown (a row loaded without it), which the duplicate groups' keep-choice puts last
+    rows = conn.execute("SELECT id, path, class, coalesce(width::bigint * height, -1), coalesce(bytes, -1), sha256, "
+                        "phash::text FROM images ORDER BY id").fetchall()
     names = sorted({r[2] for r in rows if r[2] is not None})
     code = {c: i for i, c in enumerate(names)}
     return Rows(

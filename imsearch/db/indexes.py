@@ -14,7 +14,7 @@ from .. import search
 from ..errors import ImsearchError
 from ..modes import MODES
 from ..search import CLASS_INDEX_MAX_SHARE, CLASS_INDEX_PREFIX
-from ..settings import build_memory
+from ..settings import build_memory, quarter_of_memory_mb
 from .connect import Where, connection, scalar
 from .store import Store
 
@@ -63,20 +63,31 @@ def ensure_class_indexes(store: Store, min_rows: int) -> list[str]:
     return missing
 
 
-def _build(store: Store, sql: str, cls: str, rows: int) -> None:
-    """Build one index with IMSEARCH_BUILD_MEMORY as maintenance_work_mem when it is set, and warn when the
-    graph will not fit: pgvector then goes on building on disk, many times slower (docs/scaling.md)."""
+def size_build_memory(conn: psycopg.Connection[Any], rows: int) -> None:
+    """Give this session's index builds enough maintenance_work_mem for a graph of `rows` rows: IMSEARCH_BUILD_MEMORY
+    when it is set, else the graph's size up to a quarter of this machine's memory, where the server's own setting
+    is smaller (PostgreSQL's default, 64 MB, holds about 25,000 rows). A graph that does not fit goes on building on
+    disk, many times slower; that is said once (docs/scaling.md)."""
     memory = build_memory()
     if memory:
         try:
-            store.conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (memory,))
+            conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (memory,))
         except psycopg.errors.InvalidParameterValue:
             raise ImsearchError(f"IMSEARCH_BUILD_MEMORY={memory!r} is not a memory size (e.g. 2GB)") from None
-    have = scalar(store.conn, "SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")
-    if rows * GRAPH_BYTES_PER_ROW > have:
+    have = scalar(conn, "SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")
+    wanted = int(rows * GRAPH_BYTES_PER_ROW * 1.1)
+    if not memory and wanted > have:
+        have = max(have, min(wanted, (quarter_of_memory_mb() or 64) * 2**20))
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (f"{have // 2**20}MB",))
+    if wanted > have:
         log.warning("the index for %d rows needs about %d MB to build in memory, maintenance_work_mem is %d MB: "
                     "it will build slowly (set IMSEARCH_BUILD_MEMORY, e.g. 2GB)",
-                    rows, rows * GRAPH_BYTES_PER_ROW // 2**20 + 1, have // 2**20)
+                    rows, wanted // 2**20 + 1, have // 2**20)
+
+
+def _build(store: Store, sql: str, cls: str, rows: int) -> None:
+    """Build one class index with the memory its graph needs (size_build_memory)."""
+    size_build_memory(store.conn, rows)
     try:
         store.conn.execute(sql, (cls,))
     except psycopg.OperationalError as exc:
