@@ -244,7 +244,8 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
         file.unlink()
         with Store.open(url) as store:
             size, count = vector_index_bytes(store.conn)
-            print(f"load: {load_s:.0f} s in all (rows and index builds; {loaded}); server peak {memory.peak / 2**30:.1f} GiB")
+            print(f"load: {load_s:.0f} s in all (rows and index builds; {loaded}); "
+                  f"server peak {memory.peak / 2**30:.1f} GiB")
             print(f"vector indexes: {count}, {size / 2**20:,.0f} MiB, {size / args.rows / 1024:.2f} KiB a row; "
                   f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}", flush=True)
             measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths)
@@ -276,6 +277,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="imsearch-million-") as tmp:
         work = Path(tmp)
+        work.chmod(0o711)  # the embedded server's own system user passes through to its data folder
         admin = os.environ.get("DATABASE_URL")
         if admin:
             args.restart = lambda: sys.exit("--cache needs the bench's own server (unset DATABASE_URL)")

@@ -87,7 +87,8 @@ def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(databa
 
 
 FUNCTIONS = ("imsearch_search", "imsearch_nearest", "imsearch_class_correspondence", "imsearch_neighbours",
-             "imsearch_class_index", "imsearch_duplicate_pairs", "imsearch_fold", "imsearch_index_all", "imsearch_index_class")
+             "imsearch_class_index", "imsearch_duplicate_pairs", "imsearch_fold", "imsearch_index_all",
+             "imsearch_index_class")
 # Functions whose texts before this revision are written out in their migrations' Python (0002, 0003, 0008).
 FROZEN_SINCE = {"imsearch_duplicate_pairs": "0008", "imsearch_index_class": "0013"}
 
@@ -294,7 +295,8 @@ def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(data
     _synthetic_rows(database_url, 300, ("a", "b", "rare"))
     monkeypatch.setattr(migrate, "LONG_MIGRATION_ROWS", 200)
     with pytest.raises(SchemaOutdated, match=r"schema revision 0012, this imsearch needs 0013, which rebuilds the "
-                                             r"vector indexes of more than 200 stored images .*run `imsearch db upgrade`"):
+                                             r"vector indexes of more than 200 stored images .*"
+                                             r"run `imsearch db upgrade`"):
         ensure_schema(database_url, upgrade_older=True)
     seen: list[tuple[str, int, int]] = []
     assert upgrade(database_url, progress=lambda *a: seen.append(a)) == SCHEMA_REVISION

@@ -18,11 +18,10 @@ from psycopg import sql
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex
 
-from ..errors import ImsearchError
 from ..search import WHOLE_INDEX
 from .connect import scalar
-from .indexes import size_build_memory
 from .errors import translated, translating
+from .indexes import size_build_memory
 from .schema import images
 
 log = logging.getLogger(__name__)

@@ -86,8 +86,9 @@ UNKNOWN_CLASS_SQLSTATE = "IM001"
 
 # Each SQL function and the template file that holds it (the planner's file holds its entries and their helper).
 TEMPLATES = {
-    "imsearch_class_index": "imsearch_search", "imsearch_fold": "imsearch_search", "imsearch_index_all": "imsearch_search",
-    "imsearch_index_class": "imsearch_search", "imsearch_search": "imsearch_search",
+    "imsearch_class_index": "imsearch_search", "imsearch_fold": "imsearch_search",
+    "imsearch_index_all": "imsearch_search", "imsearch_index_class": "imsearch_search",
+    "imsearch_search": "imsearch_search",
     "imsearch_neighbours": "imsearch_search", "imsearch_nearest": "imsearch_nearest",
     "imsearch_class_correspondence": "imsearch_class_correspondence",
     "imsearch_duplicate_pairs": "imsearch_duplicate_pairs",
@@ -149,9 +150,10 @@ def for_server(function: str, pgvector: str | None) -> str:
     return function if iterates(pgvector) else ITERATIVE_SET_CLAUSE.sub("", function)
 
 
-def index_name(cls: str, prefix: str = CLASS_INDEX_PREFIX) -> str:
-    """The name of a class's partial index: imsearch_class_index's rule, md5 of the UTF-8 class name as PostgreSQL's (a test holds the two equal)."""
-    return prefix + hashlib.md5(cls.encode()).hexdigest()[:16]
+def index_name(cls: str) -> str:
+    """The name of a class's partial index: imsearch_class_index's rule, md5 of the UTF-8 class name as
+    PostgreSQL's (a test holds the two equal)."""
+    return CLASS_INDEX_PREFIX + hashlib.md5(cls.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
