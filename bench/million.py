@@ -105,7 +105,8 @@ class Library:
 
 
 def write_parquet(lib: Library, rows: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The rows as `imsearch export` writes them; returns their float16 vectors and classes, in file order."""
+    """The rows as `imsearch export` writes them; returns their float16 vectors (as stored) and classes, in file
+    order."""
     vectors = np.empty((rows, DIMS), dtype=np.float16)
     labels = np.empty(rows, dtype=object)
     schema = pa.schema([("path", pa.string()), ("class", pa.string()), ("sha256", pa.string()),
@@ -168,20 +169,25 @@ class PeakMemory:
         self._thread.join()
 
 
-def truth(vectors: np.ndarray, labels: np.ndarray, q: np.ndarray, mode: str, cls: str | None, k: int) -> set[int]:
-    """Row numbers (file order) of the exact top k, by cosine distance on the stored float16 values."""
-    best: list[tuple[float, int]] = []
-    qn = q.astype(np.float32) / np.linalg.norm(q)
-    for start in range(0, len(vectors), 200_000):
-        x = vectors[start:start + 200_000].astype(np.float32)
-        sims = (x @ qn) / np.linalg.norm(x, axis=1)
+def truth(vectors: np.ndarray, norms: np.ndarray, labels: np.ndarray, qs: np.ndarray, mode: str, cls: str | None,
+          k: int) -> list[set[int]]:
+    """Each query's exact top k as row numbers (file order): cosine similarity on the stored float16 values, one
+    pass over them for all the queries."""
+    qn = (qs / np.linalg.norm(qs, axis=1, keepdims=True)).astype(np.float32).T
+    best = np.empty((len(qs), 0), dtype=np.int64)
+    best_sims = np.empty((len(qs), 0), dtype=np.float32)
+    for start in range(0, len(vectors), 100_000):
+        sims = vectors[start:start + 100_000].astype(np.float32) @ qn / norms[start:start + 100_000, None]
+        chunk = labels[start:start + 100_000]
         if mode == "same":
-            sims[labels[start:start + 200_000] != cls] = -np.inf
+            sims[chunk != cls] = -np.inf
         elif mode == "other":
-            sims[labels[start:start + 200_000] == cls] = -np.inf
-        top = np.argpartition(-sims, k)[:k]
-        best.extend((float(-sims[t]), start + int(t)) for t in top)
-    return {i for _, i in sorted(best)[:k]}
+            sims[chunk == cls] = -np.inf
+        top = np.argpartition(-sims, k, axis=0)[:k].T  # queries x k
+        best = np.concatenate([best, top + start], axis=1)
+        best_sims = np.concatenate([best_sims, np.take_along_axis(sims.T, top, axis=1)], axis=1)
+    keep = np.argsort(-best_sims, axis=1)[:, :k]
+    return [set(map(int, row)) for row in np.take_along_axis(best, keep, axis=1)]
 
 
 def vector_index_bytes(conn: psycopg.Connection) -> tuple[int, int]:
@@ -204,13 +210,15 @@ def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray,
     common = next(c for c in lib.members if c != RARE)
     cases = (("all", None), ("same", common), ("same", RARE), ("other", common), ("other", RARE))
     ids = dict(store.conn.execute("SELECT path, id FROM images").fetchall())
+    norms = np.concatenate([np.linalg.norm(vectors[s:s + 100_000].astype(np.float32), axis=1)
+                            for s in range(0, len(vectors), 100_000)])
     row_id = np.array([ids[f"/library/{c}/{i:07d}.jpg"] for i, c in enumerate(labels)])
     kinds = {"gen": lambda cls: lib.draw(cls or common, queries).astype(np.float32), "real": lambda cls: real}
     print(f"{'mode':28} {'depth':>5} {'queries':>7} {'recall@5':>8} {'min':>5} {'p50 ms':>7} {'p95 ms':>7}")
     for kind, make in kinds.items():
         for mode, cls in cases:
             qs = make(cls)
-            wanted = [{int(row_id[i]) for i in truth(vectors, labels, q, mode, cls, k)} for q in qs]
+            wanted = [{int(row_id[i]) for i in top} for top in truth(vectors, norms, labels, qs, mode, cls, k)]
             for depth in depths:
                 store.conn.execute("SELECT set_config('imsearch.rerank_depth', %s, false)", (str(depth),))
                 for q in qs[: min(10, len(qs))]:  # warm-up

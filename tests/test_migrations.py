@@ -301,3 +301,20 @@ def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(data
     seen: list[tuple[str, int, int]] = []
     assert upgrade(database_url, progress=lambda *a: seen.append(a)) == SCHEMA_REVISION
     Store(database_url).close()
+
+
+def test_the_fold_in_sql_is_the_fold_in_python(database_url):
+    """imsearch_fold (what the indexes hold) and imsearch.search.fold (what benchmarks and tests compute) agree."""
+    from pgvector import HalfVector
+    from pgvector.psycopg import register_vector
+
+    from imsearch import search
+
+    upgrade(database_url)
+    rng = np.random.default_rng(3)
+    with psycopg.connect(database_url) as conn:
+        register_vector(conn)
+        for v in np.maximum(rng.normal(0, 1, (3, 2048)), 0).astype(np.float16).astype(np.float32):
+            folded = conn.execute("SELECT imsearch_fold(%s)", (HalfVector(v),)).fetchone()[0].to_numpy()
+            assert folded.shape == (search.FOLD_DIMENSIONS,)
+            np.testing.assert_allclose(folded, search.fold(v), rtol=2e-3, atol=2e-3)

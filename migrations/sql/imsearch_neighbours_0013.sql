@@ -5,14 +5,15 @@ CREATE OR REPLACE FUNCTION public.imsearch_neighbours(ids bigint[], k integer DE
  SET search_path TO 'public', 'pg_temp'
  SET plan_cache_mode TO 'force_custom_plan'
  SET enable_indexscan TO 'on'
- SET enable_sort TO 'on'
+ SET enable_sort TO 'off'
  SET "hnsw.ef_search" TO '64'
  SET "hnsw.iterative_scan" TO 'off'
  SET enable_seqscan TO 'off'
 AS $function$
 -- the planner's second entry: each of these stored images' (NULL: every stored image's) k nearest other stored
 -- images through the whole-table index, its nearest `depth` by the fold re-ranked by the exact distance, unranked;
--- the audit, the calibration and imsearch_duplicate_pairs use it
+-- the audit, the calibration and imsearch_duplicate_pairs use it (sorts off: else the planner may sort the table by
+-- the fold for each image rather than search the index; the ranking of the candidates still sorts)
 #variable_conflict use_column
 DECLARE
     depth integer;

@@ -82,6 +82,11 @@ BEGIN
         scan_exactly := true;
     END IF;
 
+    IF NOT scan_exactly THEN
+        -- an index gives the candidates in order: else the planner reads the btree on class and sorts every row of
+        -- the class by its fold (the ranking of the candidates still sorts, the one sort left to take)
+        PERFORM set_config('enable_sort', 'off', true);
+    END IF;
     IF scan_exactly THEN
         -- every candidate read and sorted: through the btree on class or the table, whichever costs less (with
         -- both kinds of scan off, PostgreSQL would take the cheaper disabled one: an HNSW index)

@@ -14,10 +14,11 @@ CREATE OR REPLACE FUNCTION public.imsearch_fold(embedding halfvec)
 AS $function$
 -- what the vector indexes hold (migration 0013): the embedding's two halves, each with fixed random signs, added:
 -- a @FOLD_DIMENSIONS@-d random projection, half the bytes, that keeps the cosine order well enough to re-rank from
--- (docs/scaling.md). Names are qualified: an index build evaluates it with an empty search_path
-SELECT (public.subvector(embedding, 1, @FOLD_DIMENSIONS@) OPERATOR(public.*) '@FOLD_SIGNS_1@'::public.halfvec
+-- (docs/scaling.md). Names are qualified, as an index build evaluates it with an empty search_path, and every
+-- product is in parentheses: operators named with OPERATOR() share one precedence
+SELECT ((public.subvector(embedding, 1, @FOLD_DIMENSIONS@) OPERATOR(public.*) '@FOLD_SIGNS_1@'::public.halfvec)
         OPERATOR(public.+)
-        public.subvector(embedding, @FOLD_SECOND@, @FOLD_DIMENSIONS@) OPERATOR(public.*) '@FOLD_SIGNS_2@'::public.halfvec
+        (public.subvector(embedding, @FOLD_SECOND@, @FOLD_DIMENSIONS@) OPERATOR(public.*) '@FOLD_SIGNS_2@'::public.halfvec)
        )::public.halfvec(@FOLD_DIMENSIONS@)
 $function$
 CREATE OR REPLACE FUNCTION public.imsearch_index_all()
@@ -136,6 +137,11 @@ BEGIN
         scan_exactly := true;
     END IF;
 
+    IF NOT scan_exactly THEN
+        -- an index gives the candidates in order: else the planner reads the btree on class and sorts every row of
+        -- the class by its fold (the ranking of the candidates still sorts, the one sort left to take)
+        PERFORM set_config('enable_sort', 'off', true);
+    END IF;
     IF scan_exactly THEN
         -- every candidate read and sorted: through the btree on class or the table, whichever costs less (with
         -- both kinds of scan off, PostgreSQL would take the cheaper disabled one: an HNSW index)
@@ -163,14 +169,15 @@ CREATE OR REPLACE FUNCTION public.imsearch_neighbours(ids bigint[], k integer DE
  SET search_path TO 'public', 'pg_temp'
  SET plan_cache_mode TO 'force_custom_plan'
  SET enable_indexscan TO 'on'
- SET enable_sort TO 'on'
+ SET enable_sort TO 'off'
  SET "hnsw.ef_search" TO '@NEIGHBOURS_DEPTH@'
  SET "hnsw.iterative_scan" TO 'off'
  SET enable_seqscan TO 'off'
 AS $function$
 -- the planner's second entry: each of these stored images' (NULL: every stored image's) k nearest other stored
 -- images through the whole-table index, its nearest `depth` by the fold re-ranked by the exact distance, unranked;
--- the audit, the calibration and imsearch_duplicate_pairs use it
+-- the audit, the calibration and imsearch_duplicate_pairs use it (sorts off: else the planner may sort the table by
+-- the fold for each image rather than search the index; the ranking of the candidates still sorts)
 #variable_conflict use_column
 DECLARE
     depth integer;
