@@ -16,9 +16,10 @@ them (migration 0013). Every query goes through imsearch's own planner, the SQL 
 imsearch.search.run, exactly as `find` does: an index's nearest imsearch.rerank_depth candidates by the fold,
 ranked by the exact distance. The scan column says what it searched, read from the server's per-index scan
 counters: hnsw (the whole-table index), class (the class's own index), iterative (the whole-table index scanned
-with the mode's filter) or exact. `--depths` repeats the index pass with `SET imsearch.rerank_depth` per depth,
-against the same exact answers. `--data noise` swaps the default scene-like vectors for the hard case (see Noise).
-Prints figures; asserts nothing.
+with the mode's filter) or exact; sorted where a class has its own index but the planner read the btree on class
+and sorted the class's rows by the fold instead. `--depths` repeats the index pass with `SET
+imsearch.rerank_depth` per depth, against the same exact answers. `--data noise` swaps the default scene-like
+vectors for the hard case (see Noise). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pgvector import HalfVector
 from synthetic import COMMON, GENERATORS, RARE, Generator, bench_server, drop_database, fill, fresh_database
 
 from imsearch import search
+from imsearch.db import indexes
 from imsearch.db.migrate import upgrade
 from imsearch.db.store import Store
 from imsearch.search import CLASS_INDEX_PREFIX, FOLD_DIMENSIONS, WHOLE_INDEX
@@ -108,7 +110,9 @@ def index_scans(conn: Any) -> dict[str, int]:
 def scan_of(store: Store, q: np.ndarray, case: tuple[str, str | None], k: int) -> str:
     """What imsearch_search searched for one query, from the per-index scan counters (EXPLAIN cannot see inside
     the function): `class`, the class's own index; `hnsw`, the whole-table index (mode all); `iterative`, the
-    whole-table index scanned with the mode's filter; or `exact`, no index."""
+    whole-table index scanned with the mode's filter; `exact`, no index. `sorted`: the class has its own index and
+    is past the exact size, yet no HNSW index was scanned: the planner read the btree on class and sorted every row
+    of the class by the fold instead."""
     mode, cls = case
     before = index_scans(store.conn)
     search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
@@ -117,6 +121,12 @@ def scan_of(store: Store, q: np.ndarray, case: tuple[str, str | None], k: int) -
         return "class"
     if WHOLE_INDEX in used:
         return "hnsw" if mode == "all" else "iterative"
+    if mode == "same" and cls in indexes.indexed_classes(store.conn, [cls]):
+        rows, exact_max = store.conn.execute(
+            "SELECT count(*), coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, %s) "
+            "FROM images WHERE class = %s", (search.EXACT_MAX_ROWS, cls)).fetchone()
+        if rows > exact_max:
+            return "sorted"
     return "exact"
 
 
@@ -170,7 +180,7 @@ def sql_function(store: Store, queries: int, k: int) -> None:
 
 
 # --planner-cost's baseline: the statement imsearch_search ends in for each kind of scan, sent by the client with
-# the settings the function gives it (SET LOCAL in one transaction) and the query's fold computed by the client.
+# the settings the function gives it (SET LOCAL in one transaction).
 # Not imsearch's code path: what the planner's own work per query (counting the filter, looking up the indexes,
 # building the statement) is measured against. An index's nearest `depth` by the fold, ranked by the exact distance:
 FOLDED = f"imsearch_fold(embedding)::halfvec({FOLD_DIMENSIONS})"
@@ -178,8 +188,11 @@ BARE_FILTER = {"all": "", "same": " AND class = %(cls)s", "other": " AND class <
 BARE_INDEX = ("SELECT id, path, class, embedding <=> %(q)s AS distance FROM ("
               "SELECT id, path, class, embedding FROM images WHERE sha256 IS DISTINCT FROM %(skip)s{filter} "
               "ORDER BY {order} LIMIT %(depth)s) c ORDER BY 4 LIMIT %(k)s")
-BARE_ORDER = {"hnsw": f"{FOLDED} <=> %(fold)s", "iterative": f"{FOLDED} <=> %(fold)s",
-              "class": f"l2_normalize(imsearch_fold(embedding))::halfvec({FOLD_DIMENSIONS}) <#> %(unit)s"}
+QUERY_FOLD = f"imsearch_fold(%(q)s::halfvec)::halfvec({FOLD_DIMENSIONS})"  # a constant: folded once, when planned
+CLASS_ORDER = (f"l2_normalize(imsearch_fold(embedding))::halfvec({FOLD_DIMENSIONS}) <#> "
+               f"l2_normalize({QUERY_FOLD})")
+BARE_ORDER = {"hnsw": f"{FOLDED} <=> {QUERY_FOLD}", "iterative": f"{FOLDED} <=> {QUERY_FOLD}",
+              "class": CLASS_ORDER, "sorted": CLASS_ORDER}  # sorted: the class index's statement, planned otherwise
 BARE_EXACT = ("SELECT id, path, class, embedding <=> %(q)s AS distance FROM images "
               "WHERE sha256 IS DISTINCT FROM %(skip)s{filter} ORDER BY 4 LIMIT %(k)s")
 
@@ -200,12 +213,6 @@ def bare_statement(mode: str, scan: str, depth: int, iterative: bool) -> tuple[s
     return BARE_INDEX.format(filter=BARE_FILTER[mode], order=BARE_ORDER[scan]), settings
 
 
-def fold_params(q: np.ndarray) -> tuple[HalfVector, HalfVector]:
-    """The query's fold and unit-length fold as imsearch_search passes them: from the halfvec query, in halves."""
-    f = search.fold(q.astype(np.float16).astype(np.float32)).astype(np.float16).astype(np.float32)
-    return HalfVector(f), HalfVector(f / np.linalg.norm(f))
-
-
 def planner_cost(store: Store, gen: Generator, queries: int, k: int,
                  cases: tuple[tuple[str, str | None], ...] = CASES) -> None:
     """Per mode and class: p50 of find's path (search.run: one call of imsearch_search, which counts, looks up the
@@ -224,9 +231,7 @@ def planner_cost(store: Store, gen: Generator, queries: int, k: int,
             t = time.perf_counter()
             found = search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
             t1 = time.perf_counter()
-            fold, unit = fold_params(q)
-            params = {"q": HalfVector(q), "fold": fold, "unit": unit, "k": k, "cls": cls, "skip": None,
-                      "depth": depth}
+            params = {"q": HalfVector(q), "k": k, "cls": cls, "skip": None, "depth": depth}
             with store.conn.transaction():
                 store.conn.execute("SELECT " + ", ".join("set_config(%s, %s, true)" for _ in settings),
                                    [x for pair in settings.items() for x in pair])
