@@ -16,10 +16,10 @@ them (migration 0013). Every query goes through imsearch's own planner, the SQL 
 imsearch.search.run, exactly as `find` does: an index's nearest imsearch.rerank_depth candidates by the fold,
 ranked by the exact distance. The scan column says what it searched, read from the server's per-index scan
 counters: hnsw (the whole-table index), class (the class's own index), iterative (the whole-table index scanned
-with the mode's filter) or exact; sorted where a class has its own index but the planner read the btree on class
-and sorted the class's rows by the fold instead. `--depths` repeats the index pass with `SET
-imsearch.rerank_depth` per depth, against the same exact answers. `--data noise` swaps the default scene-like
-vectors for the hard case (see Noise). Prints figures; asserts nothing.
+with the mode's filter) or exact; class/sort and iterative/sort where imsearch_search chose that index but the
+planner read the btree on class and sorted every row that passes the filter by the fold instead. `--depths`
+repeats the index pass with `SET imsearch.rerank_depth` per depth, against the same exact answers. `--data noise`
+swaps the default scene-like vectors for the hard case (see Noise). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ def index_scans(conn: Any) -> dict[str, int]:
 def scan_of(store: Store, q: np.ndarray, case: tuple[str, str | None], k: int) -> str:
     """What imsearch_search searched for one query, from the per-index scan counters (EXPLAIN cannot see inside
     the function): `class`, the class's own index; `hnsw`, the whole-table index (mode all); `iterative`, the
-    whole-table index scanned with the mode's filter; `exact`, no index. `sorted`: the class has its own index and
-    is past the exact size, yet no HNSW index was scanned: the planner read the btree on class and sorted every row
-    of the class by the fold instead."""
+    whole-table index scanned with the mode's filter; `exact`, no index, as planned. `class/sort` and
+    `iterative/sort`: the function chose that index's statement, but no HNSW index was scanned: the planner read
+    the btree on class and sorted every row that passes the filter by the fold instead."""
     mode, cls = case
     before = index_scans(store.conn)
     search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
@@ -121,12 +121,16 @@ def scan_of(store: Store, q: np.ndarray, case: tuple[str, str | None], k: int) -
         return "class"
     if WHOLE_INDEX in used:
         return "hnsw" if mode == "all" else "iterative"
-    if mode == "same" and cls in indexes.indexed_classes(store.conn, [cls]):
-        rows, exact_max = store.conn.execute(
-            "SELECT count(*), coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, %s) "
-            "FROM images WHERE class = %s", (search.EXACT_MAX_ROWS, cls)).fetchone()
+    if mode != "all":
+        rows, exact_max, whole = store.conn.execute(
+            f"SELECT count(*) FILTER (WHERE class {'=' if mode == 'same' else '<>'} %s), "
+            "coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, %s), "
+            "to_regclass(%s) IS NOT NULL FROM images", (cls, search.EXACT_MAX_ROWS, WHOLE_INDEX)).fetchone()
         if rows > exact_max:
-            return "sorted"
+            if mode == "same" and cls in indexes.indexed_classes(store.conn, [cls]):
+                return "class/sort"
+            if whole and search.iterates(store.pgvector):
+                return "iterative/sort"
     return "exact"
 
 
@@ -149,10 +153,10 @@ def pct(values: list[float], p: int) -> float:
 
 def table(rows: list[tuple], k: int, head: bool = True) -> None:
     if head:
-        print(f"{'mode':<36} {'scan':<9} {'depth':>5} {'LID':>4} {'recall@' + str(k):>9} {'min':>5} {'short':>5} "
+        print(f"{'mode':<36} {'scan':<14} {'depth':>5} {'LID':>4} {'recall@' + str(k):>9} {'min':>5} {'short':>5} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'exact p50 ms':>13}")
     for label, scan, depth, dim, recall, rmin, short, p50, p95, exact50 in rows:
-        print(f"{label:<36} {scan:<9} {depth:>5} {dim:>4.0f} {recall:>9.3f} {rmin:>5.2f} {short:>5} {p50:>7.1f} "
+        print(f"{label:<36} {scan:<14} {depth:>5} {dim:>4.0f} {recall:>9.3f} {rmin:>5.2f} {short:>5} {p50:>7.1f} "
               f"{p95:>7.1f} {exact50:>13.1f}")
 
 
@@ -192,7 +196,7 @@ QUERY_FOLD = f"imsearch_fold(%(q)s::halfvec)::halfvec({FOLD_DIMENSIONS})"  # a c
 CLASS_ORDER = (f"l2_normalize(imsearch_fold(embedding))::halfvec({FOLD_DIMENSIONS}) <#> "
                f"l2_normalize({QUERY_FOLD})")
 BARE_ORDER = {"hnsw": f"{FOLDED} <=> {QUERY_FOLD}", "iterative": f"{FOLDED} <=> {QUERY_FOLD}",
-              "class": CLASS_ORDER, "sorted": CLASS_ORDER}  # sorted: the class index's statement, planned otherwise
+              "class": CLASS_ORDER}  # a scan "X/sort" is X's statement, which the planner answered by sorting
 BARE_EXACT = ("SELECT id, path, class, embedding <=> %(q)s AS distance FROM images "
               "WHERE sha256 IS DISTINCT FROM %(skip)s{filter} ORDER BY 4 LIMIT %(k)s")
 
@@ -208,9 +212,10 @@ def bare_statement(mode: str, scan: str, depth: int, iterative: bool) -> tuple[s
     if scan == "exact":
         return (BARE_EXACT.format(filter=BARE_FILTER[mode]),
                 settings | {"enable_indexscan": "off", "enable_seqscan": "on"})
-    if iterative and scan != "iterative":
+    plan = scan.removesuffix("/sort")
+    if iterative and plan != "iterative":
         settings["hnsw.iterative_scan"] = "off"
-    return BARE_INDEX.format(filter=BARE_FILTER[mode], order=BARE_ORDER[scan]), settings
+    return BARE_INDEX.format(filter=BARE_FILTER[mode], order=BARE_ORDER[plan]), settings
 
 
 def planner_cost(store: Store, gen: Generator, queries: int, k: int,
@@ -220,7 +225,7 @@ def planner_cost(store: Store, gen: Generator, queries: int, k: int,
     query timed both ways in turn; and how many answers were the same. At imsearch's default depth."""
     depth = min(max(search.RERANK_DEPTH, 4 * k), 1000)  # as imsearch_search bounds it
     iterative = search.iterates(store.pgvector)
-    print(f"{'mode / query class':<32} {'scan':<9} {'find path p50 ms':>17} {'bare p50 ms':>12} {'ratio':>6} "
+    print(f"{'mode / query class':<32} {'scan':<14} {'find path p50 ms':>17} {'bare p50 ms':>12} {'ratio':>6} "
           f"{'same answers':>13}")
     for mode, cls in cases:
         qs = gen.vectors(cls or COMMON[2], 2 * queries)
@@ -242,7 +247,7 @@ def planner_cost(store: Store, gen: Generator, queries: int, k: int,
                 bare.append(t2 - t1)
                 same += [m.id for m in found] == [r[0] for r in sorted(rows, key=lambda r: (r[3], r[0]))]
         a, b = pct(ours, 50), pct(bare, 50)
-        print(f"{mode + ' ' + (cls or ''):<32} {scan:<9} {a:>17.1f} {b:>12.1f} {a / b:>6.2f} {same:>8}/{queries}")
+        print(f"{mode + ' ' + (cls or ''):<32} {scan:<14} {a:>17.1f} {b:>12.1f} {a / b:>6.2f} {same:>8}/{queries}")
 
 
 def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
