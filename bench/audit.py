@@ -93,7 +93,7 @@ def report(rows: int, loaded: Labelled, m: Measured) -> None:
     right = sum(m.labels[p] == flipped[p] for p in found)
     copies = {frozenset(p) for p in loaded.copies}
     print(f"\n{rows:,} rows: COPY {loaded.load_s:.1f} s ({rows / loaded.load_s:,.0f} rows/s), "
-          f"HNSW builds (embedding, hash, classes) {loaded.build_s:.1f} s")
+          f"HNSW builds (fold, hash, classes) {loaded.build_s:.1f} s")
     print(f"audit: {m.seconds:.1f} s ({rows / m.seconds:,.0f} rows/s), peak RSS {m.rss_peak / 1024:,.0f} MiB "
           f"(ru_maxrss of the auditing process; {m.rss_before / 1024:,.0f} MiB before the audit); "
           f"calibration sample {m.sample}, hash bits {m.hash_bits}")

@@ -3,25 +3,32 @@
     .venv/bin/python bench/search.py                  # 10k and 100k rows
     .venv/bin/python bench/search.py --full           # also 1M rows (hours of index build on 2 cores)
     .venv/bin/python bench/search.py --sizes 20000    # any sizes
+    .venv/bin/python bench/search.py --depths 100,200,400  # the index pass again per re-ranking depth
     .venv/bin/python bench/search.py --server-defaults  # a server nobody tuned (shared_buffers 128 MB, ...)
     .venv/bin/python bench/search.py --plain-storage    # vectors inline in their rows instead of TOAST
     .venv/bin/python bench/search.py --sql-function     # also time imsearch_nearest() against find's own path
     .venv/bin/python bench/search.py --planner-cost     # also time find's path against the bare statement it runs
 
 Uses DATABASE_URL when set (each size gets a fresh database, dropped afterwards), else a throwaway server set
-up as imsearch's embedded one. Every query goes through imsearch's own planner, the SQL function imsearch_search,
-via imsearch.search.run, exactly as `find` does; the scan column says which indexes it searched, read from the
-server's per-index scan counters. `--data noise` swaps the default scene-like vectors for the hard case (see Noise).
-Prints figures; asserts nothing.
+up as imsearch's embedded one. Rows go in by COPY with the whole-table fold index (images_fold_hnsw) down, which
+imsearch_index_all then builds, and the class indexes come from ensure_class_indexes, as `imsearch ingest` leaves
+them (migration 0013). Every query goes through imsearch's own planner, the SQL function imsearch_search, via
+imsearch.search.run, exactly as `find` does: an index's nearest imsearch.rerank_depth candidates by the fold,
+ranked by the exact distance. The scan column says what it searched, read from the server's per-index scan
+counters: hnsw (the whole-table index), class (the class's own index), iterative (the whole-table index scanned
+with the mode's filter) or exact; class/sort and iterative/sort where imsearch_search chose that index but the
+planner read the btree on class and sorted every row that passes the filter by the fold instead. `--depths`
+repeats the index pass with `SET imsearch.rerank_depth` per depth, against the same exact answers. `--data noise`
+swaps the default scene-like vectors for the hard case (see Noise). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -32,16 +39,31 @@ from imsearch import search
 from imsearch.db import indexes
 from imsearch.db.migrate import upgrade
 from imsearch.db.store import Store
-from imsearch.search import CLASS_INDEX_PREFIX, OTHER_INDEX_PREFIX
+from imsearch.search import CLASS_INDEX_PREFIX, FOLD_DIMENSIONS, WHOLE_INDEX
 
 CASES = (("all", None), ("same", COMMON[1]), ("same", RARE), ("other", COMMON[1]), ("other", RARE))
 
 
-def measure(store: Store, gen: Generator, queries: int, k: int,
-            cases: tuple[tuple[str, str | None], ...] = CASES) -> list[tuple]:
-    """Per mode and class: recall@k against an exact scan, short answers, p50/p95 of index and exact SQL.
+@contextmanager
+def rerank_depth(store: Store, depth: int | None) -> Iterator[None]:
+    """imsearch_search re-ranking `depth` candidates on the store's connection while the block runs (SET
+    imsearch.rerank_depth, RESET after); None: the function's own, RERANK_DEPTH."""
+    if depth is None:
+        yield
+        return
+    store.conn.execute("SELECT set_config('imsearch.rerank_depth', %s, false)", (str(depth),))
+    try:
+        yield
+    finally:
+        store.conn.execute("RESET imsearch.rerank_depth")
 
-    The index queries run in one pass and the exact scans in another, after a warm-up pass on other queries:
+
+def measure(store: Store, gen: Generator, queries: int, k: int, depths: list[int | None],
+            cases: tuple[tuple[str, str | None], ...] = CASES) -> list[tuple]:
+    """Per mode and class, and per re-ranking depth: recall@k against an exact scan, short answers, p50/p95 of the
+    index and of the exact SQL.
+
+    The exact scans run in one pass, then for each depth a warm-up pass on other queries and the index pass:
     interleaved, each exact scan would push the index pages the next query needs out of the server's cache.
     """
     counts = dict(store.classes())
@@ -55,64 +77,61 @@ def measure(store: Store, gen: Generator, queries: int, k: int,
             seconds.append(time.perf_counter() - t)
         return answers, seconds
 
-    for case in cases:
-        timed(case, draws[case][queries:])
-    fast = {case: timed(case, draws[case][:queries]) for case in cases}
+    truth = {case: timed(case, draws[case][:queries], exact=True) for case in cases}
+    deep = {case: lid(timed(case, draws[case][:10], exact=True, limit=LID_K)[0]) for case in cases}
+    scans = {case: scan_of(store, draws[case][0], case, k) for case in cases}
     out = []
-    for case in cases:
-        mode, cls = case
-        truth, slow = timed(case, draws[case][:queries], exact=True)
-        got = fast[case][0]
-        recalls = [len({m.id for m in g} & {m.id for m in t}) / len(t) for g, t in zip(got, truth)]
-        short = sum(len(g) < k for g in got)
-        deep, _ = timed(case, draws[case][:10], exact=True, limit=LID_K)
-        filtered = None if mode == "all" else (counts[cls] if mode == "same" else
-                                               sum(n for c, n in counts.items() if c != cls))
-        label = mode if cls is None else f"{mode} {cls} ({filtered:,} rows)"
-        scan = scan_of(store, draws[case][0], case, k, counts)
-        out.append((label, scan, lid(deep), statistics.mean(recalls), min(recalls), short,
-                    pct(fast[case][1], 50), pct(fast[case][1], 95), pct(slow, 50)))
+    for depth in depths:
+        with rerank_depth(store, depth):
+            for case in cases:
+                timed(case, draws[case][queries:])
+            fast = {case: timed(case, draws[case][:queries]) for case in cases}
+        for case in cases:
+            mode, cls = case
+            got, seconds = fast[case]
+            exact, slow = truth[case]
+            recalls = [len({m.id for m in g} & {m.id for m in t}) / len(t) for g, t in zip(got, exact)]
+            short = sum(len(g) < k for g in got)
+            filtered = None if mode == "all" else (counts[cls] if mode == "same" else
+                                                   sum(n for c, n in counts.items() if c != cls))
+            label = mode if cls is None else f"{mode} {cls} ({filtered:,} rows)"
+            out.append((label, scans[case], depth or search.RERANK_DEPTH, deep[case], statistics.mean(recalls),
+                        min(recalls), short, pct(seconds, 50), pct(seconds, 95), pct(slow, 50)))
     return out
 
 
 def index_scans(conn: Any) -> dict[str, int]:
-    """HNSW index scans on images so far, by index name (this connection's own counted first)."""
+    """HNSW index scans on images so far by the fold indexes, by index name (this connection's own counted first)."""
     conn.execute("SELECT pg_stat_force_next_flush()")
     return dict(conn.execute("SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE relname = 'images' "
-                             "AND starts_with(indexrelname, 'images_embedding_hnsw')").fetchall())
+                             "AND starts_with(indexrelname, %s)", (WHOLE_INDEX,)).fetchall())
 
 
-def scan_of(store: Store, q: np.ndarray, case: tuple[str, str | None], k: int, counts: dict[str, int]) -> str:
-    """Which indexes imsearch_search searched for one query, from the per-index scan counters (EXPLAIN cannot see
-    inside the function): its class index, the other-class index, a union of one branch per other class (those
-    at most EXACT_MAX_ROWS rows scanned exactly), the whole-table index, or none: an exact scan."""
+def scan_of(store: Store, q: np.ndarray, case: tuple[str, str | None], k: int) -> str:
+    """What imsearch_search searched for one query, from the per-index scan counters (EXPLAIN cannot see inside
+    the function): `class`, the class's own index; `hnsw`, the whole-table index (mode all); `iterative`, the
+    whole-table index scanned with the mode's filter; `exact`, no index, as planned. `class/sort` and
+    `iterative/sort`: the function chose that index's statement, but no HNSW index was scanned: the planner read
+    the btree on class and sorted every row that passes the filter by the fold instead."""
     mode, cls = case
     before = index_scans(store.conn)
     search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
-    used = {name: n - before.get(name, 0) for name, n in index_scans(store.conn).items() if n > before.get(name, 0)}
-    class_scans = sum(n for name, n in used.items() if name.startswith(CLASS_INDEX_PREFIX))
-    if mode == "other" and class_scans:
-        small = sum(1 for c, n in counts.items() if c != cls and n <= search.EXACT_MAX_ROWS)
-        return f"union: {class_scans} class idx, {small} exact"
-    return ("class idx" if class_scans else
-            "other-class idx" if any(name.startswith(OTHER_INDEX_PREFIX) for name in used) else
-            "hnsw" if "images_embedding_hnsw" in used else "exact")
-
-
-def insert_ms(store: Store, gen: Generator, rows: int = 200, batch: int = 32) -> float:
-    """Milliseconds per row to insert rows of a common class in ingest-sized batches: the index upkeep an ingest
-    pays on top of decoding and the model."""
-    vectors = gen.vectors(COMMON[3], rows)
-    first = store.conn.execute("SELECT coalesce(max(id), 0) + 1 FROM images").fetchone()[0]
-    t = time.perf_counter()
-    for start in range(0, rows, batch):
-        with store.conn.transaction(), store.conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding) "
-                "VALUES (%s, %s, %s, 224, 224, 0, 'synthetic', %s)",
-                [(f"/synthetic/insert/{first + i:08d}.jpg", COMMON[3], f"insert-{first + i}", HalfVector(v))
-                 for i, v in enumerate(vectors[start:start + batch], start)])
-    return (time.perf_counter() - t) / rows * 1000
+    used = {name for name, n in index_scans(store.conn).items() if n > before.get(name, 0)}
+    if any(name.startswith(CLASS_INDEX_PREFIX) for name in used):
+        return "class"
+    if WHOLE_INDEX in used:
+        return "hnsw" if mode == "all" else "iterative"
+    if mode != "all":
+        rows, exact_max, whole = store.conn.execute(
+            f"SELECT count(*) FILTER (WHERE class {'=' if mode == 'same' else '<>'} %s), "
+            "coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, %s), "
+            "to_regclass(%s) IS NOT NULL FROM images", (cls, search.EXACT_MAX_ROWS, WHOLE_INDEX)).fetchone()
+        if rows > exact_max:
+            if mode == "same" and cls in indexes.indexed_classes(store.conn, [cls]):
+                return "class/sort"
+            if whole and search.iterates(store.pgvector):
+                return "iterative/sort"
+    return "exact"
 
 
 LID_K = 20
@@ -134,10 +153,10 @@ def pct(values: list[float], p: int) -> float:
 
 def table(rows: list[tuple], k: int, head: bool = True) -> None:
     if head:
-        print(f"{'mode':<32} {'scan':<30} {'LID':>4} {'recall@' + str(k):>9} {'min':>5} {'short':>5} "
+        print(f"{'mode':<36} {'scan':<14} {'depth':>5} {'LID':>4} {'recall@' + str(k):>9} {'min':>5} {'short':>5} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'exact p50 ms':>13}")
-    for label, scan, dim, recall, rmin, short, p50, p95, exact50 in rows:
-        print(f"{label:<32} {scan:<30} {dim:>4.0f} {recall:>9.3f} {rmin:>5.2f} {short:>5} {p50:>7.1f} "
+    for label, scan, depth, dim, recall, rmin, short, p50, p95, exact50 in rows:
+        print(f"{label:<36} {scan:<14} {depth:>5} {dim:>4.0f} {recall:>9.3f} {rmin:>5.2f} {short:>5} {p50:>7.1f} "
               f"{p95:>7.1f} {exact50:>13.1f}")
 
 
@@ -165,56 +184,59 @@ def sql_function(store: Store, queries: int, k: int) -> None:
 
 
 # --planner-cost's baseline: the statement imsearch_search ends in for each kind of scan, sent by the client with
-# its settings (SET LOCAL in one transaction), as find sent it while it planned in Python (before migration 0011).
-# Not imsearch's code path: what the planner's own work per query is measured against.
-BARE_ROW = "SELECT id, path, class, embedding <=> %(q)s AS distance FROM images WHERE sha256 IS DISTINCT FROM %(skip)s"
-BARE_CLASS = BARE_ROW + " AND class = {c} ORDER BY l2_normalize(embedding)::halfvec(2048) <#> %(unit)s LIMIT %(k)s"
-BARE_EXACT = "SELECT * FROM (" + BARE_ROW + " AND class {op} {c} OFFSET 0) AS small ORDER BY distance LIMIT %(k)s"
-BARE = {
-    "hnsw": BARE_ROW + " ORDER BY embedding <=> %(q)s LIMIT %(k)s",
-    "class idx": BARE_CLASS.format(c="%(cls)s"),
-    "other-class idx": "SELECT * FROM (SELECT id, path, class, embedding <=> %(q)s AS distance FROM images "
-                       f"WHERE sha256 IS DISTINCT FROM %(skip)s AND class <> %(cls)s ORDER BY {search.FOLD} <=> "
-                       "%(fold)s LIMIT %(depth)s) AS near ORDER BY distance LIMIT %(k)s",
-}
+# the settings the function gives it (SET LOCAL in one transaction).
+# Not imsearch's code path: what the planner's own work per query (counting the filter, looking up the indexes,
+# building the statement) is measured against. An index's nearest `depth` by the fold, ranked by the exact distance:
+FOLDED = f"imsearch_fold(embedding)::halfvec({FOLD_DIMENSIONS})"
+BARE_FILTER = {"all": "", "same": " AND class = %(cls)s", "other": " AND class <> %(cls)s"}
+BARE_INDEX = ("SELECT id, path, class, embedding <=> %(q)s AS distance FROM ("
+              "SELECT id, path, class, embedding FROM images WHERE sha256 IS DISTINCT FROM %(skip)s{filter} "
+              "ORDER BY {order} LIMIT %(depth)s) c ORDER BY 4 LIMIT %(k)s")
+QUERY_FOLD = f"imsearch_fold(%(q)s::halfvec)::halfvec({FOLD_DIMENSIONS})"  # a constant: folded once, when planned
+CLASS_ORDER = (f"l2_normalize(imsearch_fold(embedding))::halfvec({FOLD_DIMENSIONS}) <#> "
+               f"l2_normalize({QUERY_FOLD})")
+BARE_ORDER = {"hnsw": f"{FOLDED} <=> {QUERY_FOLD}", "iterative": f"{FOLDED} <=> {QUERY_FOLD}",
+              "class": CLASS_ORDER}  # a scan "X/sort" is X's statement, which the planner answered by sorting
+BARE_EXACT = ("SELECT id, path, class, embedding <=> %(q)s AS distance FROM images "
+              "WHERE sha256 IS DISTINCT FROM %(skip)s{filter} ORDER BY 4 LIMIT %(k)s")
 
 
-def bare_statement(mode: str, scan: str, cls: str | None, counts: dict[str, int],
-                   k: int) -> tuple[str, dict[str, str]]:
-    """The baseline statement and settings for one mode and kind of scan (the scan column of `measure`)."""
-    index = {"plan_cache_mode": "force_custom_plan", "enable_seqscan": "off",
-             "hnsw.ef_search": str(max(search.EF_SEARCH, 2 * k))}
+def bare_statement(mode: str, scan: str, depth: int, iterative: bool) -> tuple[str, dict[str, str]]:
+    """The baseline statement and settings for one mode and kind of scan (the scan column of `measure`), as
+    imsearch_search sets them: its SET clause, hnsw.ef_search as wide as the depth, iterative scans off but for a
+    filtered scan of the whole-table index, and for an exact scan index scans off and sequential ones on."""
+    settings = {"plan_cache_mode": "force_custom_plan", "enable_indexscan": "on", "enable_sort": "on",
+                "enable_seqscan": "off", "hnsw.ef_search": str(depth)}
+    if iterative:  # pgvector >= 0.8: the function's SET clause names them (search.for_server)
+        settings |= {"hnsw.iterative_scan": "relaxed_order", "hnsw.max_scan_tuples": str(search.MAX_SCAN_TUPLES)}
     if scan == "exact":
-        return BARE_EXACT.format(op="=" if mode == "same" else "<>", c="%(cls)s"), {"enable_indexscan": "off"}
-    if scan.startswith("union"):
-        branches = [(BARE_EXACT if n <= search.EXACT_MAX_ROWS else BARE_CLASS).format(op="=", c=f"'{c}'")
-                    for c, n in sorted(counts.items()) if c != cls]
-        sql = " UNION ALL ".join(f"({b})" for b in branches) + " ORDER BY distance LIMIT %(k)s"
-        return sql, {**index, "enable_sort": "off", "hnsw.ef_search": str(max(search.BRANCH_EF_SEARCH, 2 * k))}
-    if scan == "other-class idx":
-        return BARE[scan], {**index, "enable_sort": "off", "hnsw.ef_search": str(max(search.OTHER_EF_SEARCH, 2 * k))}
-    return BARE[scan], {**index, "enable_sort": "off"} if scan == "class idx" else index
+        return (BARE_EXACT.format(filter=BARE_FILTER[mode]),
+                settings | {"enable_indexscan": "off", "enable_seqscan": "on"})
+    plan = scan.removesuffix("/sort")
+    if iterative and plan != "iterative":
+        settings["hnsw.iterative_scan"] = "off"
+    return BARE_INDEX.format(filter=BARE_FILTER[mode], order=BARE_ORDER[plan]), settings
 
 
 def planner_cost(store: Store, gen: Generator, queries: int, k: int,
                  cases: tuple[tuple[str, str | None], ...] = CASES) -> None:
     """Per mode and class: p50 of find's path (search.run: one call of imsearch_search, which counts, looks up the
     indexes and plans in SQL) against the bare statement it ends in with the client's SET LOCAL settings, each
-    query timed both ways in turn; and how many answers were the same."""
-    counts = dict(store.classes())
-    print(f"{'mode / query class':<32} {'scan':<30} {'find path p50 ms':>17} {'bare p50 ms':>12} {'ratio':>6} "
+    query timed both ways in turn; and how many answers were the same. At imsearch's default depth."""
+    depth = min(max(search.RERANK_DEPTH, 4 * k), 1000)  # as imsearch_search bounds it
+    iterative = search.iterates(store.pgvector)
+    print(f"{'mode / query class':<32} {'scan':<14} {'find path p50 ms':>17} {'bare p50 ms':>12} {'ratio':>6} "
           f"{'same answers':>13}")
     for mode, cls in cases:
         qs = gen.vectors(cls or COMMON[2], 2 * queries)
-        scan = scan_of(store, qs[0], (mode, cls), k, counts)
-        sql, settings = bare_statement(mode, scan, cls, counts, k)
+        scan = scan_of(store, qs[0], (mode, cls), k)
+        sql, settings = bare_statement(mode, scan, depth, iterative)
         ours, bare, same = [], [], 0
         for i, q in enumerate(qs):
             t = time.perf_counter()
             found = search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
             t1 = time.perf_counter()
-            params = {"q": HalfVector(q), "unit": HalfVector(q / np.linalg.norm(q)), "k": k, "cls": cls,
-                      "skip": None, "fold": HalfVector(q[:1024] - q[1024:]), "depth": max(search.OTHER_DEPTH, k)}
+            params = {"q": HalfVector(q), "k": k, "cls": cls, "skip": None, "depth": depth}
             with store.conn.transaction():
                 store.conn.execute("SELECT " + ", ".join("set_config(%s, %s, true)" for _ in settings),
                                    [x for pair in settings.items() for x in pair])
@@ -225,73 +247,30 @@ def planner_cost(store: Store, gen: Generator, queries: int, k: int,
                 bare.append(t2 - t1)
                 same += [m.id for m in found] == [r[0] for r in sorted(rows, key=lambda r: (r[3], r[0]))]
         a, b = pct(ours, 50), pct(bare, 50)
-        print(f"{mode + ' ' + (cls or ''):<32} {scan:<30} {a:>17.1f} {b:>12.1f} {a / b:>6.2f} {same:>8}/{queries}")
-
-
-@contextlib.contextmanager
-def other_depth(store: Store, depth: int) -> Iterator[None]:
-    """imsearch_search re-ranking `depth` candidates from an other-class index, for as long as the block runs: the
-    depth is fixed in the function's text (no session setting), so the function is created again in the bench's
-    database with OTHER_DEPTH changed, and as imsearch makes it afterwards."""
-    saved = search.OTHER_DEPTH
-
-    def create() -> None:
-        store.conn.execute(search.for_server(search.function_sql("imsearch_search"),
-                                             ".".join(map(str, store.pgvector or ()))))
-
-    search.OTHER_DEPTH = depth
-    try:
-        create()
-        yield
-    finally:
-        search.OTHER_DEPTH = saved
-        create()
+        print(f"{mode + ' ' + (cls or ''):<32} {scan:<14} {a:>17.1f} {b:>12.1f} {a / b:>6.2f} {same:>8}/{queries}")
 
 
 def run_size(admin_url: str, rows: int, args: argparse.Namespace) -> None:
     name = f"imsearch_bench_{args.data}_{rows}"
     url = fresh_database(admin_url, name)
     try:
-        # -- schema from the migrations, rows by COPY, index rebuilt as the migration defines it
+        # -- schema from the migrations, rows by COPY, the indexes built as a bulk load and an ingest build them
         upgrade(url)
         gen = GENERATORS[args.data](seed=rows)
         load_s, build_s, size, n_class, class_s, class_size = fill(url, gen, rows, args.plain_storage)
-        print(f"\n{rows:,} rows: COPY {load_s:.1f} s ({rows / load_s:,.0f} rows/s), HNSW build {build_s:.1f} s, "
-              f"index {size / 2**20:,.0f} MiB; {n_class} class indexes {class_s:.1f} s, {class_size / 2**20:,.0f} MiB")
+        print(f"\n{rows:,} rows: COPY {load_s:.1f} s ({rows / load_s:,.0f} rows/s), whole-table index "
+              f"({WHOLE_INDEX}) {build_s:.1f} s, {size / 2**20:,.0f} MiB; {n_class} class indexes {class_s:.1f} s, "
+              f"{class_size / 2**20:,.0f} MiB")
         # -- queries through imsearch's planner, against an exact scan
         with Store.open(url) as store:
             print("shared_buffers", store.conn.execute("SHOW shared_buffers").fetchone()[0])
             for _ in range(3):  # warm the cache
                 search.run(store.conn, gen.vectors(COMMON[0], 1)[0], "all", k=args.k, cls=None, skip_sha=None)
-            table(measure(store, gen, args.queries, args.k), args.k)
+            table(measure(store, gen, args.queries, args.k, args.depths or [None]), args.k)
             if args.sql_function:
                 sql_function(store, args.queries, args.k)
             if args.planner_cost:
                 planner_cost(store, gen, args.queries, args.k)
-            if args.index_other:
-                before = insert_ms(store, gen)
-                # -- what `imsearch db index-other` changes: mode other through one index per query class
-                store.conn.execute("SET maintenance_work_mem = '4GB'")
-                store.conn.execute("SET max_parallel_maintenance_workers = 1")
-                t = time.perf_counter()
-                built = indexes.ensure_other_indexes(store, search.EXACT_MAX_ROWS)
-                seconds = time.perf_counter() - t
-                size = sum(n for _, n in indexes.other_indexes(store.conn))
-                print(f"imsearch db index-other: {len(built)} other-class indexes {seconds:.1f} s, "
-                      f"{size / 2**20:,.0f} MiB")
-                after = insert_ms(store, gen)
-                print(f"insert ({COMMON[3]}, batches of 32): {before:.1f} ms per row before, {after:.1f} ms after "
-                      f"({after / before:.1f}x)")
-                again = tuple(c for c in CASES if c[0] == "other" or c == ("same", COMMON[1]))  # same: still its own
-                table(measure(store, gen, args.queries, args.k, again), args.k, head=False)
-                if args.sql_function:
-                    sql_function(store, args.queries, args.k)
-                if args.planner_cost:
-                    planner_cost(store, gen, args.queries, args.k, again)
-                for depth in (int(d) for d in args.other_depths.split(",") if d):
-                    with other_depth(store, depth):
-                        print(f"mode other re-ranking {depth} candidates:")
-                        table(measure(store, gen, args.queries, args.k, again[1:]), args.k, head=False)
     finally:
         if not args.keep:
             drop_database(admin_url, name)
@@ -305,8 +284,9 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--data", choices=GENERATORS, default="scenes",
                     help="synthetic vectors: scenes (shared scene elements; default) or noise (the hard case)")
-    ap.add_argument("--index-other", action="store_true",
-                    help="then build the other-class indexes (imsearch db index-other) and measure mode other again")
+    ap.add_argument("--depths", type=lambda v: [int(d) for d in v.split(",") if d], default=[],
+                    help="re-ranking depths (imsearch.rerank_depth), comma-separated: the index pass once per "
+                         f"depth; default imsearch's own ({search.RERANK_DEPTH})")
     ap.add_argument("--keep", action="store_true", help="keep the bench databases")
     ap.add_argument("--server-defaults", action="store_true",
                     help="a throwaway server at PostgreSQL's default settings instead of the tuned embedded one")
@@ -316,14 +296,11 @@ def main() -> None:
                     help="also time imsearch_nearest() (an id lookup, then imsearch_search) against find's own path")
     ap.add_argument("--planner-cost", action="store_true",
                     help="also time find's path against the bare statement it runs, planned by the client")
-    ap.add_argument("--other-depths", default="",
-                    help="with --index-other, also measure mode other re-ranking these numbers of candidates")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] + ([1_000_000] if args.full else [])
     print(f"imsearch search bench: {args.data} data, k={args.k}, {args.queries} queries per mode, "
-          f"ef_search={search.EF_SEARCH} (mode other's branches {search.BRANCH_EF_SEARCH}, other-class indexes "
-          f"{search.OTHER_EF_SEARCH} re-ranking {search.OTHER_DEPTH}), "
-          f"exact below {search.EXACT_MAX_ROWS:,} filtered rows")
+          f"{FOLD_DIMENSIONS}-d fold indexes re-ranking {', '.join(map(str, args.depths or [search.RERANK_DEPTH]))} "
+          f"candidates (ef_search as wide), exact below {search.EXACT_MAX_ROWS:,} filtered rows")
     with bench_server(args.server_defaults) as admin:
         for rows in sizes:
             run_size(admin, rows, args)

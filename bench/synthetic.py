@@ -1,5 +1,5 @@
 """Synthetic ResNet-like vectors clustered by class, and throwaway databases to load them into (for the search
-benchmarks: bench/search.py, bench/other_mode.py; with hashes and flipped labels for the audit: bench/audit.py).
+benchmarks: bench/search.py; with hashes and flipped labels for the audit: bench/audit.py).
 
 The scripts run as `.venv/bin/python bench/NAME.py`, so this module, beside them, imports as `synthetic`.
 """
@@ -21,7 +21,7 @@ from imsearch import search
 from imsearch.db import embedded
 from imsearch.db.indexes import ensure_class_indexes
 from imsearch.db.store import Store
-from imsearch.search import CLASS_INDEX_PREFIX
+from imsearch.search import CLASS_INDEX_PREFIX, WHOLE_INDEX
 
 DIMS = 2048
 COMMON = ["bathroom", "bedroom", "dining_room", "kitchen", "living_room"]
@@ -122,12 +122,11 @@ GENERATORS = {"scenes": Scenes, "noise": Noise}
 
 
 def fill(url: str, gen: Generator, rows: int, plain: bool = False) -> tuple[float, float, int, int, float, int]:
-    """Load rows with COPY (index dropped), then rebuild the migration's HNSW index; returns timings and size."""
+    """Load rows with COPY (the whole-table fold index dropped), then rebuild it as a bulk load does
+    (imsearch_index_all) and build the class indexes as `imsearch ingest` does; returns timings and sizes."""
     with psycopg.connect(url, autocommit=True) as conn:
         register_vector(conn)
-        indexdef = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'images_embedding_hnsw'"
-                                ).fetchone()[0]
-        conn.execute("DROP INDEX images_embedding_hnsw")
+        conn.execute(f"DROP INDEX IF EXISTS {WHOLE_INDEX}")
         if plain:  # rows keep their vector inline instead of in the TOAST table
             conn.execute("ALTER TABLE images ALTER COLUMN embedding SET STORAGE PLAIN")
         t = time.perf_counter()
@@ -146,10 +145,10 @@ def fill(url: str, gen: Generator, rows: int, plain: bool = False) -> tuple[floa
         conn.execute("SET maintenance_work_mem = '4GB'")
         conn.execute("SET max_parallel_maintenance_workers = 1")  # 2 cores: the leader plus one worker
         t = time.perf_counter()
-        conn.execute(indexdef)
+        conn.execute("SELECT imsearch_index_all()")
         build_s = time.perf_counter() - t
         conn.execute("ANALYZE images")
-        size = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0]
+        size = conn.execute("SELECT pg_relation_size(%s::regclass)", (WHOLE_INDEX,)).fetchone()[0]
     # -- per-class indexes, as `imsearch ingest` makes them after storing rows
     with Store.open(url) as store:
         store.conn.execute("SET maintenance_work_mem = '4GB'")
@@ -183,8 +182,9 @@ class Labelled:
 
 
 def fill_audit(url: str, gen: Generator, rows: int, seed: int = 0, flip: float = FLIP_SHARE) -> Labelled:
-    """Load `rows` synthetic rows into the imsearch database at `url` by COPY, the two HNSW indexes (embedding and
-    hash) dropped meanwhile and rebuilt as the migrations define them; an empty database gets imsearch's schema.
+    """Load `rows` synthetic rows into the imsearch database at `url` by COPY, the two whole-table HNSW indexes
+    (the embedding's fold and the hash) dropped meanwhile and rebuilt as the migrations define them (the fold's by
+    imsearch_index_all, as a bulk load does); an empty database gets imsearch's schema.
 
     Each row: path /synthetic/<stored class>/<n>.jpg (no such file: the audit works from the rows alone), a unique
     fake sha256, one model identity, a random 64-bit perceptual hash, except that the generator's near-duplicates
@@ -202,9 +202,8 @@ def fill_audit(url: str, gen: Generator, rows: int, seed: int = 0, flip: float =
     copies: list[tuple[str, str]] = []
     with psycopg.connect(url, autocommit=True) as conn:
         register_vector(conn)
-        indexdefs = [r[0] for r in conn.execute(
-            "SELECT indexdef FROM pg_indexes WHERE indexname IN ('images_embedding_hnsw', 'images_phash_hnsw')")]
-        conn.execute("DROP INDEX images_embedding_hnsw, images_phash_hnsw")
+        phash = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'images_phash_hnsw'").fetchone()[0]
+        conn.execute(f"DROP INDEX IF EXISTS {WHOLE_INDEX}, images_phash_hnsw")
         t = time.perf_counter()
         n = 0
         with conn.cursor() as cur, cur.copy(
@@ -234,8 +233,8 @@ def fill_audit(url: str, gen: Generator, rows: int, seed: int = 0, flip: float =
         conn.execute("SET maintenance_work_mem = '4GB'")
         conn.execute("SET max_parallel_maintenance_workers = 1")  # 2 cores: the leader plus one worker
         t = time.perf_counter()
-        for indexdef in indexdefs:
-            conn.execute(indexdef)
+        conn.execute("SELECT imsearch_index_all()")
+        conn.execute(phash)
         conn.execute("ANALYZE images")
     with Store.open(url) as store:  # as `imsearch ingest` leaves a library: a class past the exact size has its index
         ensure_class_indexes(store, search.EXACT_MAX_ROWS)
