@@ -317,12 +317,13 @@ def test_a_same_class_query_is_never_served_by_another_class_index(app, photos, 
 
 
 def test_while_the_whole_table_index_is_down_every_mode_answers_exactly(app, photos, exact_max_rows):
-    """A bulk load drops the whole-table index and builds it again after: meanwhile every mode scans exactly, and
-    once it is back they search it again."""
+    """A bulk load drops the whole-table index and builds it again after (imsearch_index_all): meanwhile every mode
+    scans exactly, and once it is back they search it again."""
     exact_max_rows(3)  # past the exact-scan size, the filtered modes would search the whole-table index
     app.ingest(photos)
     conn = app.store.conn
     (definition,) = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (WHOLE_INDEX,)).fetchone()
+    assert conn.execute("SELECT imsearch_index_all()").fetchone() == (WHOLE_INDEX,)  # there already: left as it is
     queries = [sorted(photos.glob(f"{cls}/*.jpg"))[0] for cls in ("bedroom", "kitchen")]
     conn.execute(f"DROP INDEX {WHOLE_INDEX}")
     for query in queries:
@@ -331,7 +332,9 @@ def test_while_the_whole_table_index_is_down_every_mode_answers_exactly(app, pho
             [found] = app.find(query, mode, k=7)
             [exact] = app.find(query, mode, k=7, exact=True)
             assert [(m.id, m.distance) for m in found.matches] == [(m.id, m.distance) for m in exact.matches], mode
-    conn.execute(definition)
+    assert conn.execute("SELECT imsearch_index_all()").fetchone() == (WHOLE_INDEX,)
+    assert conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (WHOLE_INDEX,)).fetchone() \
+        == (definition,)  # as migration 0013 built it
     for mode in ("all", "other"):
         assert scans_of(conn, app.find, queries[0], mode) == {WHOLE_INDEX: 1}, mode
     # mode same of a class without its own index: the whole-table index, or (at 4 rows a class) the btree on class
