@@ -618,7 +618,7 @@ def db_check_recall(ctx: click.Context, sample: int, as_json: bool) -> None:
 
 
 @db.command("index-other", hidden=True)
-@click.option("--drop", is_flag=True, hidden=True)
+@click.option("--drop", is_flag=True, hidden=True, help="Accepted and ignored: there is nothing to drop.")
 def db_index_other(drop: bool) -> None:
     """Kept so that scripts calling it keep working: there is nothing left to build."""
     click.echo("nothing to do: since schema 0013 mode other searches the whole-table index, which holds every row; "

@@ -107,19 +107,41 @@ def test_db_upgrade_reports_the_revision(run):
     assert result.exit_code == 0 and f"schema at revision {SCHEMA_REVISION}" in result.stdout
 
 
-def test_db_index_other_builds_one_index_per_class_and_drop_removes_them(run, photos, monkeypatch, exact_max_rows):
-    exact_max_rows(3)  # 16 rows outside each class: worth an index here
+def test_db_check_recall_prints_each_modes_recall_and_warns_below_the_bar(run, photos, monkeypatch, exact_max_rows):
+    exact_max_rows(3)  # the filtered modes go through the whole-table index, not an exact scan
     assert run("ingest", str(photos)).exit_code == 0
-    built = run("db", "index-other")
-    assert built.exit_code == 0 and built.stdout.startswith("built 5 other-class indexes in ")
-    assert "5 other-class indexes, " in built.stdout
-    assert "mode other through them: recall@5 1.000 against an exact scan" in built.stdout
-    monkeypatch.setattr(cli_mod, "OTHER_MIN_RECALL", 1.01)  # what a library whose folds lose neighbours sees
-    again = run("db", "index-other")
-    assert again.stdout.startswith("built 0 other-class indexes")  # nothing left to build
-    assert again.stderr.startswith("warning: below 1.01: on these embeddings the indexes miss neighbours")
-    dropped = run("db", "index-other", "--drop")
-    assert dropped.exit_code == 0 and dropped.stdout == "0 other-class indexes, 0 MiB\n"
+    measured = run("db", "check-recall", "--json")
+    assert measured.exit_code == 0 and measured.stderr == ""
+    assert json.loads(measured.stdout) == {"all": 1.0, "same": 1.0, "other": 1.0}  # 20 rows: the index finds all
+    shown = run("db", "check-recall", "--sample", "3")
+    assert shown.exit_code == 0 and shown.stderr == ""
+    assert shown.stdout == "all    recall@5 1.000\nsame   recall@5 1.000\nother  recall@5 1.000\n"
+    monkeypatch.setattr(cli_mod, "MIN_RECALL", 1.01)  # what a library whose folds lose neighbours sees
+    low = run("db", "check-recall")
+    assert low.exit_code == 0
+    assert low.stderr.startswith("warning: mode all, same, other below 1.01 against an exact scan; ")
+    assert "imsearch.rerank_depth" in low.stderr and "--exact" in low.stderr
+    assert run("db", "check-recall", "--sample", "0").exit_code == 2
+
+
+def test_db_index_other_is_a_hidden_no_op_now(run, photos, database_url, exact_max_rows):
+    import psycopg
+
+    def layout() -> list[tuple[str, str]]:
+        with psycopg.connect(database_url) as conn:
+            return conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'images' "
+                                "ORDER BY 1").fetchall()
+
+    exact_max_rows(3)  # 16 rows outside each class: once worth an other-class index
+    assert run("ingest", str(photos)).exit_code == 0
+    before = layout()
+    assert "images_fold_hnsw" in dict(before)
+    for args in ((), ("--drop",)):
+        result = run("db", "index-other", *args)
+        assert result.exit_code == 0 and result.stderr == ""
+        assert result.stdout.startswith("nothing to do: since schema 0013 mode other searches the whole-table index")
+        assert layout() == before
+    assert "index-other" not in run("db", "--help").stdout and "check-recall" in run("db", "--help").stdout
 
 
 def test_find_on_a_fifo_fails_at_once_naming_it(run, photos, database_url, weights, tmp_path):
@@ -163,6 +185,14 @@ def test_db_upgrade_and_find_debug_say_when_the_indexes_outgrow_the_buffer_cache
                                       catch_exceptions=False)
 
         assert imsearch("ingest", str(photos)).exit_code == 0
+        with psycopg.connect(url, autocommit=True) as conn:
+            # 20 rows' fold index fits 16 pages; with an index per class (as in a library of a few large classes
+            # among many small ones) they no longer do
+            for cls in ("bathroom", "bedroom", "dining_room", "kitchen", "living_room"):
+                conn.execute("SELECT imsearch_index_class(%s)", (cls,))
+            hnsw = conn.execute("SELECT sum(pg_relation_size(indexrelid)) FROM pg_index x JOIN pg_class c "
+                                "ON c.oid = x.indexrelid JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'hnsw'")
+            assert hnsw.fetchone()[0] > 128 * 1024
         upgraded = imsearch("db", "upgrade")
         assert upgraded.exit_code == 0, upgraded.output
         assert "note: the HNSW indexes take" in upgraded.stderr and "shared_buffers (128 kB)" in upgraded.stderr

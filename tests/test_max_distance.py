@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from imsearch import ImsearchError, search
 from imsearch.audit.calibration import DUPLICATE, NotCalibrated
 from imsearch.cli import cli
+from imsearch.db import indexes
 from imsearch.db.indexes import ensure_class_indexes
 from imsearch.db.migrate import migrations_folder
 from imsearch.db.sqlaccess import grant_reader
@@ -137,9 +138,10 @@ def test_nearest_with_max_distance_equals_find_in_every_mode(shared, conn, weigh
         assert [r[3] for r in rows] == pytest.approx([m["distance"] for m in found["matches"]], abs=1e-6)
 
 
-def test_every_plan_of_nearest_drops_the_same_tail(shared, conn, exact_max_rows):
-    """The function has a query per plan (exact, whole-table index, class index, union of classes, other-class
-    index); each keeps the k nearest less those beyond max_distance."""
+def test_every_plan_of_nearest_drops_the_same_tail(shared, conn, exact_max_rows, monkeypatch):
+    """The function has a query per plan (exact, whole-table index, whole-table index with a filter, class index,
+    and exact again while the whole-table index is down); each keeps the k nearest less those beyond
+    max_distance."""
     app, photos, _ = shared
     ids = [image_id(conn, query(photos, cls)) for cls in ("dining_room", "living_room")]
 
@@ -154,15 +156,16 @@ def test_every_plan_of_nearest_drops_the_same_tail(shared, conn, exact_max_rows)
     check()  # 4 rows a class: exact
     exact_max_rows(0, conn, app.store.conn)
     check()  # no class index: the whole-table index, iteratively
-    ensure_class_indexes(app.store, 0)
+    monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", 1.0)  # each class holds 20% of the library
+    assert ensure_class_indexes(app.store, 0)
     try:
-        check()  # mode same through the class's index, mode other the union of them
-        app.index_other_classes()
-        check()  # mode other through the other-class index
+        check()  # mode same through the class's index
+        conn.execute(f"DROP INDEX {search.WHOLE_INDEX}")
+        check()  # modes all and other exactly while the whole-table index is down
     finally:
-        app.index_other_classes(drop=True)
-        for (index,) in conn.execute("SELECT indexname FROM pg_indexes "
-                                     "WHERE indexname LIKE 'images_embedding_hnsw_c_%'").fetchall():
+        conn.execute("SELECT imsearch_index_all()")
+        for (index,) in conn.execute("SELECT indexname FROM pg_indexes WHERE starts_with(indexname, %s)",
+                                     (search.CLASS_INDEX_PREFIX,)).fetchall():
             conn.execute(f'DROP INDEX "{index}"')
 
 

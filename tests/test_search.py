@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from imsearch.db import indexes
 from imsearch.db.indexes import class_index_name
 from imsearch.db.store import Store
 from imsearch.errors import ImsearchError
-from imsearch.search import OTHER_INDEX_PREFIX
+from imsearch.search import CLASS_INDEX_PREFIX, WHOLE_INDEX
 from tests.conftest import ROOMS, copy_photos
 
 
@@ -112,20 +113,30 @@ def index_scans(conn: psycopg.Connection) -> dict[str, int]:
     """HNSW index scans on images so far, by index name (this connection's own counted first)."""
     conn.execute("SELECT pg_stat_force_next_flush()")
     return dict(conn.execute("SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE relname = 'images' "
-                             "AND starts_with(indexrelname, 'images_embedding_hnsw') AND idx_scan > 0").fetchall())
+                             "AND starts_with(indexrelname, %s) AND idx_scan > 0", (WHOLE_INDEX,)).fetchall())
 
 
-def scans_of(conn: psycopg.Connection, search, *args) -> dict[str, int]:
-    """The HNSW index scans that `search(*args)` makes, by index name; class and other-class indexes are shown by their
-    prefix, with the number of scans of all of them."""
+def scans_of(conn: psycopg.Connection, search, *args, full: bool = False) -> dict[str, int]:
+    """The HNSW index scans that `search(*args)` makes, by index name; the classes' own indexes are shown by their
+    prefix, with the number of scans of all of them (with `full`, each by its own name)."""
     before = index_scans(conn)
     search(*args)
     counted: dict[str, int] = {}
     for name, n in index_scans(conn).items():
         if n > before.get(name, 0):
-            short = name if len(name) < 25 else name[:24]
+            short = CLASS_INDEX_PREFIX if name.startswith(CLASS_INDEX_PREFIX) and not full else name
             counted[short] = counted.get(short, 0) + n - before.get(name, 0)
     return counted
+
+
+def every_class_indexed(monkeypatch) -> None:
+    """Let every class past the exact-scan size have an index of its own, whatever its share of the library (the
+    test library's classes each hold 20%, above CLASS_INDEX_MAX_SHARE)."""
+    monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", 1.0)
+
+
+def ids(matches) -> list[int]:
+    return [m.id for m in matches]
 
 
 def test_unfiltered_query_uses_the_hnsw_index_on_a_server_at_default_settings(stored, photos):
@@ -134,89 +145,141 @@ def test_unfiltered_query_uses_the_hnsw_index_on_a_server_at_default_settings(st
     forbids it for its own duration."""
     conn = stored.store.conn
     query = sorted(photos.glob("kitchen/*.jpg"))[0]
-    assert scans_of(conn, stored.find, query, "all") == {"images_embedding_hnsw": 1}
+    assert scans_of(conn, stored.find, query, "all") == {WHOLE_INDEX: 1}
     plain = conn.execute("EXPLAIN SELECT id FROM images ORDER BY embedding <=> %s LIMIT 5",
                          (HalfVector(np.ones(2048, np.float32)),)).fetchall()
     assert "Seq Scan on images" in "\n".join(r[0] for r in plain)
     assert conn.execute("SHOW enable_seqscan").fetchone() == ("on",)
 
 
-def test_small_classes_are_scanned_exactly_and_large_ones_through_their_own_index(app, photos, exact_max_rows):
+def test_the_layout_is_one_whole_table_index_over_the_fold(stored):
+    """Migration 0013: no full-width HNSW index is left, and the one whole-table index holds the fold."""
+    conn = stored.store.conn
+    rows = conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'images' "
+                        "AND indexdef LIKE '%USING hnsw%embedding%'").fetchall()
+    assert [name for name, _ in rows] == [WHOLE_INDEX]  # 4 rows a class: no class wants one of its own
+    assert "imsearch_fold(embedding)" in rows[0][1] and "halfvec_cosine_ops" in rows[0][1]
+    assert conn.execute("SELECT to_regprocedure('imsearch_index_other(text)')").fetchone() == (None,)
+
+
+def test_small_classes_are_scanned_exactly_and_large_ones_through_their_own_index(app, photos, exact_max_rows,
+                                                                                  monkeypatch):
     app.ingest(photos)  # 4 rows a class: small
     conn = app.store.conn
     query = sorted(photos.glob("bedroom/*.jpg"))[0]
     assert scans_of(conn, app.find, query, "same") == {}  # the class's rows, exactly
     assert scans_of(conn, app.find, query, "other") == {}  # 16 rows, exactly
-    exact_max_rows(3, conn)  # now large, without indexes of their own yet: the whole-table index, iteratively
-    for mode in ("same", "other"):  # (or, at 4 rows a class, the btree on class and a sort: the server's choice)
-        assert [m.id for m in app.find(query, mode)[0].matches] == [m.id for m in app.find(query, mode,
-                                                                                          exact=True)[0].matches]
-    indexes.ensure_class_indexes(app.store, 3)
-    assert scans_of(conn, app.find, query, "same")["images_embedding_hnsw_c_"] == 1
-    assert scans_of(conn, app.find, query, "other")["images_embedding_hnsw_c_"] == 4  # one per other class
-    assert sorted(app.index_other_classes()) == sorted(c for c, _ in app.classes())
-    assert scans_of(conn, app.find, query, "other") == {"images_embedding_hnsw_o_": 1}
-    exact_max_rows(16, conn)  # the 16 rows outside bedroom are few again: exactly, though its others are indexed
+    exact_max_rows(3, conn)  # now large: each holds 20% of the library, too much for an index of its own
+    assert indexes.ensure_class_indexes(app.store, 3) == []
+    # the whole-table index, iteratively; in mode same at 4 rows a class the server may rather take the btree on
+    # class and a sort (test_ingest_gives_no_index_to_a_class_of_a_large_share takes that choice away)
+    assert scans_of(conn, app.find, query, "same") in ({}, {WHOLE_INDEX: 1})
+    assert scans_of(conn, app.find, query, "other") == {WHOLE_INDEX: 1}
+    for mode in ("same", "other"):
+        assert ids(app.find(query, mode)[0].matches) == ids(app.find(query, mode, exact=True)[0].matches)
+    every_class_indexed(monkeypatch)
+    assert indexes.ensure_class_indexes(app.store, 3) == sorted(c for c, _ in app.classes())
+    assert scans_of(conn, app.find, query, "same", full=True) == {class_index_name("bedroom"): 1}
+    assert scans_of(conn, app.find, query, "other") == {WHOLE_INDEX: 1}  # one iterative scan, not one per class
+    exact_max_rows(16, conn)  # the 16 rows outside bedroom are few again: exactly
     assert scans_of(conn, app.find, query, "other") == {}
+    assert scans_of(conn, app.find, query, "same") == {}
 
 
-def test_large_classes_get_their_own_index_and_the_filtered_modes_use_it(app, photos, exact_max_rows):
+def test_large_classes_of_a_small_share_get_their_own_index_and_mode_same_uses_it(app, photos, tmp_path,
+                                                                                  exact_max_rows, monkeypatch):
     exact_max_rows(3)  # every class of 4 photos counts as large
+    every_class_indexed(monkeypatch)
     app.ingest(photos)
     counts = dict(app.classes())
     assert indexes.indexed_classes(app.store.conn, counts) == set(counts)
-    query = sorted(photos.glob("bedroom/*.jpg"))[0]
-    for mode in ("same", "other"):
-        assert "images_embedding_hnsw_c_" in scans_of(app.store.conn, app.find, query, mode)
-        [indexed] = app.find(query, mode)
-        [exact] = app.find(query, mode, exact=True)
-        assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
-
-
-def test_other_class_indexes_make_mode_other_one_index_search_and_ingest_keeps_them(app, photos, tmp_path,
-                                                                                  exact_max_rows):
-    exact_max_rows(3)  # every class of 4 photos counts as large
-    app.ingest(photos)
-    counts = dict(app.classes())
-    assert sorted(app.index_other_classes()) == sorted(counts)
-    assert indexes.indexed_classes(app.store.conn, counts, OTHER_INDEX_PREFIX) == set(counts)
-    query = sorted(photos.glob("bedroom/*.jpg"))[0]
-    for mode, index in (("other", "images_embedding_hnsw_o_"), ("same", "images_embedding_hnsw_c_")):
-        scans = scans_of(app.store.conn, app.find, query, mode)
-        assert scans == {index: 1}, mode
-        [indexed] = app.find(query, mode)
-        [exact] = app.find(query, mode, exact=True)
-        assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
-        assert all(m.cls != "bedroom" for m in indexed.matches) if mode == "other" else True
-    # a new class gets its other-class index at the end of the ingest that brings it
+    conn = app.store.conn
+    for cls in counts:
+        query = sorted(photos.glob(f"{cls}/*.jpg"))[0]
+        for mode, index in (("same", class_index_name(cls)), ("other", WHOLE_INDEX)):
+            assert scans_of(conn, app.find, query, mode, full=True) == {index: 1}, (cls, mode)
+            [indexed] = app.find(query, mode)
+            [exact] = app.find(query, mode, exact=True)
+            assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
+            assert ({m.cls for m in indexed.matches} == {cls}) == (mode == "same")
+    # a new class gets its index at the end of the ingest that brings it
     cellar = tmp_path / "more" / "wine_cellar"
     cellar.mkdir(parents=True)
     for src in sorted((ROOMS / "base" / "kitchen").glob("*.jpg"))[4:8]:
         shutil.copy2(src, cellar / src.name)
     assert app.ingest(cellar.parent).added == 4
-    assert "wine_cellar" in indexes.indexed_classes(app.store.conn, ["wine_cellar"], OTHER_INDEX_PREFIX)
-    assert app.index_other_classes(drop=True) == [] and indexes.other_indexes(app.store.conn) == []
+    assert indexes.indexed_classes(app.store.conn, ["wine_cellar"]) == {"wine_cellar"}
 
 
-def test_index_other_measures_its_recall_against_an_exact_scan(app, photos, monkeypatch, exact_max_rows):
+def test_only_classes_of_a_small_share_of_the_library_want_an_index():
+    counts = {"big": 5_000, "mid": 1_250, "small": 1_001, "tiny": 1_000, "rest": 1_749}  # 10,000 rows
+    assert indexes.CLASS_INDEX_MAX_SHARE == search_mod.CLASS_INDEX_MAX_SHARE == 0.125
+    assert indexes.wanted_class_indexes(counts, 1_000) == ["mid", "small"]  # 12.5% and 10%; not 50% nor 17.5%
+    assert indexes.wanted_class_indexes(counts, 1_001) == ["mid"]
+    assert indexes.wanted_class_indexes({}, 0) == []
+
+
+def test_ingest_gives_no_index_to_a_class_of_a_large_share(app, photos, exact_max_rows):
+    """A class past the exact-scan size that holds more than CLASS_INDEX_MAX_SHARE of the library gets no index of
+    its own: mode same searches the whole-table index with the filter, iteratively."""
     exact_max_rows(3)
+    app.ingest(photos)  # 5 classes of 20% each
+    conn = app.store.conn
+    assert indexes.indexed_classes(conn, dict(app.classes())) == set()
+    assert conn.execute("SELECT count(*) FROM pg_indexes WHERE starts_with(indexname, %s)",
+                        (CLASS_INDEX_PREFIX,)).fetchone() == (0,)
+    conn.execute("DROP INDEX images_class_idx")  # at 4 rows a class the server would rather read them all by it
+    for cls in ("kitchen", "bedroom"):
+        query = sorted(photos.glob(f"{cls}/*.jpg"))[0]
+        assert scans_of(conn, app.find, query, "same") == {WHOLE_INDEX: 1}
+        [found] = app.find(query, "same")
+        assert {m.cls for m in found.matches} == {cls} and len(found.matches) == 3
+        assert ids(found.matches) == ids(app.find(query, "same", exact=True)[0].matches)
+
+
+def test_mode_other_is_one_scan_of_the_whole_table_index_and_equals_the_exact_answer(app, photos, exact_max_rows):
+    exact_max_rows(3)  # the 16 rows outside a class are past the exact-scan size
     app.ingest(photos)
-    assert app.check_other_indexes() is None  # nothing to check yet
-    app.index_other_classes()
-    assert app.check_other_indexes() == 1.0  # 16 rows per graph: the index finds them all
-    # an index search that hands back the farthest must show in the figure
+    conn = app.store.conn
+    for cls in sorted(c for c, _ in app.classes()):
+        for query in sorted(photos.glob(f"{cls}/*.jpg"))[:2]:
+            assert scans_of(conn, app.find, query, "other") == {WHOLE_INDEX: 1}, query
+            [indexed] = app.find(query, "other", k=16)
+            [exact] = app.find(query, "other", k=16, exact=True)
+            assert len(indexed.matches) == 16 and cls not in {m.cls for m in indexed.matches}
+            assert [(m.id, m.distance) for m in indexed.matches] == [(m.id, m.distance) for m in exact.matches]
+
+
+def test_check_recall_measures_every_mode_against_an_exact_scan(app, photos, monkeypatch, exact_max_rows):
+    exact_max_rows(3)  # the filtered modes go through the index, not an exact scan
+    app.ingest(photos)
+    assert app.check_recall() == {"all": 1.0, "same": 1.0, "other": 1.0}  # 20 rows: the index finds them all
+    # an index search that hands back the farthest must show in the figures
     nearest = search_mod.run
 
     def farthest(*args, k, exact=False, **kwargs):
-        matches = nearest(*args, k=16, exact=exact, **kwargs)
+        matches = nearest(*args, k=19, exact=exact, **kwargs)
         return matches[:k] if exact else matches[::-1][:k]
     monkeypatch.setattr(search_mod, "run", farthest)
-    assert app.check_other_indexes() < 0.5
+    recall = app.check_recall()
+    assert recall["all"] < 0.5 and recall["other"] < 0.5
+    assert recall["same"] == 1.0  # 3 other photos a class: k = 5 takes them all, in whatever order
+    assert all(r < 0.5 for r in app.check_recall(k=1).values())
+
+
+def test_check_recall_says_none_for_a_mode_nothing_could_be_asked_of(app, tmp_path):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for src in sorted((ROOMS / "base" / "kitchen").glob("*.jpg"))[:3]:
+        shutil.copy2(src, loose / src.name)  # at the root: no class
+    app.ingest(loose)
+    assert app.check_recall() == {"all": 1.0, "same": None, "other": None}
 
 
 def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not_fit(app, photos, monkeypatch,
                                                                                       caplog, exact_max_rows):
     exact_max_rows(3)
+    every_class_indexed(monkeypatch)
     monkeypatch.setenv("IMSEARCH_BUILD_MEMORY", "100MB")
     monkeypatch.setattr(indexes, "GRAPH_BYTES_PER_ROW", 2**30)  # 4 rows then need 4 GB
     with caplog.at_level(logging.WARNING, logger="imsearch.db.indexes"):
@@ -229,32 +292,101 @@ def test_index_builds_take_imsearch_build_memory_and_say_when_the_graph_will_not
 
 def test_a_bad_build_memory_is_one_clear_error_and_the_rows_stay(app, photos, monkeypatch, exact_max_rows):
     exact_max_rows(3)
+    every_class_indexed(monkeypatch)  # an index to build
     monkeypatch.setenv("IMSEARCH_BUILD_MEMORY", "lots")
     with pytest.raises(ImsearchError, match="IMSEARCH_BUILD_MEMORY='lots' is not a memory size"):
         app.ingest(photos)
     assert app.store.count() == 20
 
 
-def test_a_same_class_query_is_never_served_by_an_other_class_index(app, photos, exact_max_rows):
-    """`class = Y` implies `class <> X`: an other-class index with a filter would lose most of Y's neighbours."""
+def test_a_same_class_query_is_never_served_by_another_class_index(app, photos, exact_max_rows, monkeypatch):
+    """A class's partial index holds that class alone: a query of another class takes its own index, else the
+    whole-table one with the filter, never the wrong class's (which would hold none of its rows)."""
     exact_max_rows(3)
+    every_class_indexed(monkeypatch)
     app.ingest(photos)
-    app.index_other_classes()
     conn = app.store.conn
-    conn.execute(f'DROP INDEX "{class_index_name("bedroom")}"')  # leave the planner nothing better to take
     query = sorted(photos.glob("bedroom/*.jpg"))[0]
-    conn.execute("SET enable_bitmapscan = off")  # nor a bitmap of the btree on class
-    try:
-        [result] = app.find(query, "same")
-        assert "images_embedding_hnsw_o_" not in scans_of(conn, app.find, query, "same")
-    finally:
-        conn.execute("RESET enable_bitmapscan")
+    assert scans_of(conn, app.find, query, "same", full=True) == {class_index_name("bedroom"): 1}
+    conn.execute(f'DROP INDEX "{class_index_name("bedroom")}"')  # leave the planner the other classes' indexes
+    conn.execute("DROP INDEX images_class_idx")  # nor the btree on class and a sort
+    [result] = app.find(query, "same")
+    assert scans_of(conn, app.find, query, "same", full=True) == {WHOLE_INDEX: 1}
     assert {m.cls for m in result.matches} == {"bedroom"} and len(result.matches) == 3
+    assert ids(result.matches) == ids(app.find(query, "same", exact=True)[0].matches)
 
 
-def test_mode_other_over_small_classes_reads_every_candidate_whatever_the_table_size(database_url):
-    """Each other class small: an exact scan of `class <> X`. With index scans off and sequential scans still off,
-    PostgreSQL would take the cheaper of two disabled plans, the whole-table HNSW index (here from ~2k rows on)."""
+def test_while_the_whole_table_index_is_down_every_mode_answers_exactly(app, photos, exact_max_rows):
+    """A bulk load drops the whole-table index and builds it again after (imsearch_index_all): meanwhile every mode
+    scans exactly, and once it is back they search it again."""
+    exact_max_rows(3)  # past the exact-scan size, the filtered modes would search the whole-table index
+    app.ingest(photos)
+    conn = app.store.conn
+    (definition,) = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (WHOLE_INDEX,)).fetchone()
+    assert conn.execute("SELECT imsearch_index_all()").fetchone() == (WHOLE_INDEX,)  # there already: left as it is
+    queries = [sorted(photos.glob(f"{cls}/*.jpg"))[0] for cls in ("bedroom", "kitchen")]
+    conn.execute(f"DROP INDEX {WHOLE_INDEX}")
+    for query in queries:
+        for mode in ("all", "same", "other"):
+            assert scans_of(conn, app.find, query, mode) == {}, mode
+            [found] = app.find(query, mode, k=7)
+            [exact] = app.find(query, mode, k=7, exact=True)
+            assert [(m.id, m.distance) for m in found.matches] == [(m.id, m.distance) for m in exact.matches], mode
+    assert conn.execute("SELECT imsearch_index_all()").fetchone() == (WHOLE_INDEX,)
+    assert conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (WHOLE_INDEX,)).fetchone() \
+        == (definition,)  # as migration 0013 built it
+    for mode in ("all", "other"):
+        assert scans_of(conn, app.find, queries[0], mode) == {WHOLE_INDEX: 1}, mode
+    # mode same of a class without its own index: the whole-table index, or (at 4 rows a class) the btree on class
+    assert scans_of(conn, app.find, queries[0], "same") in ({}, {WHOLE_INDEX: 1})
+
+
+def test_the_index_gives_candidates_that_the_exact_distance_ranks(stored, photos, database_url):
+    """The index gives the nearest imsearch.rerank_depth rows by the fold (at least 4k); the answer is their k
+    nearest by the exact distance, which is the distance reported."""
+    conn = stored.store.conn
+    query = sorted(photos.glob("kitchen/*.jpg"))[0]
+    vector = HalfVector(conn.execute("SELECT embedding FROM images WHERE path = %s",
+                                     (str(query.resolve()),)).fetchone()[0].to_numpy())
+
+    def candidates(k: int) -> tuple[list[tuple[int, float]], int]:
+        """imsearch_search's answer in mode all, and how many tuples the whole-table index handed out for it."""
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        (read,) = conn.execute("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = %s",
+                               (WHOLE_INDEX,)).fetchone()
+        rows = conn.execute("SELECT id, distance FROM imsearch_search(%s, %s, 'all')", (vector, k)).fetchall()
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        (after,) = conn.execute("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = %s",
+                                (WHOLE_INDEX,)).fetchone()
+        return rows, after - read
+
+    def exact(k: int) -> list[tuple[int, float]]:
+        return conn.execute("SELECT id, embedding <=> %s FROM images ORDER BY 2, 1 LIMIT %s", (vector, k)).fetchall()
+
+    rows, read = candidates(5)
+    assert read == 20  # RERANK_DEPTH (200) is past the table's 20 rows: every row a candidate
+    assert rows == exact(5)  # the distances reported are pgvector's own <=> on the stored halfvec
+    conn.execute("SET imsearch.rerank_depth = 6")
+    try:
+        rows, read = candidates(1)
+        assert read == 6 and len(rows) == 1
+        assert rows[0][1] == pytest.approx(conn.execute(
+            "SELECT embedding <=> %s FROM images WHERE id = %s", (vector, rows[0][0])).fetchone()[0], abs=0)
+        rows, read = candidates(3)  # at least 4k candidates, whatever the setting
+        assert read == 12 and len(rows) == 3
+        assert [r[1] for r in rows] == sorted(r[1] for r in rows)
+        for found_id, distance in rows:
+            assert distance == conn.execute("SELECT embedding <=> %s FROM images WHERE id = %s",
+                                            (vector, found_id)).fetchone()[0]
+    finally:
+        conn.execute("RESET imsearch.rerank_depth")
+    assert candidates(5)[1] == 20
+
+
+def test_a_filter_within_the_exact_scan_size_reads_every_candidate_whatever_the_table_size(database_url):
+    """A filter that keeps at most imsearch.exact_max_rows rows: an exact scan. With index scans off and sequential
+    scans still off, PostgreSQL would take the cheaper of two disabled plans, the whole-table HNSW index (here from
+    ~2k rows on): the exact plan turns sequential scans on."""
     with Store.open(database_url) as store:
         conn = store.conn
         conn.execute(
@@ -265,11 +397,19 @@ def test_mode_other_over_small_classes_reads_every_candidate_whatever_the_table_
         conn.execute("ANALYZE images")
         rng = np.random.default_rng(7)
 
-        def other(q: np.ndarray, exact: bool) -> list[int]:
-            return [m.id for m in search_mod.run(conn, q, "other", k=5, cls="class 0", skip_sha=None, exact=exact)]
-        for q in rng.random((3, 2048), dtype=np.float32):
-            assert scans_of(conn, other, q, False) == {}
-            assert other(q, False) == other(q, True)
+        def nearest(q: np.ndarray, mode: str, exact: bool) -> list[int]:
+            return [m.id for m in search_mod.run(conn, q, mode, k=5, cls="class 0", skip_sha=None, exact=exact)]
+        conn.execute("SET imsearch.exact_max_rows = 2000")  # the 2,000 rows outside class 0 too
+        try:
+            for q in rng.random((3, 2048), dtype=np.float32):
+                for mode in ("same", "other"):  # 500 and 2,000 rows
+                    assert scans_of(conn, nearest, q, mode, False) == {}, mode
+                    assert nearest(q, mode, False) == nearest(q, mode, True), mode
+                assert scans_of(conn, nearest, q, "all", True) == {}
+            conn.execute("SET imsearch.exact_max_rows = 1999")  # one row short: the whole-table index
+            assert scans_of(conn, nearest, q, "other", False) == {WHOLE_INDEX: 1}
+        finally:
+            conn.execute("RESET imsearch.exact_max_rows")
 
 
 def test_a_mode_or_k_imsearch_search_would_refuse_is_one_clear_error_first(stored, photos):
@@ -300,29 +440,35 @@ def test_vector_and_hash_searches_are_written_in_the_search_package_alone():
 
 
 def test_the_planner_template_says_each_rule_once():
-    """One ranking, one place that turns the iterative scan off, one check of it, one rule naming a class's index."""
+    """One ranking, one check of the iterative scan, which only the two unfiltered index searches (mode all, and a
+    class's own index) turn off, and one place for each half of the rule naming a class's index: the builder
+    (imsearch_index_class) and the look-up (imsearch_class_index), which test_python_and_sql_name_a_class_index_alike
+    holds equal."""
     from importlib.resources import files
 
     folder = files("imsearch.search") / "sql"
     template = (folder / "imsearch_search.sql").read_text()
     assert template.count("row_number()") == 1
-    assert template.count("set_config('hnsw.iterative_scan'") == 1
+    assert template.count("set_config('hnsw.iterative_scan'") == 2
     assert template.count("current_setting('hnsw.iterative_scan'") == 1
-    assert sum(f.read_text().count("md5(") for f in folder.iterdir() if f.name.endswith(".sql")) == 1
+    assert sum(f.read_text().count("md5(") for f in folder.iterdir() if f.name.endswith(".sql")) == 2
+    functions = re.split(r"(?m)^(?=CREATE OR REPLACE FUNCTION )", template)
+    assert sorted(re.match(r"CREATE OR REPLACE FUNCTION public\.(\w+)\(", f)[1] for f in functions if "md5(" in f) \
+        == ["imsearch_class_index", "imsearch_index_class"]
 
 
 def test_python_and_sql_name_a_class_index_alike(database_url):
-    """The index builders of migrations 0003 and 0006, imsearch_class_index (the planner's rule) and
-    search.index_name (Python's, for `db index-other` and the checks after ingest) agree, for any class name."""
+    """The index builder imsearch_index_class, imsearch_class_index (the planner's rule) and search.index_name
+    (Python's, for the checks after ingest) agree, for any class name."""
     from imsearch.db.migrate import upgrade
     from imsearch.search import CLASS_INDEX_PREFIX, index_name
 
     upgrade(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
         for cls in ("kitchen", "Küche", "living room", 'a "quoted" class', "x" * 200):
-            for builder, prefix in (("imsearch_index_class", CLASS_INDEX_PREFIX),
-                                    ("imsearch_index_other", OTHER_INDEX_PREFIX)):
-                assert conn.execute("SELECT imsearch_class_index(%s, %s)", (prefix, cls)).fetchone() == (None,)
-                (built,) = conn.execute(f"SELECT {builder}(%s)", (cls,)).fetchone()
-                assert built == index_name(cls, prefix) == class_index_name(cls, prefix)
-                assert conn.execute("SELECT imsearch_class_index(%s, %s)::text", (prefix, cls)).fetchone() == (built,)
+            assert conn.execute("SELECT imsearch_class_index(%s, %s)", (CLASS_INDEX_PREFIX, cls)).fetchone() == (None,)
+            (built,) = conn.execute("SELECT imsearch_index_class(%s)", (cls,)).fetchone()
+            assert built == index_name(cls) == class_index_name(cls)
+            assert built.startswith(CLASS_INDEX_PREFIX) and len(built) == len(CLASS_INDEX_PREFIX) + 16
+            assert conn.execute("SELECT imsearch_class_index(%s, %s)::text",
+                                (CLASS_INDEX_PREFIX, cls)).fetchone() == (built,)

@@ -16,12 +16,14 @@ from PIL import Image
 
 from imsearch import ImsearchError
 from imsearch.cli import cli
+from imsearch.db import indexes
 from imsearch.db.indexes import ensure_class_indexes
 from imsearch.db.sqlaccess import (
     READER_FUNCTIONS,
     READER_VIEWS,
     grant_reader,
 )
+from imsearch.search import CLASS_INDEX_PREFIX, WHOLE_INDEX
 from tests.conftest import shared_library
 
 _roles = itertools.count()
@@ -43,7 +45,7 @@ def ids_by_path(conn: psycopg.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT path, id FROM images").fetchall())
 
 
-def hnsw_scans(conn: psycopg.Connection, pattern: str = "images_embedding_hnsw") -> int:
+def hnsw_scans(conn: psycopg.Connection, pattern: str = "images_fold_hnsw%") -> int:
     """How often the HNSW indexes named like `pattern` were scanned (this backend's counts flushed first)."""
     conn.execute("SELECT pg_stat_force_next_flush()")
     return conn.execute("SELECT coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes WHERE indexrelname LIKE %s",
@@ -82,51 +84,36 @@ def test_nearest_equals_find_in_every_mode(shared, conn):
             assert str(query.resolve()) not in [r[2] for r in rows]
 
 
-def test_nearest_equals_find_through_the_per_class_indexes(shared, conn, exact_max_rows):
-    """Past the exact-scan size, find searches class by class through the HNSW indexes; so does the function."""
+def drop_class_indexes(conn: psycopg.Connection) -> None:
+    for (index,) in conn.execute("SELECT indexname FROM pg_indexes WHERE starts_with(indexname, %s)",
+                                 (CLASS_INDEX_PREFIX,)).fetchall():
+        conn.execute(f'DROP INDEX "{index}"')
+
+
+def test_nearest_equals_find_through_the_class_indexes(shared, conn, exact_max_rows, monkeypatch):
+    """Past the exact-scan size, find searches a class with an index of its own through it in mode same, and the
+    whole-table index in mode other; so does the function, with as many index scans."""
     app, photos, _ = shared
     exact_max_rows(0, conn, app.store.conn)
-    ensure_class_indexes(app.store, 0)
+    monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", 1.0)  # each class holds 20% of the library
+    assert ensure_class_indexes(app.store, 0) == sorted(c for c, _ in app.classes())
     try:
         ids = ids_by_path(conn)
         queries = [sorted(photos.glob(f"{cls}/*.jpg"))[0] for cls in ("dining_room", "living_room")]
-        for mode in ("same", "other"):
+        for mode, pattern in (("same", CLASS_INDEX_PREFIX + "%"), ("other", WHOLE_INDEX)):
             results = app.find(queries, mode)
             app.store.conn.execute("SELECT pg_stat_force_next_flush()")  # find's own scans counted before ours
-            before = hnsw_scans(conn, "images_embedding_hnsw%")
+            before, others = hnsw_scans(conn, pattern), hnsw_scans(conn)
             for query, result in zip(queries, results):
                 rows = conn.execute("SELECT id, distance FROM imsearch_nearest(%s, 5, %s)",
                                     (ids[str(query.resolve())], mode)).fetchall()
                 assert [r[0] for r in rows] == [m.id for m in result.matches], mode
                 assert [r[1] for r in rows] == pytest.approx([m.distance for m in result.matches], abs=1e-4)
-            # an index scan per query in mode same, one per other class (4) in mode other; at 4 rows a class the
-            # planner may take the whole-table index with a filter rather than the class's own, as it does for find
-            assert hnsw_scans(conn, "images_embedding_hnsw%") - before == (2 if mode == "same" else 8)
+            # one index scan per query, of the class's own index in mode same, of the whole table in mode other
+            assert hnsw_scans(conn, pattern) - before == 2, mode
+            assert hnsw_scans(conn) - others == 2, mode
     finally:
-        for (index,) in conn.execute("SELECT indexname FROM pg_indexes WHERE indexname LIKE "
-                                     "'images_embedding_hnsw_c_%'").fetchall():
-            conn.execute(f'DROP INDEX "{index}"')
-
-
-def test_nearest_equals_find_through_the_other_class_indexes(shared, conn, exact_max_rows):
-    """With `imsearch db index-other`'s indexes, find's mode other is one index search; so is the function's."""
-    app, photos, _ = shared
-    exact_max_rows(0, conn, app.store.conn)
-    app.index_other_classes()
-    try:
-        ids = ids_by_path(conn)
-        queries = [sorted(photos.glob(f"{cls}/*.jpg"))[0] for cls in ("dining_room", "living_room")]
-        results = app.find(queries, "other")
-        app.store.conn.execute("SELECT pg_stat_force_next_flush()")
-        before = hnsw_scans(conn, "images_embedding_hnsw_o_%")
-        for query, result in zip(queries, results):
-            rows = conn.execute("SELECT id, distance FROM imsearch_nearest(%s, 5, 'other')",
-                                (ids[str(query.resolve())],)).fetchall()
-            assert [r[0] for r in rows] == [m.id for m in result.matches]
-            assert [r[1] for r in rows] == pytest.approx([m.distance for m in result.matches], abs=1e-4)
-        assert hnsw_scans(conn, "images_embedding_hnsw_o_%") - before == 2  # one search per query
-    finally:
-        app.index_other_classes(drop=True)
+        drop_class_indexes(conn)
 
 
 def test_the_sql_functions_search_through_finds_own_planner(conn):
