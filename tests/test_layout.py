@@ -1,0 +1,75 @@
+"""The index layout of migration 0013 on a library with a rare class: which index each mode searches, and that the
+rare class's answers (same and other) are the exact ones for queries that are not stored."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector import HalfVector
+from pgvector.psycopg import register_vector
+
+from imsearch import search
+from imsearch.db import indexes
+from imsearch.db.store import Store
+
+CLASSES = ("bathroom", "bedroom", "dining_room", "kitchen", "living_room")
+RARE = "wine_cellar"
+ROWS = 6_000
+
+
+def scans(conn: psycopg.Connection) -> dict[str, int]:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    return dict(conn.execute("SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE relname = 'images' "
+                             "AND starts_with(indexrelname, 'images_fold_hnsw')").fetchall())
+
+
+@pytest.fixture
+def library(database_url, exact_max_rows):
+    """6,000 ResNet-like rows (non-negative, clustered by class, scene elements shared across classes) in five
+    common classes and one of 0.5 %; the exact-scan size lowered to 20 so that the rare class has an index."""
+    rng = np.random.default_rng(11)
+    elements = np.maximum(rng.normal(0, 1, (64, 2048)), 0) * (rng.random((64, 2048)) < 0.1)
+    labels = [RARE if i % 200 == 0 else CLASSES[i % 5] for i in range(ROWS)]
+    prefer = {c: rng.dirichlet(np.full(64, 0.2)) for c in (*CLASSES, RARE)}
+
+    def draw(cls: str, n: int) -> np.ndarray:
+        picks = [rng.choice(64, 6, replace=False, p=prefer[cls]) for _ in range(n)]
+        return np.stack([elements[p].sum(0) for p in picks]) + np.maximum(rng.normal(0, 0.3, (n, 2048)), 0)
+
+    with Store.open(database_url) as store:
+        exact_max_rows(20, store.conn)
+        register_vector(store.conn)
+        with store.conn.cursor() as cur, cur.copy(
+                "COPY images (path, class, sha256, model, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["text", "text", "varchar", "text", "halfvec"])
+            for i, (label, v) in enumerate(zip(labels, np.concatenate([draw(c, 1) for c in labels]))):
+                copy.write_row((f"/lib/{label}/{i}.jpg", label, f"{i:064x}", "m", HalfVector(v)))
+        store.conn.execute("ANALYZE images")
+        assert indexes.ensure_class_indexes(store, 20) == [RARE]  # the common classes hold 20 % each
+        yield store, draw
+
+
+def test_each_mode_searches_the_index_its_plan_names(library):
+    store, draw = library
+    q = draw(RARE, 1)[0]
+    expected = {("all", None): {"images_fold_hnsw"}, ("same", "kitchen"): {"images_fold_hnsw"},
+                ("same", RARE): {indexes.class_index_name(RARE)}, ("other", "kitchen"): {"images_fold_hnsw"},
+                ("other", RARE): {"images_fold_hnsw"}}
+    for (mode, cls), used in expected.items():
+        before = scans(store.conn)
+        search.run(store, q, mode, k=5, cls=cls, skip_sha=None)
+        after = scans(store.conn)
+        assert {n for n, c in after.items() if c > before.get(n, 0)} == used, (mode, cls)
+
+
+def test_the_rare_class_gets_its_exact_top_five_in_modes_same_and_other(library):
+    store, draw = library
+    found = wanted = 0
+    for q in np.concatenate([draw(RARE, 10), draw("kitchen", 10)]):
+        for mode in ("same", "other"):
+            got = [m.id for m in search.run(store, q, mode, k=5, cls=RARE, skip_sha=None)]
+            exact = [m.id for m in search.run(store, q, mode, k=5, cls=RARE, skip_sha=None, exact=True)]
+            found += len(set(got) & set(exact))
+            wanted += len(exact)
+    assert found / wanted >= 0.99
