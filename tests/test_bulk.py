@@ -20,6 +20,7 @@ import pytest
 
 from imsearch import Imsearch, bulk, search
 from imsearch.db import bulk as db_bulk
+from imsearch.db import indexes
 from imsearch.db.connect import connect
 from imsearch.errors import ImsearchError, ModelMismatch, RefusedFile
 from imsearch.vectors import DIMENSIONS
@@ -307,10 +308,11 @@ def test_an_empty_library_takes_any_model_but_one_load_takes_one(library, databa
 def test_searches_answer_exactly_while_a_large_load_has_the_vector_indexes_suspended(
         library, database_url, tmp_path, monkeypatch, exact_max_rows):
     exact_max_rows(20)  # classes of more rows get an HNSW index of their own after a load, as after an ingest
+    monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", 1.0)  # whatever their share of the library
     library.load([write(tmp_path / "first.parquet", columns(90))])
     indexed = vector_indexes(database_url)
     assert any(name.startswith(search.CLASS_INDEX_PREFIX) for name in indexed)
-    assert {"images_embedding_hnsw", "images_phash_hnsw"} <= set(indexed)
+    assert {"images_fold_hnsw", "images_phash_hnsw"} <= set(indexed)
 
     query = columns(1, seed=7)["embedding"][0]
     seen: dict[str, Any] = {}
@@ -359,9 +361,9 @@ def test_a_failed_merge_builds_the_indexes_again_and_stores_nothing(library, dat
 
 def test_a_load_builds_the_indexes_a_killed_load_left_dropped(library, database_url, tmp_path, caplog):
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("DROP INDEX images_embedding_hnsw")
+        conn.execute("DROP INDEX images_fold_hnsw")
     library.load([write(tmp_path / "in.parquet", columns(3))])
-    assert "images_embedding_hnsw" in vector_indexes(database_url)
+    assert "images_fold_hnsw" in vector_indexes(database_url)
 
 
 # -- what reads the sizes and hashes -----------------------------------------------------------------------------
