@@ -73,7 +73,17 @@ def index_classes(share: float | None) -> None:
         bind.execute(sa.text("SELECT imsearch_index_class(:cls)"), {"cls": cls})
 
 
+def size_build_memory() -> None:
+    """The maintenance_work_mem the graphs need (imsearch.db.indexes), for this session's builds: a server left at
+    PostgreSQL's 64 MB would build a large library's graph on disk, many times slower."""
+    from imsearch.db.indexes import size_build_memory as size
+
+    raw = op.get_bind().connection.driver_connection
+    size(raw, raw.execute("SELECT count(*) FROM images").fetchone()[0])
+
+
 def upgrade() -> None:
+    size_build_memory()
     drop_indexes("images\\_embedding\\_hnsw%")
     op.execute("DROP FUNCTION IF EXISTS imsearch_index_other(text)")
     for column in SIZES:
@@ -88,6 +98,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    size_build_memory()
     drop_indexes("images\\_fold\\_hnsw%")
     for column in SIZES:
         op.execute(f"UPDATE images SET {column} = 0 WHERE {column} IS NULL")
