@@ -29,6 +29,8 @@ Create Date: 2026-12-09
 
 from __future__ import annotations
 
+import logging
+
 import sqlalchemy as sa
 from alembic import op
 from imsearch_migrations.functions import create, grant
@@ -77,9 +79,15 @@ def size_build_memory() -> None:
     """The maintenance_work_mem the graphs need (imsearch.db.indexes), for this session's builds: a server left at
     PostgreSQL's 64 MB would build a large library's graph on disk, many times slower."""
     from imsearch.db.indexes import size_build_memory as size
+    from imsearch.errors import ImsearchError
 
     raw = op.get_bind().connection.driver_connection
-    size(raw, raw.execute("SELECT count(*) FROM images").fetchone()[0])
+    rows = raw.execute("SELECT count(*) FROM images").fetchone()[0]
+    try:
+        with raw.transaction():  # a savepoint: a refused setting leaves the migration's transaction usable
+            size(raw, rows)
+    except ImsearchError as exc:  # a bad IMSEARCH_BUILD_MEMORY: the commands that build say so; migrate anyway
+        logging.getLogger("alembic").warning("%s; building with the server's maintenance_work_mem", exc)
 
 
 def upgrade() -> None:
