@@ -20,7 +20,8 @@ from .audit import findings
 from .audit import run as audit_stage
 from .audit.calibration import SAMPLE, Calibration
 from .audit.findings import Audit, DuplicateGroup
-from .db import indexes
+from .db import bulk as db_bulk
+from .db import indexes, shards
 from .db.connect import redact
 from .db.embedded import database_url
 from .db.hashes import BackfillResult, backfill_hashes
@@ -192,6 +193,45 @@ class Imsearch:
         """Perceptual hashes for rows stored before imsearch hashed images (imsearch.db.hashes); no model."""
         with self._lock:
             return backfill_hashes(self.store, workers=workers, progress=progress)
+
+    # -- shards --------------------------------------------------------------------------------------------
+
+    def add_shards(self, urls: Sequence[str], *, rebalance: bool = False,
+                   progress: Callable[[str, int, int], None] | None = None) -> shards.Relaid:
+        """Spread the library over these servers too (imsearch.db.shards): each URL names an empty database, given
+        imsearch's schema here; rows move to their shards. A new shard's graph is built once, after its rows are in."""
+        with self._lock:
+            shards.refuse_known(self.store.conn, urls)
+        for url in urls:
+            ensure_schema(url)
+            Store(url).close()  # refuses another revision, a missing pgvector, another embedding width
+            shards.check_shard(url)
+        with self._lock:
+            store = self.store
+            homes = [Store(url) for url in urls]
+            try:
+                suspended = [(home, db_bulk.suspend_vector_indexes(home)) for home in homes]
+                relaid = shards.add(store.conn, urls, rebalance=rebalance, progress=progress)
+                for home, definitions in suspended:
+                    db_bulk.restore_vector_indexes(home, definitions)
+            finally:
+                for home in homes:
+                    home.close()
+            store.sharded = True
+            indexes.ensure_class_indexes(store, search.EXACT_MAX_ROWS)
+            return relaid
+
+    def remove_shard(self, url: str, *, progress: Callable[[str, int, int], None] | None = None) -> shards.Relaid:
+        """Take a shard out of the library, its rows moved to the others first (imsearch.db.shards.remove)."""
+        with self._lock:
+            relaid = shards.remove(self.store.conn, url, progress=progress)
+            indexes.ensure_class_indexes(self.store, search.EXACT_MAX_ROWS)
+            return relaid
+
+    def shards(self) -> list[shards.Shard]:
+        """The library's shards with their rows; none for a library on one server."""
+        with self._lock:
+            return shards.shards(self.store.conn, count=True)
 
     # -- ingest --------------------------------------------------------------------------------------------
 
@@ -382,6 +422,7 @@ class Imsearch:
         The model loads only when stored files can be read: rows alone calibrate the hash's fallback only.
         """
         with self._lock:
+            self._on_one_server("imsearch calibrate")
             return audit_stage.calibrate(self.store, self.prep, self._model, sample=sample, progress=progress)
 
     def set_calibration(self, *, distance: float | None = None, hash_bits: int | None = None,
@@ -399,6 +440,7 @@ class Imsearch:
         `hash_bits` override the calibration for this audit only.
         """
         with self._lock:
+            self._on_one_server("imsearch audit")
             used = audit_stage.thresholds(self.store, self.prep, self._model, recalibrate=recalibrate,
                                           distance=duplicate_distance, hash_bits=hash_bits, progress=calibrating)
             return audit_stage.audit(self.store, used, k=k, progress=progress)
@@ -408,9 +450,17 @@ class Imsearch:
                    ) -> tuple[list[DuplicateGroup], Calibration]:
         """Groups of stored copies by the audit's copy rule, and the thresholds used (calibrated first if needed)."""
         with self._lock:
+            self._on_one_server("imsearch duplicates")
             used = audit_stage.thresholds(self.store, self.prep, self._model, recalibrate=False, distance=distance,
                                           hash_bits=hash_bits, progress=calibrating)
             return audit_stage.duplicates(self.store, used, progress), used
 
     def _model(self) -> Model:
         return self.embedder
+
+    def _on_one_server(self, command: str) -> None:
+        """The audit reads every image's neighbours through the whole-table index, where the rows are: on a sharded
+        library that is each shard, not the coordinator (docs/scaling.md)."""
+        if self.store.sharded:
+            raise ImsearchError(f"{command} runs where the rows are, and this library is sharded: run it with "
+                                "--database-url set to each shard (`imsearch db shard list` shows them)")

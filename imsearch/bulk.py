@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .db import bulk as db_bulk
+from .db.indexes import index_homes
 from .db.store import Store
 from .errors import ImsearchError, ModelMismatch, RefusedFile
 from .vectors import DIMENSIONS
@@ -187,13 +188,17 @@ def load(store: Store, files: Sequence[Path], *, model: str | None = None, batch
         if twice is not None:
             raise RefusedFile(sources[twice.file_no].path, f"path {twice.path!r} is loaded twice (also "
                               f"{sources[twice.first_file].path}, row {twice.first_row})", twice.row_no)
-        suspended = db_bulk.suspend_vector_indexes(store) if stored == 0 or staged > stored else []
-        try:
-            added, updated = staging.merge(identity)
-        except BaseException:
-            _restore_after_failure(store, suspended)
-            raise
-        db_bulk.restore_vector_indexes(store, suspended)
+        with index_homes(store) as homes:  # the library's own database, or each shard of a sharded one
+            suspend = stored == 0 or staged > stored
+            suspended = [(home, db_bulk.suspend_vector_indexes(home) if suspend else []) for home in homes]
+            try:
+                added, updated = staging.merge(identity)
+            except BaseException:
+                for home, definitions in suspended:
+                    _restore_after_failure(home, definitions)
+                raise
+            for home, definitions in suspended:
+                db_bulk.restore_vector_indexes(home, definitions)
     return LoadResult(added, updated, staged - added - updated, time.perf_counter() - started,
                       tuple(s.path for s in sources))
 

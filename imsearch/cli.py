@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import click
 
@@ -615,6 +615,74 @@ def db_check_recall(ctx: click.Context, sample: int, as_json: bool) -> None:
     if low:
         click.echo(f"warning: mode {', '.join(low)} below {MIN_RECALL} against an exact scan; raise the re-ranking "
                    "depth (SET imsearch.rerank_depth, docs/scaling.md) or search with --exact", err=True)
+
+
+@db.group("shard")
+def db_shard() -> None:
+    """Spread the library over PostgreSQL servers (postgres_fdw and dblink; docs/scaling.md).
+
+    This database becomes the coordinator: `images` is partitioned by the hash of path into foreign tables, one
+    per shard. ingest, load and find work as before, and every shard answers each search with its own indexes.
+    """
+
+
+def _shard_table(shards: Sequence[Any]) -> str:
+    lines = [f"{'server':18} {'share':>7} {'rows':>10}  url"]
+    for s in shards:
+        rows = "-" if s.rows is None else f"{s.rows:,}"
+        lines.append(f"{s.server:18} {s.share:>7.1%} {rows:>10}  {s.url}")
+    return "\n".join(lines)
+
+
+@db_shard.command("add")
+@click.argument("urls", nargs=-1, required=True, metavar="URL...")
+@click.option("--rebalance", is_flag=True,
+              help="Lay the library out equally over every shard (most rows move), rather than give each new shard "
+                   "half of the largest one's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the shards and the rows moved as JSON.")
+@click.pass_context
+def db_shard_add(ctx: click.Context, urls: tuple[str, ...], rebalance: bool, as_json: bool) -> None:
+    """Add shard servers: each URL an empty PostgreSQL database with pgvector, which gets imsearch's schema.
+
+    The coordinator reaches each shard with the URL's user and password (a user mapping). Shards added to a
+    library without rows share it equally; a shard added to one with rows takes half of the largest shard's
+    rows. Rows already stored here move to the shards.
+    """
+    with progress_bar("rows", shown=not as_json) as progress:
+        relaid = _app(ctx).add_shards(list(urls), rebalance=rebalance,
+                                      progress=lambda _label, done, total: progress(done, total))
+    if as_json:
+        click.echo(json.dumps(relaid.to_json(), indent=2))
+        return
+    click.echo(_shard_table(relaid.shards))
+    click.echo(f"{relaid.moved:,} row(s) moved")
+
+
+@db_shard.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the shards as JSON.")
+@click.pass_context
+def db_shard_list(ctx: click.Context, as_json: bool) -> None:
+    """List the shards: foreign server, share of the hash space, rows, and where (no password)."""
+    found = _app(ctx).shards()
+    if as_json:
+        click.echo(json.dumps([s.to_json() for s in found], indent=2))
+        return
+    click.echo(_shard_table(found) if found else "no shards: the library is on this server alone")
+
+
+@db_shard.command("remove")
+@click.argument("url")
+@click.option("--json", "as_json", is_flag=True, help="Print the shards left and the rows moved as JSON.")
+@click.pass_context
+def db_shard_remove(ctx: click.Context, url: str, as_json: bool) -> None:
+    """Take the shard at URL out of the library; its rows move to the other shards first."""
+    with progress_bar("rows", shown=not as_json) as progress:
+        relaid = _app(ctx).remove_shard(url, progress=lambda _label, done, total: progress(done, total))
+    if as_json:
+        click.echo(json.dumps(relaid.to_json(), indent=2))
+        return
+    click.echo(_shard_table(relaid.shards))
+    click.echo(f"{relaid.moved:,} row(s) moved")
 
 
 @db.command("index-other", hidden=True)

@@ -23,6 +23,7 @@ from .connect import scalar
 from .errors import translated, translating
 from .indexes import size_build_memory
 from .schema import images
+from .shards import sharded
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,30 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 """
 
 
+# On a sharded library (imsearch.db.shards) postgres_fdw takes no ON CONFLICT ... DO UPDATE: the stored rows of the
+# staged paths come back in one query each shard answers through its index on path; the changed ones are updated
+# one by one, the new ones inserted in file order, in batches to their shards.
+STORED_SHARDED = """
+CREATE TEMP TABLE imsearch_load_stored ON COMMIT DROP AS
+SELECT i.path, (i.sha256 = s.sha256 AND i.class IS NOT DISTINCT FROM s.class AND i.model = %(model)s) AS same
+FROM images i JOIN imsearch_load s USING (path)
+WHERE i.path = ANY (ARRAY(SELECT path FROM imsearch_load))
+"""
+UPDATE_SHARDED = """
+UPDATE images SET class = s.class, sha256 = s.sha256, width = s.width, height = s.height, bytes = s.bytes,
+    model = %(model)s, embedding = s.embedding, phash = s.phash::bit(64), ingested_at = now()
+FROM (SELECT * FROM imsearch_load WHERE path = %(path)s) s
+WHERE images.path = %(path)s
+"""
+INSERT_SHARDED = """
+INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding, phash)
+SELECT s.path, s.class, s.sha256, s.width, s.height, s.bytes, %(model)s, s.embedding, s.phash::bit(64)
+FROM imsearch_load s
+WHERE NOT EXISTS (SELECT FROM imsearch_load_stored t WHERE t.path = s.path)
+ORDER BY s.file_no, s.row_no
+"""
+
+
 @dataclass(frozen=True)
 class Duplicate:
     """A path staged twice: where the second one is, and the first."""
@@ -265,9 +290,20 @@ class Staging:
     def merge(self, model: str) -> tuple[int, int]:
         """Write the staged rows into images in one transaction: (added, updated); rows stored already with the
         same bytes, class and model are left alone."""
+        if sharded(self.conn):
+            return self._merge_sharded(model)
         with translated("loading into", self.conn), self.conn.transaction():
             added, updated = self.conn.execute(MERGE, {"model": model}).fetchone() or (0, 0)
         return int(added), int(updated)
+
+    def _merge_sharded(self, model: str) -> tuple[int, int]:
+        with translated("loading into", self.conn), self.conn.transaction():
+            self.conn.execute(STORED_SHARDED, {"model": model})
+            changed = [p for (p,) in self.conn.execute("SELECT path FROM imsearch_load_stored WHERE NOT same")]
+            with self.conn.cursor() as cur:
+                cur.executemany(UPDATE_SHARDED, [{"model": model, "path": p} for p in changed])
+            added = self.conn.execute(INSERT_SHARDED, {"model": model}).rowcount
+        return max(added, 0), len(changed)
 
 
 @translating("reading from")

@@ -4,8 +4,9 @@ through them against an exact scan."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import psycopg
@@ -16,6 +17,7 @@ from ..modes import MODES
 from ..search import CLASS_INDEX_MAX_SHARE, CLASS_INDEX_PREFIX
 from ..settings import build_memory, quarter_of_memory_mb
 from .connect import Where, connection, scalar
+from .shards import shard_urls
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,30 @@ def wanted_class_indexes(counts: dict[str, int], min_rows: int) -> list[str]:
     return sorted(c for c, n in counts.items() if n > min_rows and n <= CLASS_INDEX_MAX_SHARE * total)
 
 
+@contextlib.contextmanager
+def index_homes(store: Store) -> Iterator[list[Store]]:
+    """The databases whose `images` tables hold the rows and their indexes: the library's own, or on a sharded
+    library each shard's (imsearch.db.shards), opened here and closed after."""
+    if not store.sharded:
+        yield [store]
+        return
+    opened: list[Store] = []
+    try:
+        for _, url in shard_urls(store.conn):
+            opened.append(Store(url))
+        yield opened
+    finally:
+        for home in opened:
+            home.close()
+
+
 def ensure_class_indexes(store: Store, min_rows: int) -> list[str]:
     """Give every class that wants one (wanted_class_indexes) its own HNSW index; returns the classes indexed now.
-    An index stays when its class grows past the share: it still serves."""
+    An index stays when its class grows past the share: it still serves. A sharded library's shards decide each
+    for its own rows."""
+    if store.sharded:
+        with index_homes(store) as homes:
+            return sorted({cls for home in homes for cls in ensure_class_indexes(home, min_rows)})
     counts = dict(store.classes())
     missing = sorted(set(wanted_class_indexes(counts, min_rows)) - indexed_classes(store.conn, counts))
     for cls in missing:

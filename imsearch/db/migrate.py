@@ -21,7 +21,7 @@ from .serverlog import crash_in_log
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0013"
+SCHEMA_REVISION = "0014"
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
 MIGRATION_LOCK = 7_284_519_311
 LOCK_POLL = 0.2  # seconds between tries
@@ -143,6 +143,8 @@ def upgrade(url: str, server_log: Path | None = None, *, lock_timeout: float | N
             )
     finally:
         conn.close()
+    for _, shard in _shards(url):  # a sharded library's shards first: the coordinator's functions call theirs
+        upgrade(shard, lock_timeout=lock_timeout, progress=progress)
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_folder()))
     cfg.attributes["url"] = sqlalchemy_url(url)
@@ -165,6 +167,17 @@ def upgrade(url: str, server_log: Path | None = None, *, lock_timeout: float | N
     finally:
         conn.close()
     return SCHEMA_REVISION
+
+
+def _shards(url: str) -> list[tuple[str, str]]:
+    """(server, URL) of the shards of a sharded library's coordinator; none for any other database."""
+    from .shards import shard_urls
+
+    conn = connect(url, register=False)
+    try:
+        return shard_urls(conn) if scalar(conn, "SELECT to_regclass('public.images')") is not None else []
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager

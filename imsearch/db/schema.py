@@ -30,7 +30,7 @@ metadata = MetaData()
 images = Table(
     "images",
     metadata,
-    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
     Column("path", Text, nullable=False, unique=True, comment="absolute, resolved file path"),
     Column("class", Text, nullable=True, comment="first-level sub-folder under the ingest root; NULL at the root"),
     Column("sha256", String(64), nullable=False),

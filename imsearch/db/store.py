@@ -21,6 +21,7 @@ from .connect import connect, pgvector_version, redact, scalar
 from .errors import failed
 from .migrate import SCHEMA_REVISION, known_revision, long_migration, schema_mismatch, schema_revision, upgrade
 from .serverlog import crash_in_log
+from .shards import sharded
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Store:
                 f"{redact(url)}: pgvector {'.'.join(map(str, version))} is too old; imsearch needs 0.7 or newer"
             )
         self.pgvector = version
+        # a sharded library's coordinator: ON CONFLICT cannot reach the shards' unique index on path (UPSERT_SHARDED)
+        self.sharded = sharded(self.conn)
         if not iterates(version):
             log.warning("pgvector %s has no iterative index scans: filtered searches of large classes without their "
                         "own index scan exactly (upgrade pgvector to 0.8+ for fast filtered search)",
@@ -216,7 +219,8 @@ class Store:
 
     UPSERT = """
         INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding, phash)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::bit(64))
+        VALUES (%(path)s, %(cls)s, %(sha256)s, %(width)s, %(height)s, %(bytes)s, %(model)s, %(embedding)s,
+                %(phash)s::bit(64))
         ON CONFLICT (path) DO UPDATE SET
             class = EXCLUDED.class, sha256 = EXCLUDED.sha256, width = EXCLUDED.width,
             height = EXCLUDED.height, bytes = EXCLUDED.bytes, model = EXCLUDED.model,
@@ -224,18 +228,40 @@ class Store:
         RETURNING (xmax = 0) AS inserted
     """
 
+    # On a sharded library: postgres_fdw takes no ON CONFLICT ... DO UPDATE, so the row is updated where its path is
+    # stored and inserted where it is not. Two writers inserting one new path meet at the shard's unique index on
+    # path (one shard holds every path of its hash): the later one's batch fails and is written again, updating.
+    UPSERT_SHARDED = """
+        WITH updated AS (
+            UPDATE images SET class = %(cls)s, sha256 = %(sha256)s, width = %(width)s, height = %(height)s,
+                bytes = %(bytes)s, model = %(model)s, embedding = %(embedding)s, phash = %(phash)s::bit(64),
+                ingested_at = now()
+            WHERE path = %(path)s
+            RETURNING 1
+        ), inserted AS (
+            INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding, phash)
+            SELECT %(path)s, %(cls)s, %(sha256)s, %(width)s, %(height)s, %(bytes)s, %(model)s, %(embedding)s,
+                   %(phash)s::bit(64)
+            WHERE NOT EXISTS (SELECT FROM updated)
+            RETURNING 1
+        )
+        SELECT EXISTS (SELECT FROM inserted) AS inserted
+    """
+
     def upsert(self, rows: Sequence[Row], *, retries: int = 3) -> tuple[int, int]:
-        """Write a batch in one transaction; returns (added, updated). Retried after a dropped connection."""
+        """Write a batch in one transaction; returns (added, updated). Retried after a dropped connection, and on a
+        sharded library after another writer stored one of its new paths first."""
         params = [
-            (r.path, r.cls, r.sha256, r.width, r.height, r.bytes, r.model, HalfVector(r.embedding),
-             None if r.phash is None else format(r.phash, "064b"))
+            {"path": r.path, "cls": r.cls, "sha256": r.sha256, "width": r.width, "height": r.height,
+             "bytes": r.bytes, "model": r.model, "embedding": HalfVector(r.embedding),
+             "phash": None if r.phash is None else format(r.phash, "064b")}
             for r in rows
         ]
         for attempt in range(retries + 1):
             try:
                 added = updated = 0
                 with self.conn.transaction(), self.conn.cursor() as cur:
-                    cur.executemany(self.UPSERT, params, returning=True)
+                    cur.executemany(self.UPSERT_SHARDED if self.sharded else self.UPSERT, params, returning=True)
                     while True:
                         for (inserted,) in cur.fetchall():
                             added += int(inserted)
@@ -243,6 +269,10 @@ class Store:
                         if not cur.nextset():
                             break
                 return added, updated
+            except psycopg.errors.UniqueViolation:
+                if not self.sharded or attempt == retries:
+                    raise
+                log.info("another writer stored a path of this batch first; writing the batch again")
             except psycopg.OperationalError as exc:
                 if self.conn.closed and (crash := self.crashed()) is not None:
                     raise crash from None  # it would crash again on the same rows
@@ -260,7 +290,17 @@ class Store:
     def move(self, image_id: int, path: str, cls: str | None) -> None:
         """Give a stored row the new path (and class) of its file: its id, vector and audit findings stay."""
         with self.conn.transaction():
-            self.conn.execute('UPDATE images SET path = %s, class = %s WHERE id = %s', (path, cls, image_id))
+            self.conn.execute(self.MOVE_SHARDED if self.sharded else self.MOVE,
+                              {"path": path, "cls": cls, "id": image_id})
+
+    MOVE = "UPDATE images SET path = %(path)s, class = %(cls)s WHERE id = %(id)s"
+    # An UPDATE of path would stay on the row's old shard (postgres_fdw runs it there): the row moves to the shard
+    # of its new path as a delete and an insert that keeps its id, in one transaction.
+    MOVE_SHARDED = """
+        WITH gone AS (DELETE FROM images WHERE id = %(id)s RETURNING *)
+        INSERT INTO images (id, path, class, sha256, width, height, bytes, model, embedding, phash, ingested_at)
+        SELECT id, %(path)s, %(cls)s, sha256, width, height, bytes, model, embedding, phash, ingested_at FROM gone
+    """
 
     def copy_row(self, image_id: int, path: str, cls: str | None) -> bool:
         """Store a new path holding the same bytes as row `image_id` with that row's vector (same bytes, same
@@ -269,7 +309,7 @@ class Store:
             cur = self.conn.execute(
                 """INSERT INTO images (path, class, sha256, width, height, bytes, model, embedding, phash)
                    SELECT %s, %s, sha256, width, height, bytes, model, embedding, phash FROM images WHERE id = %s
-                   ON CONFLICT (path) DO NOTHING""",
+                   ON CONFLICT DO NOTHING""",
                 (path, cls, image_id),
             )
             return cur.rowcount == 1

@@ -81,14 +81,19 @@ def fold(vector: np.ndarray) -> np.ndarray:
     return v[..., :FOLD_DIMENSIONS] * first + v[..., FOLD_DIMENSIONS:] * second
 
 
-# What imsearch_search raises for a class with no stored image (a code of its own, so callers need not read text).
+# What imsearch_search raises for a class with no stored image (a code of its own, so callers need not read text),
+# and on a sharded library for a shard that cannot answer (imsearch_shard_search, migration 0014).
 UNKNOWN_CLASS_SQLSTATE = "IM001"
+SHARD_DOWN_SQLSTATE = "IM002"
+# Where a sharded library keeps dblink's functions: a schema of their own that PUBLIC may not use, so that a reader
+# cannot open connections from the server (imsearch.db.shards).
+DBLINK_SCHEMA = "imsearch_dblink"
 
 # Each SQL function and the template file that holds it (the planner's file holds its entries and their helper).
 TEMPLATES = {
     "imsearch_class_index": "imsearch_search", "imsearch_fold": "imsearch_search",
     "imsearch_index_all": "imsearch_search", "imsearch_index_class": "imsearch_search",
-    "imsearch_search": "imsearch_search",
+    "imsearch_search": "imsearch_search", "imsearch_shard_search": "imsearch_search",
     "imsearch_neighbours": "imsearch_search", "imsearch_nearest": "imsearch_nearest",
     "imsearch_class_correspondence": "imsearch_class_correspondence",
     "imsearch_duplicate_pairs": "imsearch_duplicate_pairs",
@@ -127,7 +132,7 @@ def function_sql(name: str) -> str:
         "FOLD_SIGNS_1": "[" + ",".join(map(str, first)) + "]", "FOLD_SIGNS_2": "[" + ",".join(map(str, second)) + "]",
         "GRAPH_M": GRAPH_M, "GRAPH_EF_CONSTRUCTION": GRAPH_EF_CONSTRUCTION,
         "MODES": ", ".join(f"'{m}'" for m in MODES), "DIMENSIONS": DIMENSIONS, "MAX_K": MAX_K,
-        "UNKNOWN_CLASS": UNKNOWN_CLASS_SQLSTATE,
+        "UNKNOWN_CLASS": UNKNOWN_CLASS_SQLSTATE, "SHARD_DOWN": SHARD_DOWN_SQLSTATE,
     }
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
