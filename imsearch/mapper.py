@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Protocol
@@ -113,19 +114,24 @@ class Mapper:
     """Decode and embed batches of files with one model; callable on an Arrow table of INPUT, returning OUTPUT.
 
     `threads` is the CPUs this mapper may use: the model's runtime gets that many threads, and as many decode at
-    once before the batch goes through the model (Pillow and the model both release the GIL)."""
+    once before the batch goes through the model (Pillow and the model both release the GIL). Two calls may run
+    at once (a Ray actor taking two batches): one decodes while the other's batch is in the model, one batch in
+    the model at a time, as in a plain ingest."""
 
     def __init__(self, spec: ModelSpec, *, threads: int | None = None, where: str | None = None,
                  identity: str | None = None) -> None:
         self.spec = spec
         self.threads = threads
         self.where = where
+        self.identity = identity
         self.model = spec.load(threads)
-        if identity is not None and self.model.identity != identity:
-            raise ModelMismatch(f"the model {where or 'here'} is {self.model.identity}, not {identity} as on the "
-                                "driver: every worker needs the same weights file at the same path")
+        self._model_lock = threading.Lock()
 
     def __call__(self, batch: pa.Table | pa.RecordBatch) -> pa.Table:
+        if self.identity is not None and self.model.identity != self.identity:
+            # raised by the call, not the constructor: Ray retries a constructor that fails, for minutes
+            raise ModelMismatch(f"the model {self.where or 'here'} is {self.model.identity}, not {self.identity} as "
+                                "on the driver: every worker needs the same weights file at the same path")
         paths = [str(p) for p in batch.column("path").to_pylist()]
         classes = batch.column("class").to_pylist()
         results: list[Decoded | BadImage] = []
@@ -139,7 +145,10 @@ class Mapper:
                 except BadImage as exc:
                     results.append(exc)
         good = [r for r in results if isinstance(r, Decoded)]
-        vectors = self.model.embed(np.stack([r.loaded.pixels for r in good])) if good else np.empty((0, DIMENSIONS))
+        vectors = np.empty((0, DIMENSIONS), np.float32)
+        if good:
+            with self._model_lock:
+                vectors = self.model.embed(np.stack([r.loaded.pixels for r in good]))
         return table(paths, classes, results, vectors)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from tests.conftest import ROOT, scratch_database
+from tests.conftest import ROOT, copy_photos, scratch_database
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
 
@@ -32,11 +32,25 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture
-def library(photos: Path) -> Path:
-    """The 20 room photos and one file that is no image."""
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    """The 20 room photos and one file that is no image, for the tests that only read them."""
+    photos = copy_photos(tmp_path_factory.mktemp("ray-library") / "photos", 4)
     (photos / "kitchen" / "broken.jpg").write_bytes(b"not a jpeg")
     return photos
+
+
+@pytest.fixture(scope="module")
+def plain(library, server_url, weights):
+    """`library` stored by a plain ingest: its --json summary and its rows, what the Ray runs are compared with."""
+    from click.testing import CliRunner
+
+    from imsearch.cli import cli
+
+    with scratch_database(server_url, f"imsearch_test_ray_plain_{os.getpid()}") as url:
+        done = CliRunner().invoke(cli, ["--database-url", url, "ingest", str(library), "--json"],
+                                  env={"IMSEARCH_WEIGHTS": weights}, catch_exceptions=False)
+        yield summary(done), rows(url)
 
 
 def rows(url: str) -> dict[str, tuple]:
@@ -62,20 +76,12 @@ def summary(result) -> dict:
     return json.loads(result.stdout)
 
 
-def test_ray_ingest_stores_what_a_plain_ingest_stores_and_names_a_bad_file_once(run, library, database_url,
-                                                                                 server_url, weights):
-    plain = summary(run("ingest", str(library), "--json"))
-    with scratch_database(server_url, f"imsearch_test_ray_{os.getpid()}") as url:
-        from click.testing import CliRunner
-
-        from imsearch.cli import cli
-
-        done = CliRunner().invoke(cli, ["--database-url", url, "ingest", str(library), "--ray", "local", "--json"],
-                                  env={"IMSEARCH_WEIGHTS": weights}, catch_exceptions=False)
-        on_ray = summary(done)
-        assert done.exit_code == 1  # a file was not stored, as with a plain ingest
-        assert_same_library(rows(url), rows(database_url))
-    assert {k: v for k, v in on_ray.items() if k != "seconds"} == {k: v for k, v in plain.items() if k != "seconds"}
+def test_ray_ingest_stores_what_a_plain_ingest_stores_and_names_a_bad_file_once(run, library, plain, database_url):
+    done = run("ingest", str(library), "--ray", "local", "--json")
+    on_ray = summary(done)
+    assert done.exit_code == 1  # a file was not stored, as with a plain ingest
+    assert_same_library(rows(database_url), plain[1])
+    assert {k: v for k, v in on_ray.items() if k != "seconds"} == {k: v for k, v in plain[0].items() if k != "seconds"}
     assert on_ray["added"] == 20
     broken = str(library.resolve() / "kitchen" / "broken.jpg")
     assert on_ray["failed"] == [{"path": broken, "error": "not an image (unknown or unsupported format)"}]
@@ -94,30 +100,22 @@ def test_a_second_ray_ingest_skips_unchanged_files_and_embeds_a_changed_one(run,
 
 
 @pytest.mark.parametrize("ray_address", ["auto", None], ids=["ray", "this-process"])
-def test_to_parquet_writes_parts_that_load_into_the_same_library(run, library, database_url, server_url, weights,
-                                                                tmp_path, ray_address):
-    plain = summary(run("ingest", str(library), "--json"))
+def test_to_parquet_writes_parts_that_load_into_the_same_library(run, library, plain, database_url, tmp_path,
+                                                                ray_address):
     parts = tmp_path / "parts"
-    with scratch_database(server_url, f"imsearch_test_ray_parts_{os.getpid()}") as url:
-        from click.testing import CliRunner
-
-        from imsearch.cli import cli
-
-        invoke = CliRunner().invoke
-        env = {"IMSEARCH_WEIGHTS": weights}
-        args = ["--database-url", url, "ingest", str(library), "--to-parquet", str(parts), "--json"]
-        written = summary(invoke(cli, args + (["--ray", ray_address] if ray_address else []), env=env))
-        assert (written["added"], [f["path"] for f in written["failed"]]) == (20, [f["path"] for f in plain["failed"]])
-        with psycopg.connect(url) as conn:  # no database was touched: not even migrated
-            assert conn.execute("SELECT to_regclass('images')").fetchone() == (None,)
-        files = sorted(str(p) for p in parts.glob("*.parquet"))
-        assert [Path(f).name for f in files] == ["part-00000.parquet"]
-        loaded = invoke(cli, ["--database-url", url, "load", *files, "--json"], env=env)
-        assert loaded.exit_code == 0, loaded.output
-        assert json.loads(loaded.stdout)["added"] == 20
-        assert_same_library(rows(url), rows(database_url))
-        again = invoke(cli, args, env=env)
-        assert again.exit_code == 1 and "holds part files already" in again.stderr
+    args = ["ingest", str(library), "--to-parquet", str(parts), "--json"]
+    written = summary(run(*args, *(["--ray", ray_address] if ray_address else [])))
+    assert (written["added"], written["failed"]) == (20, plain[0]["failed"])
+    with psycopg.connect(database_url) as conn:  # no database was touched: not even migrated
+        assert conn.execute("SELECT to_regclass('images')").fetchone() == (None,)
+    files = sorted(str(p) for p in parts.glob("*.parquet"))
+    assert [Path(f).name for f in files] == ["part-00000.parquet"]
+    loaded = run("load", *files, "--json")
+    assert loaded.exit_code == 0, loaded.output
+    assert json.loads(loaded.stdout)["added"] == 20
+    assert_same_library(rows(database_url), plain[1])
+    again = run(*args)
+    assert again.exit_code == 1 and "holds part files already" in again.stderr
 
 
 def test_a_file_the_workers_cannot_read_is_named_and_the_rest_stored(run, photos, monkeypatch):
@@ -152,3 +150,18 @@ def test_a_plain_ingest_never_imports_ray(photos, database_url, weights):
     imported = re.findall(r"\|\s+([\w.]+)$", done.stderr, re.MULTILINE)
     assert "imsearch.ingest" in imported
     assert not [m for m in imported if m == "ray" or m.startswith("ray.")]
+
+
+def test_an_actor_whose_model_differs_from_the_drivers_stops_the_job_in_one_line(photos, weights, monkeypatch):
+    """A worker with another weights file at the driver's path would store vectors of another model under this
+    one's identity: its actor refuses to start, and the driver says why."""
+    from imsearch.cluster import RayRunner
+    from imsearch.errors import ModelMismatch
+    from imsearch.mapper import ModelSpec
+
+    spec = ModelSpec.of(weights, device="cpu")
+    monkeypatch.setattr(ModelSpec, "identity", property(lambda self: "resnet50:file-elsewhere:resize256-crop224"))
+    files = [(str(p), p.parent.name) for p in sorted(photos.glob("*/*.jpg"))[:2]]
+    with pytest.raises(ModelMismatch, match=r"^the model on the Ray worker \S+ is resnet50:file-\w+:resize256-crop224, "
+                                            r"not resnet50:file-elsewhere:resize256-crop224 as on the driver"):
+        list(RayRunner(spec, "auto").map(files, 32))

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Generator
 
 import pyarrow as pa
 
+from .. import errors
 from ..errors import ImsearchError
 from ..mapper import Mapper, ModelSpec, files_table
 
@@ -107,13 +109,23 @@ class RayRunner:
         dataset = ray.data.from_arrow(blocks).map_batches(
             RayMapper, fn_constructor_kwargs={"spec": self.spec, "threads": pool.cpus, "identity": self.spec.identity},
             batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus, num_gpus=pool.gpus or None,
+            compute=_pool(ray, pool.actors), num_cpus=pool.cpus, num_gpus=pool.gpus or None,
             # the ONNX export cache; a worker elsewhere without that folder makes it
             runtime_env={"env_vars": {"IMSEARCH_HOME": home}} if home else None)
         try:
             yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
         except ray.exceptions.RayError as exc:
             raise _explained(exc) from None
+
+
+def _pool(ray: Any, actors: int) -> Any:
+    """A fixed pool whose actors each take two batches at once, so that one decodes while the other is in the
+    model (imsearch.mapper.Mapper); a Ray Data without concurrent calls runs one batch at a time."""
+    try:
+        return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2,
+                                          enable_true_multi_threading=True)
+    except TypeError:
+        return ray.data.ActorPoolStrategy(size=actors)
 
 
 def _import_ray() -> Any:
@@ -138,17 +150,21 @@ def _connect(ray: Any, address: str) -> bool:
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ImsearchError(f"--ray {address}: cannot join a Ray cluster ({_first_line(exc)}); start one with "
-                            "`ray start --head`, or use --ray local") from None
+                            "`ray start --head`, or use --ray local (a cluster with token authentication, Ray's "
+                            "default since 2.52, takes a driver given its address with RAY_AUTH_MODE=token)") from None
     return True
 
 
 def _explained(exc: BaseException) -> ImsearchError:
-    """A Ray failure as one line: an imsearch error raised in an actor keeps its own message."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ImsearchError):
-            return type(cause)(str(cause)) if type(cause).__init__ is ImsearchError.__init__ else cause
-        cause = cause.__cause__ or getattr(cause, "cause", None)
+    """A Ray failure as one line. An imsearch error raised in an actor reaches the driver as the text of its
+    traceback (Ray Data wraps it): it keeps its own message, and its type where that takes a message alone."""
+    found = re.findall(r"^imsearch\.errors\.(\w+): (.+)$", str(exc), re.MULTILINE)
+    if found:
+        name, message = found[-1]
+        kind = getattr(errors, name, ImsearchError)
+        if not (isinstance(kind, type) and issubclass(kind, ImsearchError)) or issubclass(kind, errors.BadImage):
+            kind = ImsearchError
+        return kind(message)
     return ImsearchError(f"the Ray job failed: {_first_line(exc)}")
 
 
