@@ -114,9 +114,8 @@ class Mapper:
     """Decode and embed batches of files with one model; callable on an Arrow table of INPUT, returning OUTPUT.
 
     `threads` is the CPUs this mapper may use: the model's runtime gets that many threads, and as many decode at
-    once before the batch goes through the model (Pillow and the model both release the GIL). Two calls may run
-    at once (a Ray actor taking two batches): one decodes while the other's batch is in the model, one batch in
-    the model at a time, as in a plain ingest."""
+    once before the batch goes through the model (Pillow and the model both release the GIL). Calls from several
+    threads decode at once and take turns in the model."""
 
     def __init__(self, spec: ModelSpec, *, threads: int | None = None, where: str | None = None,
                  identity: str | None = None) -> None:

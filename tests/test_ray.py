@@ -5,6 +5,7 @@ once, part files that `imsearch load` takes, unchanged files skipped; and a plai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -165,3 +166,31 @@ def test_an_actor_whose_model_differs_from_the_drivers_stops_the_job_in_one_line
     with pytest.raises(ModelMismatch, match=r"^the model on the Ray worker \S+ is resnet50:file-\w+:resize256-crop224, "
                                             r"not resnet50:file-elsewhere:resize256-crop224 as on the driver"):
         list(RayRunner(spec, "auto").map(files, 32))
+
+
+def test_a_killed_worker_is_restarted_by_ray_and_every_photo_stored_once(photos, database_url, weights):
+    """SIGKILL the actor after the first batch is written: Ray restarts it and runs its batch again; the driver
+    writes each path once."""
+    import signal
+
+    import psutil
+
+    from imsearch import Imsearch
+
+    killed: list[int] = []
+
+    def kill_the_actor_once(done: int, total: int) -> None:
+        if killed:
+            return
+        for p in psutil.Process().children(recursive=True):  # this module's cluster, started by this process
+            with contextlib.suppress(psutil.Error):
+                if "MapWorker" in " ".join(p.cmdline()):
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+
+    with Imsearch(database_url, weights=weights, device="cpu") as app:
+        result = app.ingest(photos, batch_size=4, ray="auto", progress=kill_the_actor_once)
+    assert killed
+    assert (result.added, result.updated, result.failed) == (20, 0, ())
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT path) FROM images").fetchone() == (20, 20)

@@ -109,23 +109,13 @@ class RayRunner:
         dataset = ray.data.from_arrow(blocks).map_batches(
             RayMapper, fn_constructor_kwargs={"spec": self.spec, "threads": pool.cpus, "identity": self.spec.identity},
             batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
-            compute=_pool(ray, pool.actors), num_cpus=pool.cpus, num_gpus=pool.gpus or None,
+            compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus, num_gpus=pool.gpus or None,
             # the ONNX export cache; a worker elsewhere without that folder makes it
             runtime_env={"env_vars": {"IMSEARCH_HOME": home}} if home else None)
         try:
             yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
         except ray.exceptions.RayError as exc:
             raise _explained(exc) from None
-
-
-def _pool(ray: Any, actors: int) -> Any:
-    """A fixed pool whose actors each take two batches at once, so that one decodes while the other is in the
-    model (imsearch.mapper.Mapper); a Ray Data without concurrent calls runs one batch at a time."""
-    try:
-        return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2,
-                                          enable_true_multi_threading=True)
-    except TypeError:
-        return ray.data.ActorPoolStrategy(size=actors)
 
 
 def _import_ray() -> Any:
