@@ -31,7 +31,7 @@ from .db.store import Store, ensure_schema, stored_paths
 from .errors import BadImage, DatabaseUnavailable, ImsearchError
 from .evaluation import run as evaluation_stage
 from .evaluation.metrics import Evaluation
-from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, PruneResult, ingest, prune
+from .ingest import DEFAULT_BATCH_SIZE, IngestResult, Progress, PruneResult, ingest, ingest_to_parquet, prune
 from .model import pixels
 from .model import queries as queries_stage
 from .model.embed import Model
@@ -46,6 +46,7 @@ from .timing import phase
 
 if TYPE_CHECKING:
     from .bulk import ExportResult, LoadResult
+    from .mapper import Runner
 
 __all__ = ["Embedded", "FindResult", "Imsearch", "Query", "Upgraded"]
 
@@ -245,15 +246,41 @@ class Imsearch:
         reembed: bool = False,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
+        ray: str | None = None,
+        to_parquet: str | Path | None = None,
     ) -> IngestResult:
-        """Store every image under root; see `imsearch.ingest.ingest`."""
+        """Store every image under root; see `imsearch.ingest.ingest`.
+
+        `ray` (an address, `auto` or `local`) embeds on a Ray cluster (imsearch.cluster); `to_parquet` writes the
+        rows to part files in that folder for `imsearch load` instead of the library (`ingest_to_parquet`)."""
+        runner = self.runner(ray) if ray is not None or to_parquet is not None else None
+        if to_parquet is not None and runner is not None:
+            if prune or reembed:
+                raise ImsearchError("--to-parquet writes part files, not the library: it takes no --prune or "
+                                    "--reembed (load the parts, then ingest with those)")
+            return ingest_to_parquet(runner, Path(root), Path(to_parquet), batch_size=batch_size, progress=progress,
+                                     stop=stop)
         with self._lock:
-            result = ingest(self.store, self.embedder, Path(root), batch_size=batch_size, workers=workers,
-                            prune=prune, reembed=reembed, progress=progress, stop=stop)
+            result = ingest(self.store, None if runner is not None else self.embedder, Path(root),
+                            batch_size=batch_size, workers=workers, prune=prune, reembed=reembed, progress=progress,
+                            stop=stop, runner=runner)
             if not result.interrupted:
                 # A class past the exact-scan size gets its own HNSW index (see imsearch/search/__init__.py).
                 indexes.ensure_class_indexes(self.store, search.EXACT_MAX_ROWS)
             return result
+
+    def runner(self, ray: str | None = None) -> Runner:
+        """What runs the mapper (decode and embed) for this library's model: a Ray cluster's actors (`ray`: an
+        address, `auto` or `local`; needs the ray extra), else this process."""
+        from .mapper import LocalRunner, ModelSpec  # pyarrow loads for ingests that map, not for every find
+
+        spec = ModelSpec.of(self.settings.weights, device=self.device, precision=self.precision,
+                            preprocess=self.prep.name, backend=self.settings.backend)
+        if ray is None:
+            return LocalRunner(spec)
+        from .cluster import RayRunner  # ray loads only when a cluster is asked for
+
+        return RayRunner(spec, ray)
 
     def export(self, file: str | Path, *, model: str | None = None,
                progress: Progress | None = None) -> ExportResult:

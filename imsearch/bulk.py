@@ -9,11 +9,13 @@ BATCH_ROWS x 8 kB of float32 vectors: 40 MB, whatever the size of the library or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -34,6 +36,7 @@ Progress = Callable[[int, int], None]
 # The file's key-value metadata key that names the model identity of its vectors (images.model).
 MODEL_KEY = "imsearch:model"
 BATCH_ROWS = 5_000
+PART_ROWS = 100_000  # rows per part file of `imsearch ingest --to-parquet`: 800 MB of float32 vectors
 HALF_MAX = float(np.finfo(np.float16).max)  # halfvec's largest value, 65504
 INT32_MAX = 2**31 - 1
 
@@ -102,22 +105,92 @@ def export(store: Store, file: Path, *, model: str | None = None, batch_rows: in
     elif model not in models:
         raise ImsearchError(f"no stored row was embedded with {model}; stored: {', '.join(models)}")
     total = models[model]
-    schema = SCHEMA.with_metadata({MODEL_KEY: model})
-    part = file.with_name(f".{file.name}.{os.getpid()}.part")
     rows = 0
+    with _writer(file, model) as writer:
+        for batch in db_bulk.exported(store.conn, model, batch_rows):
+            writer.write_batch(_record_batch(batch, writer.schema))
+            rows += len(batch.paths)
+            if progress:
+                progress(rows, max(rows, total))
+    return ExportResult(rows, time.perf_counter() - started, str(file))
+
+
+@contextlib.contextmanager
+def _writer(file: Path, model: str) -> Iterator[pq.ParquetWriter]:
+    """A writer of SCHEMA rows of `model` to `file`, which appears only once complete: it is written beside, then
+    renamed; an error leaves no file."""
+    part = file.with_name(f".{file.name}.{os.getpid()}.part")
     try:
-        with pq.ParquetWriter(part, schema, use_dictionary=["class"]) as writer:
-            for batch in db_bulk.exported(store.conn, model, batch_rows):
-                writer.write_batch(_record_batch(batch, schema))
-                rows += len(batch.paths)
-                if progress:
-                    progress(rows, max(rows, total))
+        with pq.ParquetWriter(part, SCHEMA.with_metadata({MODEL_KEY: model}), use_dictionary=["class"]) as writer:
+            yield writer
         os.replace(part, file)
     except (OSError, pa.ArrowException) as exc:
         raise ImsearchError(f"{file}: cannot write it ({_first_line(exc)})") from None
     finally:
         part.unlink(missing_ok=True)
-    return ExportResult(rows, time.perf_counter() - started, str(file))
+
+
+class Parts:
+    """Part files `part-00000.parquet`, ... in a folder, in the format `load` reads: what `imsearch ingest
+    --to-parquet` writes, from the mapper's batches (imsearch.mapper.OUTPUT; rows with an error are left out).
+    Each part holds up to `part_rows` rows and appears only once complete."""
+
+    def __init__(self, folder: Path, model: str, *, part_rows: int = PART_ROWS) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            taken = sorted(p.name for p in folder.glob("part-*.parquet"))
+        except OSError as exc:
+            raise ImsearchError(f"{folder}: cannot make it ({exc.strerror or exc})") from None
+        if taken:
+            raise ImsearchError(f"{folder}: holds part files already ({taken[0]}...); write to an empty folder, "
+                                "or load those first and remove them")
+        self.folder = folder
+        self.model = model
+        self.part_rows = part_rows
+        self.files: list[str] = []
+        self._stack = contextlib.ExitStack()
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def write(self, batch: pa.Table) -> int:
+        """Write the batch's rows that have no error; returns how many."""
+        if "error" in batch.column_names:
+            batch = batch.filter(pc.is_null(batch.column("error")))
+        batch = batch.select(SCHEMA.names).cast(SCHEMA)
+        written = 0
+        while written < batch.num_rows:
+            if self._writer is None:
+                file = self.folder / f"part-{len(self.files):05d}.parquet"
+                self._writer = self._stack.enter_context(_writer(file, self.model))
+                self.files.append(str(file))
+                self._rows = 0
+            take = min(self.part_rows - self._rows, batch.num_rows - written)
+            self._writer.write_table(batch.slice(written, take))
+            written += take
+            self._rows += take
+            if self._rows >= self.part_rows:
+                self._finish()
+        return written
+
+    def _finish(self) -> None:
+        self._stack.close()
+        self._writer = None
+
+    def close(self) -> tuple[str, ...]:
+        """Finish the last part; returns every part's path."""
+        self._finish()
+        return tuple(self.files)
+
+    def __enter__(self) -> Parts:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+                 ) -> None:
+        if kind is not None:  # a part cut short is not left behind as if complete
+            self._stack.__exit__(kind, exc, tb)
+            self._writer = None
+        else:
+            self.close()
 
 
 def _record_batch(batch: db_bulk.Exported, schema: pa.Schema) -> pa.RecordBatch:

@@ -168,14 +168,23 @@ def index_builds() -> Iterator[Callable[[str, int, int], None]]:
               help="Decoding threads [default: from the CPU count].")
 @click.option("--prune", is_flag=True, help="Delete rows of files under FOLDER that no longer exist.")
 @click.option("--reembed", is_flag=True, help="Re-embed rows stored with another model, in place.")
+@click.option("--ray", "ray", metavar="ADDRESS",
+              help="Decode and embed on a Ray cluster: auto joins the running one, local starts one for the job, or "
+                   "an address (ray://head:10001, head:6379). Needs imsearch[ray]; workers must see FOLDER at the "
+                   "same path (docs/scaling.md).")
+@click.option("--to-parquet", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write every image's row to part files in DIR for `imsearch load` instead of the library (no "
+                   "database is used).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: int, workers: int | None, prune: bool,
-           reembed: bool, as_json: bool) -> None:
+           reembed: bool, ray: str | None, to_parquet: Path | None, as_json: bool) -> None:
     """Embed and store every image under FOLDER (class = first-level sub-folder).
 
     Unchanged files are skipped, changed ones re-embedded. Exit 1 when some files could not be stored.
     """
+    if to_parquet is not None and (prune or reembed):
+        raise click.UsageError("--to-parquet writes part files, not the library: it takes no --prune or --reembed")
     app = _app(ctx, **model)
     stop = threading.Event()
 
@@ -188,7 +197,7 @@ def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: 
     try:
         with progress_bar("ingest", shown=not as_json) as progress:
             result = app.ingest(folder, batch_size=batch_size, workers=workers, prune=prune, reembed=reembed,
-                                progress=progress, stop=stop)
+                                progress=progress, stop=stop, ray=ray, to_parquet=to_parquet)
     finally:
         signal.signal(signal.SIGINT, previous)
     from .files import printable
@@ -202,6 +211,8 @@ def ingest(ctx: click.Context, folder: Path, model: dict[str, Any], batch_size: 
         click.echo(
             f"{result.added} added, {result.updated} updated, {result.skipped} skipped, "
             f"{len(result.failed)} failed in {result.seconds:.1f} s ({rate:.1f} img/s)"
+            + (f" to part files in {to_parquet}: `imsearch load {to_parquet}/*.parquet` stores them"
+               if to_parquet is not None else "")
             + (" (interrupted: re-run to finish)" if result.interrupted else "")
         )
         if result.moved or result.reclassified:

@@ -14,14 +14,22 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator
+from typing import TYPE_CHECKING, Callable, Generator
+
+import numpy as np
 
 from .db.store import Row, Store
 from .errors import BadImage, ImsearchError
 from .files import ImageFile, sha256_bytes, vanished, walk
 from .model import pixels
 from .model.embed import Model
+from .vectors import DIMENSIONS
 from .workers import default_workers, in_order
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .mapper import Runner
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +106,7 @@ Progress = Callable[[int, int], None]
 
 def ingest(
     store: Store,
-    embedder: Model,
+    embedder: Model | None,
     root: Path,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -107,21 +115,24 @@ def ingest(
     reembed: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    runner: Runner | None = None,
 ) -> IngestResult:
     """Store every image under root (class = first-level sub-folder); skip unchanged files, re-embed changed ones.
 
     The stages: walk the folder, decode in worker threads (skipping unchanged files before decoding), embed and
     write each full batch in one transaction, and at the end report (or prune) rows whose files vanished.
+
+    With a `runner` (a Ray cluster's, imsearch.cluster) this process only walks and hashes: the files to embed go
+    to the runner's mappers, and their batches come back here to be written, so no row is written twice or half.
     """
     started = time.perf_counter()
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        if root.exists() or not prune:
-            raise ImsearchError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
-        raise ImsearchError(f"{root}: no such folder, so nothing under it can be pruned; `imsearch prune` drops "
-                            "the rows of photos that are gone anywhere in the library (a moved or deleted folder)")
-    root = root.resolve()
-    identity = embedder.identity
+    root = checked_root(root, prune)
+    if runner is not None:
+        identity = runner.spec.identity
+    elif embedder is not None:
+        identity = embedder.identity
+    else:
+        raise ValueError("ingest needs a model or a runner")
     if not reembed:
         store.check_model(identity, action="ingest")
     files, known, tally, kept = _walk(store, root, identity, reembed)
@@ -134,17 +145,22 @@ def ingest(
     hashes = store.hashes(identity) if outside else set()
 
     def prepare(f: ImageFile) -> _Prepared:
+        stored = known.get(str(f.path))
+        if runner is not None and stored is None and not (hashes and f.path.is_relative_to(root)):
+            return _Prepared(f, "", 0, None)  # a new file no stored row can match: the runner hashes it
         data = pixels.read_file(f.path)
         sha = sha256_bytes(data)
-        stored = known.get(str(f.path))
         if stored is not None and stored[:2] == (sha, identity):
             return _Prepared(f, sha, len(data), None, "skip" if stored[2] == f.cls else "reclassify")
         if stored is None and sha in hashes and f.path.is_relative_to(root):
             return _Prepared(f, sha, len(data), None, "same-bytes")
+        if embedder is None:
+            return _Prepared(f, sha, len(data), None)
         return _Prepared(f, sha, len(data), pixels.load(data, str(f.path), embedder.prep))
 
     batch: list[_Prepared] = []
     classes: list[tuple[str, str | None]] = []
+    to_map: list[tuple[str, str | None]] = []  # with a runner: the files it embeds
     interrupted = False
     workers = workers or default_workers()
     with contextlib.closing(_decoded(files, prepare, workers, max(2 * batch_size, 4 * workers))) as decoded:
@@ -160,17 +176,23 @@ def ingest(
                 _same_bytes(store, embedder, identity, root, item, present, batch, tally)
             else:
                 batch.append(item)
+            if runner is not None:
+                to_map += [(str(p.file.path), p.file.cls) for p in batch]
+                batch = []
             if len(batch) >= batch_size or len(classes) >= batch_size:
                 _write(store, embedder, identity, batch, tally)
                 tally.reclassified += store.set_classes(classes)
                 batch, classes = [], []
-            if progress:
+            if progress and runner is None:
                 progress(done, len(files))
             if stop is not None and stop.is_set():
                 interrupted = True
                 break
     _write(store, embedder, identity, batch, tally)
     tally.reclassified += store.set_classes(classes)
+    if runner is not None and not interrupted:
+        interrupted = _mapped(store, runner, identity, to_map, batch_size, tally, len(files) - len(to_map),
+                              len(files), progress, stop)
 
     missing: tuple[str, ...] = ()
     pruned = 0
@@ -191,6 +213,93 @@ def ingest(
         reclassified=tally.reclassified,
         kept_classes=kept,
     )
+
+
+def checked_root(root: Path, prune: bool = False) -> Path:
+    """The folder to ingest, resolved; one that is not there refused in one line."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        if root.exists() or not prune:
+            raise ImsearchError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
+        raise ImsearchError(f"{root}: no such folder, so nothing under it can be pruned; `imsearch prune` drops "
+                            "the rows of photos that are gone anywhere in the library (a moved or deleted folder)")
+    return root.resolve()
+
+
+def _mapped(store: Store, runner: Runner, identity: str, files: list[tuple[str, str | None]], batch_size: int,
+            tally: _Tally, done: int, total: int, progress: Progress | None, stop: threading.Event | None) -> bool:
+    """Write the runner's batches as they come back, each in one transaction; True when `stop` cut it short."""
+    with contextlib.closing(runner.map(files, batch_size)) as batches:
+        for table in batches:
+            rows, failures = rows_of(table, identity)
+            tally.failed += failures
+            added, updated = store.upsert(rows) if rows else (0, 0)
+            tally.added += added
+            tally.updated += updated
+            done += table.num_rows
+            if progress:
+                progress(done, total)
+            if stop is not None and stop.is_set():
+                return True
+    return False
+
+
+def ingest_to_parquet(runner: Runner, root: Path, folder: Path, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                      progress: Progress | None = None, stop: threading.Event | None = None) -> IngestResult:
+    """Embed every image under root (class = first-level sub-folder) into part files in `folder`, in the format
+    `imsearch load` reads (imsearch.bulk.Parts), touching no database: every file is embedded, and a load of the
+    parts into a library adds, updates or skips each row as an ingest would have."""
+    from .bulk import Parts
+
+    started = time.perf_counter()
+    root = checked_root(root)
+    problems: list = []
+    files = [(str(f.path), f.cls) for f in walk(root, problems)]
+    failed = [Failure(p.path, p.reason) for p in problems]
+    added, interrupted = 0, False
+    with Parts(folder, runner.spec.identity) as parts, \
+            contextlib.closing(runner.map(files, batch_size)) as batches:
+        for table in batches:
+            failed += failures_of(table)
+            added += parts.write(table)
+            if progress:
+                progress(len(failed) + added, len(files) + len(problems))
+            if stop is not None and stop.is_set():
+                interrupted = True
+                break
+    return IngestResult(added=added, failed=tuple(failed), seconds=time.perf_counter() - started,
+                        interrupted=interrupted)
+
+
+def failures_of(table: pa.Table) -> list[Failure]:
+    """The files of a mapper batch (imsearch.mapper.OUTPUT) that were not embedded, with the mapper's reason."""
+    errors = table.column("error").to_pylist()
+    failed = [Failure(path, error) for path, error in zip(table.column("path").to_pylist(), errors) if error]
+    for f in failed:
+        log.info("%s: %s", f.path, f.error)
+    return failed
+
+
+def rows_of(table: pa.Table, identity: str) -> tuple[list[Row], list[Failure]]:
+    """A mapper batch (imsearch.mapper.OUTPUT) as rows for the store, and the files it could not embed."""
+    columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "embedding"}
+    vectors = embeddings(table)
+    rows = [
+        Row(path, columns["class"][i], columns["sha256"][i], columns["width"][i], columns["height"][i],
+            columns["bytes"][i], identity, vectors[i], None if bits is None else int(bits, 2))
+        for i, (path, bits) in enumerate(zip(columns["path"], columns["phash"])) if columns["error"][i] is None
+    ]
+    return rows, failures_of(table)
+
+
+def embeddings(table: pa.Table) -> np.ndarray:
+    """The embedding column of a mapper batch as one float32 matrix, from the Arrow buffers."""
+    import pyarrow as pa
+
+    column = table.column("embedding").combine_chunks()
+    if isinstance(column.type, pa.ExtensionType):  # a tensor column, as Ray Data may hand it back
+        return np.asarray(column.to_numpy_ndarray(), np.float32)  # type: ignore[attr-defined]
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), DIMENSIONS).astype(np.float32)
 
 
 def effective_class(stored: str | None, walked: str | None, root: Path) -> str | None:
@@ -224,7 +333,7 @@ def _walk(store: Store, root: Path, identity: str, reembed: bool
     return files, known, tally, kept
 
 
-def _same_bytes(store: Store, embedder: Model, identity: str, root: Path, item: _Prepared, present: set[str],
+def _same_bytes(store: Store, embedder: Model | None, identity: str, root: Path, item: _Prepared, present: set[str],
                 batch: list[_Prepared], tally: _Tally) -> None:
     """A new path holding bytes already stored: a stored photo whose file is gone has moved here (its row takes
     the path, keeping its id and vector); otherwise it is a copy, added with the stored vector."""
@@ -239,9 +348,14 @@ def _same_bytes(store: Store, embedder: Model, identity: str, root: Path, item: 
     if rows and store.copy_row(rows[0][0], path, cls):
         tally.added += 1
         return
-    try:  # the stored row went meanwhile: embed the file as any new one
-        data = pixels.read_file(item.file.path)
-        batch.append(_Prepared(item.file, sha256_bytes(data), len(data), pixels.load(data, path, embedder.prep)))
+    if embedder is None:  # the stored row went meanwhile: the runner embeds the file as any new one
+        batch.append(item)
+        return
+    from .mapper import decode
+
+    try:
+        decoded = decode(path, embedder.prep)
+        batch.append(_Prepared(item.file, decoded.sha256, decoded.size, decoded.loaded))
     except BadImage as exc:
         tally.failed.append(Failure(exc.path, exc.reason))
 
@@ -262,12 +376,10 @@ def _outcome(future: Future[_Prepared]) -> _Prepared | BadImage:
         return exc
 
 
-def _write(store: Store, embedder: Model, identity: str, batch: list[_Prepared], tally: _Tally) -> None:
+def _write(store: Store, embedder: Model | None, identity: str, batch: list[_Prepared], tally: _Tally) -> None:
     """Embed one batch and write its rows in one transaction."""
-    if not batch:
+    if not batch or embedder is None:
         return
-    import numpy as np
-
     vectors = embedder.embed(np.stack([p.loaded.pixels for p in batch if p.loaded is not None]))
     rows = [
         Row(str(p.file.path), p.file.cls, p.sha256, p.loaded.width, p.loaded.height, p.size, identity, v,
@@ -336,5 +448,5 @@ def prune(store: Store, *, dry_run: bool = False, gone_roots: bool = False) -> P
     return PruneResult(tuple(sorted(missing)), pruned, tuple(refused), dry_run)
 
 
-__all__ = ["IngestResult", "PruneResult", "Failure", "ingest", "prune", "effective_class", "ingest_root",
-           "default_workers", "DEFAULT_BATCH_SIZE"]
+__all__ = ["IngestResult", "PruneResult", "Failure", "ingest", "ingest_to_parquet", "prune", "effective_class",
+           "ingest_root", "default_workers", "DEFAULT_BATCH_SIZE"]
