@@ -55,60 +55,62 @@ BEGIN
         END IF;
     END IF;
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = 'public.images'::regclass) = 'p' THEN
-        -- a sharded library (imsearch db shard add): every shard plans and answers for its own rows
-        RETURN QUERY SELECT * FROM imsearch_shard_search(query, k, mode, query_class, skip_sha256, max_distance, exact);
-        RETURN;
-    END IF;
-    depth := least(greatest(depth, 4 * k), 1000);
-    PERFORM set_config('hnsw.ef_search', depth::text, true);
+        -- a sharded library (imsearch db shard add): every shard plans and answers for its own rows, the nearest k
+        -- of their answers ranked here
+        nearest := 'SELECT s.id, s.path, s.class, s.distance FROM imsearch_shard_search($1, $3, $9, $5, $2, $4, $10) s '
+                   'ORDER BY 4, 1 LIMIT $3';
+    ELSE
+        depth := least(greatest(depth, 4 * k), 1000);
+        PERFORM set_config('hnsw.ef_search', depth::text, true);
 
-    -- a filter that keeps at most exact_max rows is scanned exactly through the btree on class (counted no further)
-    IF NOT exact AND mode = 'same' THEN
-        SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class = query_class LIMIT exact_max + 1) c;
-        scan_exactly := candidates <= exact_max;
-    ELSIF NOT exact AND mode = 'other' THEN
-        SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
-        scan_exactly := candidates <= exact_max;
-    END IF;
-    IF scan_exactly THEN
-        NULL;
-    ELSIF mode = 'same' AND imsearch_class_index('images_fold_hnsw_c_', query_class) IS NOT NULL THEN
-        -- a class of a small share of the library has its own index, searched like an unfiltered one
-        order_by := 'l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7';
-        PERFORM set_config('hnsw.iterative_scan', 'off', true);
-    ELSIF to_regclass('public.images_fold_hnsw') IS NOT NULL AND (mode = 'all' OR iterative) THEN
-        -- the whole-table index; with a filter (a large class, or every class but the query's) scanned iteratively
-        -- (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
-        order_by := 'imsearch_fold(i.embedding)::halfvec(1024) <=> $6';
-        IF mode = 'all' THEN
-            PERFORM set_config('hnsw.iterative_scan', 'off', true);
+        -- a filter that keeps at most exact_max rows is scanned exactly through the btree on class (counted no further)
+        IF NOT exact AND mode = 'same' THEN
+            SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class = query_class LIMIT exact_max + 1) c;
+            scan_exactly := candidates <= exact_max;
+        ELSIF NOT exact AND mode = 'other' THEN
+            SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
+            scan_exactly := candidates <= exact_max;
         END IF;
-    ELSE
-        scan_exactly := true;
-    END IF;
+        IF scan_exactly THEN
+            NULL;
+        ELSIF mode = 'same' AND imsearch_class_index('images_fold_hnsw_c_', query_class) IS NOT NULL THEN
+            -- a class of a small share of the library has its own index, searched like an unfiltered one
+            order_by := 'l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7';
+            PERFORM set_config('hnsw.iterative_scan', 'off', true);
+        ELSIF to_regclass('public.images_fold_hnsw') IS NOT NULL AND (mode = 'all' OR iterative) THEN
+            -- the whole-table index; with a filter (a large class, or every class but the query's) scanned iteratively
+            -- (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
+            order_by := 'imsearch_fold(i.embedding)::halfvec(1024) <=> $6';
+            IF mode = 'all' THEN
+                PERFORM set_config('hnsw.iterative_scan', 'off', true);
+            END IF;
+        ELSE
+            scan_exactly := true;
+        END IF;
 
-    IF NOT scan_exactly THEN
-        -- an index gives the candidates in order: else the planner reads the btree on class and sorts every row of
-        -- the class by its fold (the ranking of the candidates still sorts, the one sort left to take)
-        PERFORM set_config('enable_sort', 'off', true);
-    END IF;
-    IF scan_exactly THEN
-        -- every candidate read and sorted: through the btree on class or the table, whichever costs less (with
-        -- both kinds of scan off, PostgreSQL would take the cheaper disabled one: an HNSW index)
-        PERFORM set_config('enable_indexscan', 'off', true);
-        PERFORM set_config('enable_seqscan', 'on', true);
-        nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
-                   'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
-    ELSE
-        nearest := 'SELECT c.id, c.path, c.class, c.embedding <=> $1 AS distance FROM ('
-                   'SELECT i.id, i.path, i.class, i.embedding FROM images i '
-                   'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY ' || order_by || ' LIMIT $8) c '
-                   'ORDER BY 4 LIMIT $3';
+        IF NOT scan_exactly THEN
+            -- an index gives the candidates in order: else the planner reads the btree on class and sorts every row of
+            -- the class by its fold (the ranking of the candidates still sorts, the one sort left to take)
+            PERFORM set_config('enable_sort', 'off', true);
+        END IF;
+        IF scan_exactly THEN
+            -- every candidate read and sorted: through the btree on class or the table, whichever costs less (with
+            -- both kinds of scan off, PostgreSQL would take the cheaper disabled one: an HNSW index)
+            PERFORM set_config('enable_indexscan', 'off', true);
+            PERFORM set_config('enable_seqscan', 'on', true);
+            nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
+                       'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
+        ELSE
+            nearest := 'SELECT c.id, c.path, c.class, c.embedding <=> $1 AS distance FROM ('
+                       'SELECT i.id, i.path, i.class, i.embedding FROM images i '
+                       'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY ' || order_by || ' LIMIT $8) c '
+                       'ORDER BY 4 LIMIT $3';
+        END IF;
     END IF;
     RETURN QUERY EXECUTE
         'SELECT (row_number() OVER (ORDER BY n.distance, n.id))::integer, n.id, n.path, n.class, n.distance '
         'FROM (' || nearest || ') n WHERE $4 IS NULL OR n.distance <= $4 ORDER BY 1'
     USING query, skip_sha256, k, max_distance, query_class, imsearch_fold(query), l2_normalize(imsearch_fold(query)),
-          depth;
+          depth, mode, exact;
 END
 $function$

@@ -1,5 +1,5 @@
 CREATE OR REPLACE FUNCTION public.imsearch_shard_search(query halfvec, k integer, mode text, query_class text, skip_sha256 text, max_distance double precision, exact boolean)
- RETURNS TABLE(rank integer, id bigint, path text, class text, distance double precision)
+ RETURNS TABLE(id bigint, path text, class text, distance double precision)
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
@@ -7,7 +7,8 @@ AS $function$
 -- imsearch_search on a sharded library (`imsearch db shard add`, migration 0014): images is partitioned by the hash
 -- of path into foreign tables, one per shard server. Every shard runs its own imsearch_search, with its own indexes
 -- and the planner settings of its SET clause (a query pushed down through postgres_fdw would plan with the shard's
--- defaults), all at once through dblink's asynchronous calls; the nearest k of their answers are the library's.
+-- defaults), all at once through dblink's asynchronous calls; the nearest k of their answers are the library's
+-- (imsearch_search ranks them).
 -- The settings imsearch reads from a session (imsearch.rerank_depth, imsearch.exact_max_rows) are passed on. A
 -- shard that cannot answer fails the search, naming it; with imsearch.partial = on it is left out with a WARNING
 -- that names it, and the answer is marked partial by that warning
@@ -94,11 +95,6 @@ BEGIN
             RAISE WARNING 'partial answer: shard % is unavailable: %', sent_at[i], SQLERRM;
         END;
     END LOOP;
-    RETURN QUERY
-    SELECT (row_number() OVER (ORDER BY n.distance, n.id))::integer, n.id, n.path, n.class, n.distance
-    FROM (SELECT u.id, u.path, u.class, u.distance
-          FROM unnest(ids, paths, classes, distances) AS u(id, path, class, distance)
-          ORDER BY u.distance, u.id LIMIT k) n
-    ORDER BY 1;
+    RETURN QUERY SELECT * FROM unnest(ids, paths, classes, distances);
 END
 $function$
