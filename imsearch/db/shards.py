@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import quote, urlencode
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from ..errors import DatabaseUnavailable, ImsearchError
+from ..errors import ImsearchError
 from ..search import DBLINK_SCHEMA
 from .connect import connect, redact, scalar
 
@@ -437,12 +437,3 @@ def remove(conn: psycopg.Connection[Any], url: str, *, progress: Progress | None
 def _number(server: str) -> int:
     return int(server.removeprefix(SERVER_PREFIX))
 
-
-def each_shard(conn: psycopg.Connection[Any]) -> Iterator[tuple[str, str]]:
-    """(server, URL) of each shard, checked reachable: index upkeep and migrations go to every one."""
-    for server, url in shard_urls(conn):
-        try:
-            connect(url, register=False).close()
-        except DatabaseUnavailable as exc:
-            raise DatabaseUnavailable(f"shard {server} is unavailable: {exc}") from None
-        yield server, url
