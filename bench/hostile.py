@@ -301,10 +301,13 @@ def post(client: httpx.Client, base: str, name: str, data: bytes, mime: str) -> 
 
 
 def pound(base: str, pid: int, hostile: list[Upload], normal: bytes, *, seconds: float, clients: int = 8,
-          sample_every: float = 0.05) -> Load:
+          sample_every: float = 0.05, min_searches: int = 0, max_seconds: float = 120) -> Load:
     """For `seconds`, `clients` threads send the hostile uploads (client i the i-th, the i+clients-th, ... in turn,
     each upload as soon as the last is answered) while one more searches with a normal photo, one search after
-    another; the server's RSS is sampled every `sample_every` seconds."""
+    another; the server's RSS is sampled every `sample_every` seconds.
+
+    The pounding goes on past `seconds` until `min_searches` normal searches are answered (or `max_seconds`), so
+    a slow machine is judged on as many searches as a fast one."""
     process = psutil.Process(pid)
     load = Load(seconds, rss(process), rss(process))
     stop = threading.Event()
@@ -339,7 +342,10 @@ def pound(base: str, pid: int, hostile: list[Upload], normal: bytes, *, seconds:
     threads.append(threading.Thread(target=search))
     for t in threads:
         t.start()
+    started = time.monotonic()
     time.sleep(seconds)
+    while len(load.normal) < min_searches and time.monotonic() - started < max_seconds:
+        time.sleep(0.1)
     stop.set()
     for t in threads:
         t.join()
