@@ -624,8 +624,9 @@ def db_check_recall(ctx: click.Context, sample: int, as_json: bool) -> None:
         click.echo(f"{mode:6} recall@5 {'-' if value is None else f'{value:.3f}'}")
     low = [m for m, v in recall.items() if v is not None and v < MIN_RECALL]
     if low:
-        click.echo(f"warning: mode {', '.join(low)} below {MIN_RECALL} against an exact scan; raise the re-ranking "
-                   "depth (SET imsearch.rerank_depth, docs/scaling.md) or search with --exact", err=True)
+        click.echo(f"warning: mode {', '.join(low)} below {MIN_RECALL} against an exact scan; widen the re-ranking "
+                   "(SET imsearch.rerank_depth or imsearch.rerank_margin, docs/sql.md) or search with --exact",
+                   err=True)
 
 
 @db.group("shard")

@@ -134,7 +134,9 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
              (command.downgrade, "0010", "0010"), (command.upgrade, "0011", "0011"),
              (command.upgrade, "0012", "0012"), (command.downgrade, "0011", "0011"),
              (command.upgrade, "0012", "0012"), (command.upgrade, "0013", "0013"),
-             (command.downgrade, "0012", "0012"), (command.upgrade, "0013", "0013")]
+             (command.downgrade, "0012", "0012"), (command.upgrade, "0013", "0013"),
+             (command.upgrade, "0015", "0015"), (command.downgrade, "0014", "0014"),
+             (command.upgrade, "0015", "0015")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:
@@ -294,7 +296,7 @@ def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(data
     command.upgrade(cfg, "0012")
     _synthetic_rows(database_url, 300, ("a", "b", "rare"))
     monkeypatch.setattr(migrate, "LONG_MIGRATION_ROWS", 200)
-    with pytest.raises(SchemaOutdated, match=r"schema revision 0012, this imsearch needs 0014, which rebuilds the "
+    with pytest.raises(SchemaOutdated, match=r"schema revision 0012, this imsearch needs 0015, which rebuilds the "
                                              r"vector indexes of more than 200 stored images .*"
                                              r"run `imsearch db upgrade`"):
         ensure_schema(database_url, upgrade_older=True)

@@ -407,7 +407,7 @@ def test_a_filter_within_the_exact_scan_size_reads_every_candidate_whatever_the_
                     assert nearest(q, mode, False) == nearest(q, mode, True), mode
                 assert scans_of(conn, nearest, q, "all", True) == {}
             conn.execute("SET imsearch.exact_max_rows = 1999")  # one row short: the whole-table index
-            assert scans_of(conn, nearest, q, "other", False) == {WHOLE_INDEX: 1}
+            assert scans_of(conn, nearest, q, "other", False).keys() == {WHOLE_INDEX}
         finally:
             conn.execute("RESET imsearch.exact_max_rows")
 
@@ -472,3 +472,45 @@ def test_python_and_sql_name_a_class_index_alike(database_url):
             assert built.startswith(CLASS_INDEX_PREFIX) and len(built) == len(CLASS_INDEX_PREFIX) + 16
             assert conn.execute("SELECT imsearch_class_index(%s, %s)::text",
                                 (CLASS_INDEX_PREFIX, cls)).fetchone() == (built,)
+
+
+def test_a_query_far_from_every_row_is_asked_again_deeper_and_a_near_one_is_not(database_url):
+    """Widening (migration 0015): where the k-th re-ranked candidate is not nearer than a row beyond the candidates
+    could be, imsearch_search asks the index again four times as deep, up to imsearch.rerank_max_depth. Rows in tight
+    groups of ten: a query inside a group settles at the first depth; a query far from every row (a random vector)
+    is asked again, and finds the exact top five."""
+    from pgvector.psycopg import register_vector
+
+    rng = np.random.default_rng(3)
+    centres = rng.random((300, 2048), dtype=np.float32)
+    vectors = np.repeat(centres, 10, axis=0) + 0.05 * rng.random((3000, 2048), dtype=np.float32)
+    with Store.open(database_url) as store:
+        conn = store.conn
+        register_vector(conn)
+        with conn.cursor() as cur, cur.copy(
+                "COPY images (path, class, sha256, width, height, bytes, model, embedding) FROM STDIN") as copy:
+            for i, v in enumerate(vectors):
+                copy.write_row((f"/lib/{i}.jpg", f"group {i // 10 % 5}", f"{i:064x}", 1, 1, 1, "test", HalfVector(v)))
+        conn.execute("ANALYZE images")
+
+        def nearest(q: np.ndarray) -> list[int]:
+            return [m.id for m in search_mod.run(conn, q, "all", k=5, cls=None, skip_sha=None)]
+
+        def exact(q: np.ndarray) -> list[int]:
+            return [m.id for m in search_mod.run(conn, q, "all", k=5, cls=None, skip_sha=None, exact=True)]
+
+        near = centres[7] + 0.05 * rng.random(2048, dtype=np.float32)
+        far = rng.random(2048, dtype=np.float32)
+        conn.execute("SET imsearch.rerank_depth = 100")
+        try:
+            assert scans_of(conn, nearest, near) == {WHOLE_INDEX: 1}
+            assert nearest(near) == exact(near)
+            assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 3}  # 100, 400, then imsearch.rerank_max_depth
+            assert nearest(far) == exact(far)
+            conn.execute("SET imsearch.rerank_max_depth = 400")
+            assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 2}
+            conn.execute("SET imsearch.rerank_max_depth = 100")  # no widening
+            assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 1}
+        finally:
+            conn.execute("RESET imsearch.rerank_depth")
+            conn.execute("RESET imsearch.rerank_max_depth")

@@ -47,6 +47,13 @@ EXACT_MAX_ROWS = 1_000
 # setting imsearch.rerank_depth overrides it. docs/scaling.md has the measurements behind both.
 FOLD_DIMENSIONS = 1024
 RERANK_DEPTH = 200
+# Where the k-th of the re-ranked candidates is not nearer than what a row beyond them could be (the farthest
+# candidate's fold distance, less RERANK_MARGIN standard deviations of the fold's error over the candidates), the
+# search asks again four times as deep, up to RERANK_MAX_DEPTH (migration 0015; imsearch.rerank_max_depth and
+# imsearch.rerank_margin in SQL). Near queries settle at the first depth; a photo far from every stored one goes
+# deeper.
+RERANK_MAX_DEPTH = 1000
+RERANK_MARGIN = 4
 MAX_SCAN_TUPLES = 50_000
 # Both kinds of index are built as pgvector's defaults; a class index only for a class holding at most this share
 # of the library: a larger class fills enough of the whole-table graph that a filtered scan of it finds its rows.
@@ -126,7 +133,8 @@ def function_sql(name: str) -> str:
               if f.startswith(f"CREATE OR REPLACE FUNCTION public.{name}(")]
     first, second = fold_signs()
     values = {
-        "RERANK_DEPTH": RERANK_DEPTH, "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
+        "RERANK_DEPTH": RERANK_DEPTH, "RERANK_MAX_DEPTH": RERANK_MAX_DEPTH, "RERANK_MARGIN": RERANK_MARGIN,
+        "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
         "NEIGHBOURS_DEPTH": NEIGHBOURS_DEPTH, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX, "WHOLE_INDEX": WHOLE_INDEX,
         "FOLD_DIMENSIONS": FOLD_DIMENSIONS, "FOLD_SECOND": FOLD_DIMENSIONS + 1,
         "FOLD_SIGNS_1": "[" + ",".join(map(str, first)) + "]", "FOLD_SIGNS_2": "[" + ",".join(map(str, second)) + "]",

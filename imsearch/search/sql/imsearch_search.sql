@@ -68,22 +68,39 @@ CREATE OR REPLACE FUNCTION public.imsearch_search(query halfvec, k integer DEFAU
 AS $function$
 -- imsearch's one search planner: imsearch find, the web page, evaluate and imsearch_nearest all come through here.
 -- The vector indexes hold the embedding's fold (imsearch_fold, migration 0013): an index gives the nearest `depth`
--- candidates by the fold's distance, and one statement at the end ranks them by the exact distance from the stored
--- halfvec. A 2048-d halfvec is stored out of line (TOAST), so the table looks small to the planner, which would
+-- candidates by the fold's distance, and one statement ranks them by the exact distance from the stored halfvec.
+-- Where the candidates cannot rule out a nearer row beyond them, the search asks again deeper (migration 0015, the
+-- loop below). A 2048-d halfvec is stored out of line (TOAST), so the table looks small to the planner, which would
 -- rather scan it and sort than use an index: sequential scans stay off unless exact.
 #variable_conflict use_column
 DECLARE
     -- whether this server has iterative index scans: the SET clause above names them only where imsearch found
     -- pgvector >= 0.8 when it created the function (imsearch.search.for_server)
     iterative boolean := current_setting('hnsw.iterative_scan', true) IS NOT DISTINCT FROM 'relaxed_order';
-    -- a session may move the exact-scan size and the re-ranking depth: SET imsearch.NAME = N
+    -- a session may move the exact-scan size, the first and the deepest re-ranking depth, and the margin of the
+    -- widening in standard deviations of the fold's error: SET imsearch.NAME = N
     exact_max bigint := coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, @EXACT_MAX_ROWS@);
     depth integer := coalesce(nullif(current_setting('imsearch.rerank_depth', true), '')::integer, @RERANK_DEPTH@);
+    max_depth integer := coalesce(nullif(current_setting('imsearch.rerank_max_depth', true), '')::integer,
+                                  @RERANK_MAX_DEPTH@);
+    margin double precision := coalesce(nullif(current_setting('imsearch.rerank_margin', true), '')::float8,
+                                        @RERANK_MARGIN@);
     filter text := CASE mode WHEN 'same' THEN ' AND i.class = $5' WHEN 'other' THEN ' AND i.class <> $5' ELSE '' END;
     scan_exactly boolean := exact;
     order_by text;
+    fold_distance text;
     nearest text;
     candidates bigint;
+    cand record;
+    widens boolean := false;
+    given bigint;
+    reach double precision;
+    bias double precision;
+    spread double precision;
+    ids bigint[];
+    paths text[];
+    classes text[];
+    distances double precision[];
 BEGIN
     IF k IS NULL OR k < 1 OR k > @MAX_K@ THEN
         RAISE EXCEPTION 'k must be between 1 and @MAX_K@, not %', k USING ERRCODE = 'invalid_parameter_value';
@@ -116,6 +133,7 @@ BEGIN
                    'ORDER BY 4, 1 LIMIT $3';
     ELSE
         depth := least(greatest(depth, 4 * k), 1000);
+        max_depth := least(greatest(max_depth, depth), 1000);
         PERFORM set_config('hnsw.ef_search', depth::text, true);
 
         -- a filter that keeps at most exact_max rows is scanned exactly through the btree on class (counted no further)
@@ -131,11 +149,13 @@ BEGIN
         ELSIF mode = 'same' AND imsearch_class_index('@CLASS_INDEX_PREFIX@', query_class) IS NOT NULL THEN
             -- a class of a small share of the library has its own index, searched like an unfiltered one
             order_by := 'l2_normalize(imsearch_fold(i.embedding))::halfvec(@FOLD_DIMENSIONS@) <#> $7';
+            fold_distance := '1 + (' || order_by || ')';
             PERFORM set_config('hnsw.iterative_scan', 'off', true);
         ELSIF to_regclass('public.@WHOLE_INDEX@') IS NOT NULL AND (mode = 'all' OR iterative) THEN
             -- the whole-table index; with a filter (a large class, or every class but the query's) scanned iteratively
             -- (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
             order_by := 'imsearch_fold(i.embedding)::halfvec(@FOLD_DIMENSIONS@) <=> $6';
+            fold_distance := order_by;
             IF mode = 'all' THEN
                 PERFORM set_config('hnsw.iterative_scan', 'off', true);
             END IF;
@@ -156,17 +176,41 @@ BEGIN
             nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
                        'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
         ELSE
-            nearest := 'SELECT c.id, c.path, c.class, c.embedding <=> $1 AS distance FROM ('
-                       'SELECT i.id, i.path, i.class, i.embedding FROM images i '
-                       'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY ' || order_by || ' LIMIT $8) c '
-                       'ORDER BY 4 LIMIT $3';
+            -- the index's nearest `depth` by the fold, the nearest k of them by the exact distance, and over all of
+            -- them: how many the index gave, the farthest one's fold distance, and the mean and spread of the exact
+            -- distance less the fold's
+            nearest := 'SELECT c.id, c.path, c.class, c.distance, count(*) OVER () AS given, max(c.fold) OVER () AS reach, '
+                       'avg(c.distance - c.fold) OVER () AS bias, stddev_pop(c.distance - c.fold) OVER () AS spread FROM ('
+                       'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, ' || fold_distance || ' AS fold '
+                       'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY ' || order_by
+                       || ' LIMIT $8) c ORDER BY 4, 1 LIMIT $3';
+            widens := true;
         END IF;
     END IF;
-    RETURN QUERY EXECUTE
-        'SELECT (row_number() OVER (ORDER BY n.distance, n.id))::integer, n.id, n.path, n.class, n.distance '
-        'FROM (' || nearest || ') n WHERE $4 IS NULL OR n.distance <= $4 ORDER BY 1'
-    USING query, skip_sha256, k, max_distance, query_class, imsearch_fold(query), l2_normalize(imsearch_fold(query)),
-          depth, mode, exact;
+    LOOP
+        ids := '{}'; paths := '{}'; classes := '{}'; distances := '{}';
+        FOR cand IN EXECUTE nearest
+            USING query, skip_sha256, k, max_distance, query_class, imsearch_fold(query),
+                  l2_normalize(imsearch_fold(query)), depth, mode, exact
+        LOOP
+            ids := ids || cand.id; paths := paths || cand.path; classes := classes || cand.class;
+            distances := distances || cand.distance;
+            IF widens THEN
+                given := cand.given; reach := cand.reach; bias := cand.bias; spread := cand.spread;
+            END IF;
+        END LOOP;
+        -- a row the index did not give lies at least `reach` away by the fold, so at least reach + bias - margin x
+        -- spread by the exact distance, but for a fold error past `margin` standard deviations. Where the k-th
+        -- candidate is no farther than that, no such row is nearer; else the index is asked again, 4x as deep
+        EXIT WHEN NOT widens OR depth >= max_depth OR coalesce(array_length(ids, 1), 0) < k OR given < depth
+                  OR distances[k] <= reach + bias - margin * spread;
+        depth := least(4 * depth, max_depth);
+        PERFORM set_config('hnsw.ef_search', depth::text, true);
+    END LOOP;
+    RETURN QUERY
+        SELECT (row_number() OVER (ORDER BY n.d, n.i))::integer, n.i, n.p, n.c, n.d
+        FROM unnest(ids, paths, classes, distances) AS n(i, p, c, d)
+        WHERE max_distance IS NULL OR n.d <= max_distance ORDER BY 1;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.imsearch_neighbours(ids bigint[], k integer DEFAULT 10)
@@ -223,9 +267,9 @@ AS $function$
 -- and the planner settings of its SET clause (a query pushed down through postgres_fdw would plan with the shard's
 -- defaults), all at once through dblink's asynchronous calls; the nearest k of their answers are the library's
 -- (imsearch_search ranks them).
--- The settings imsearch reads from a session (imsearch.rerank_depth, imsearch.exact_max_rows) are passed on. A
--- shard that cannot answer fails the search, naming it; with imsearch.partial = on it is left out with a WARNING
--- that names it, and the answer is marked partial by that warning
+-- The settings imsearch reads from a session (imsearch.rerank_depth, rerank_max_depth, rerank_margin and
+-- exact_max_rows) are passed on. A shard that cannot answer fails the search, naming it; with imsearch.partial = on
+-- it is left out with a WARNING that names it, and the answer is marked partial by that warning
 #variable_conflict use_column
 DECLARE
     partial boolean := coalesce(nullif(current_setting('imsearch.partial', true), ''), 'off')::boolean;
@@ -245,13 +289,16 @@ BEGIN
     remote := format(
         'SELECT s.id, s.path, s.class, s.distance '
         'FROM (SELECT EXISTS (SELECT FROM public.images WHERE class = %1$L) AS has, '
-        'set_config(''imsearch.rerank_depth'', %8$L, true), set_config(''imsearch.exact_max_rows'', %9$L, true)) h, '
+        'set_config(''imsearch.rerank_depth'', %8$L, true), set_config(''imsearch.exact_max_rows'', %9$L, true), '
+        'set_config(''imsearch.rerank_max_depth'', %10$L, true), set_config(''imsearch.rerank_margin'', %11$L, true)) h, '
         'LATERAL public.imsearch_search(%2$L::public.halfvec, %3$s, '
         'CASE WHEN %4$L = ''other'' AND NOT h.has THEN ''all'' ELSE %4$L END, %1$L, %5$L, %6$L::float8, %7$L::boolean) s '
         'WHERE %4$L <> ''same'' OR h.has',
         query_class, query, k, mode, skip_sha256, max_distance, exact,
         coalesce(current_setting('imsearch.rerank_depth', true), ''),
-        coalesce(current_setting('imsearch.exact_max_rows', true), ''));
+        coalesce(current_setting('imsearch.exact_max_rows', true), ''),
+        coalesce(current_setting('imsearch.rerank_max_depth', true), ''),
+        coalesce(current_setting('imsearch.rerank_margin', true), ''));
     FOR shard IN
         SELECT s.srvname, coalesce((SELECT string_agg(o, ' ') FROM unnest(s.srvoptions) o
                                     WHERE split_part(o, '=', 1) IN ('host', 'port', 'dbname')), '') AS address

@@ -1,0 +1,160 @@
+CREATE OR REPLACE FUNCTION public.imsearch_search(query halfvec, k integer DEFAULT 5, mode text DEFAULT 'all'::text, query_class text DEFAULT NULL::text, skip_sha256 text DEFAULT NULL::text, max_distance double precision DEFAULT NULL::double precision, exact boolean DEFAULT false)
+ RETURNS TABLE(rank integer, id bigint, path text, class text, distance double precision)
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_custom_plan'
+ SET enable_indexscan TO 'on'
+ SET enable_sort TO 'on'
+ SET "hnsw.ef_search" TO '200'
+ SET "hnsw.iterative_scan" TO 'relaxed_order'
+ SET "hnsw.max_scan_tuples" TO '50000'
+ SET enable_seqscan TO 'off'
+AS $function$
+-- imsearch's one search planner: imsearch find, the web page, evaluate and imsearch_nearest all come through here.
+-- The vector indexes hold the embedding's fold (imsearch_fold, migration 0013): an index gives the nearest `depth`
+-- candidates by the fold's distance, and one statement ranks them by the exact distance from the stored halfvec.
+-- Where the candidates cannot rule out a nearer row beyond them, the search asks again deeper (migration 0015, the
+-- loop below). A 2048-d halfvec is stored out of line (TOAST), so the table looks small to the planner, which would
+-- rather scan it and sort than use an index: sequential scans stay off unless exact.
+#variable_conflict use_column
+DECLARE
+    -- whether this server has iterative index scans: the SET clause above names them only where imsearch found
+    -- pgvector >= 0.8 when it created the function (imsearch.search.for_server)
+    iterative boolean := current_setting('hnsw.iterative_scan', true) IS NOT DISTINCT FROM 'relaxed_order';
+    -- a session may move the exact-scan size, the first and the deepest re-ranking depth, and the margin of the
+    -- widening in standard deviations of the fold's error: SET imsearch.NAME = N
+    exact_max bigint := coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, 1000);
+    depth integer := coalesce(nullif(current_setting('imsearch.rerank_depth', true), '')::integer, 200);
+    max_depth integer := coalesce(nullif(current_setting('imsearch.rerank_max_depth', true), '')::integer,
+                                  1000);
+    margin double precision := coalesce(nullif(current_setting('imsearch.rerank_margin', true), '')::float8,
+                                        4);
+    filter text := CASE mode WHEN 'same' THEN ' AND i.class = $5' WHEN 'other' THEN ' AND i.class <> $5' ELSE '' END;
+    scan_exactly boolean := exact;
+    order_by text;
+    fold_distance text;
+    nearest text;
+    candidates bigint;
+    cand record;
+    widens boolean := false;
+    given bigint;
+    reach double precision;
+    bias double precision;
+    spread double precision;
+    ids bigint[];
+    paths text[];
+    classes text[];
+    distances double precision[];
+BEGIN
+    IF k IS NULL OR k < 1 OR k > 1000 THEN
+        RAISE EXCEPTION 'k must be between 1 and 1000, not %', k USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mode IS NULL OR mode NOT IN ('all', 'same', 'other') THEN
+        RAISE EXCEPTION 'unknown mode %; use one of all, same, other', quote_nullable(mode)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- NULL: no limit. NaN sorts above every number, so NaN >= 2 holds; said on its own for a clearer condition
+    IF max_distance = 'NaN' OR max_distance < 0 OR max_distance >= 2 THEN
+        RAISE EXCEPTION 'max_distance must be a cosine distance, at least 0 and below 2, or NULL, not %',
+            max_distance USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF query IS NULL OR vector_dims(query) <> 2048 THEN
+        RAISE EXCEPTION 'query must be a halfvec of 2048 dimensions, not %',
+            coalesce(vector_dims(query)::text || ' dimensions', 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mode <> 'all' THEN
+        IF query_class IS NULL THEN
+            RAISE EXCEPTION 'mode % needs the query''s class', mode USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT EXISTS (SELECT FROM images i WHERE i.class = query_class) THEN
+            RAISE EXCEPTION 'class % is not stored', quote_literal(query_class) USING ERRCODE = 'IM001';
+        END IF;
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = 'public.images'::regclass) = 'p' THEN
+        -- a sharded library (imsearch db shard add): every shard plans and answers for its own rows, the nearest k
+        -- of their answers ranked here
+        nearest := 'SELECT s.id, s.path, s.class, s.distance FROM imsearch_shard_search($1, $3, $9, $5, $2, $4, $10) s '
+                   'ORDER BY 4, 1 LIMIT $3';
+    ELSE
+        depth := least(greatest(depth, 4 * k), 1000);
+        max_depth := least(greatest(max_depth, depth), 1000);
+        PERFORM set_config('hnsw.ef_search', depth::text, true);
+
+        -- a filter that keeps at most exact_max rows is scanned exactly through the btree on class (counted no further)
+        IF NOT exact AND mode = 'same' THEN
+            SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class = query_class LIMIT exact_max + 1) c;
+            scan_exactly := candidates <= exact_max;
+        ELSIF NOT exact AND mode = 'other' THEN
+            SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
+            scan_exactly := candidates <= exact_max;
+        END IF;
+        IF scan_exactly THEN
+            NULL;
+        ELSIF mode = 'same' AND imsearch_class_index('images_fold_hnsw_c_', query_class) IS NOT NULL THEN
+            -- a class of a small share of the library has its own index, searched like an unfiltered one
+            order_by := 'l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7';
+            fold_distance := '1 + (' || order_by || ')';
+            PERFORM set_config('hnsw.iterative_scan', 'off', true);
+        ELSIF to_regclass('public.images_fold_hnsw') IS NOT NULL AND (mode = 'all' OR iterative) THEN
+            -- the whole-table index; with a filter (a large class, or every class but the query's) scanned iteratively
+            -- (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
+            order_by := 'imsearch_fold(i.embedding)::halfvec(1024) <=> $6';
+            fold_distance := order_by;
+            IF mode = 'all' THEN
+                PERFORM set_config('hnsw.iterative_scan', 'off', true);
+            END IF;
+        ELSE
+            scan_exactly := true;
+        END IF;
+
+        IF NOT scan_exactly THEN
+            -- an index gives the candidates in order: else the planner reads the btree on class and sorts every row of
+            -- the class by its fold (the ranking of the candidates still sorts, the one sort left to take)
+            PERFORM set_config('enable_sort', 'off', true);
+        END IF;
+        IF scan_exactly THEN
+            -- every candidate read and sorted: through the btree on class or the table, whichever costs less (with
+            -- both kinds of scan off, PostgreSQL would take the cheaper disabled one: an HNSW index)
+            PERFORM set_config('enable_indexscan', 'off', true);
+            PERFORM set_config('enable_seqscan', 'on', true);
+            nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
+                       'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
+        ELSE
+            -- the index's nearest `depth` by the fold, the nearest k of them by the exact distance, and over all of
+            -- them: how many the index gave, the farthest one's fold distance, and the mean and spread of the exact
+            -- distance less the fold's
+            nearest := 'SELECT c.id, c.path, c.class, c.distance, count(*) OVER () AS given, max(c.fold) OVER () AS reach, '
+                       'avg(c.distance - c.fold) OVER () AS bias, stddev_pop(c.distance - c.fold) OVER () AS spread FROM ('
+                       'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, ' || fold_distance || ' AS fold '
+                       'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY ' || order_by
+                       || ' LIMIT $8) c ORDER BY 4, 1 LIMIT $3';
+            widens := true;
+        END IF;
+    END IF;
+    LOOP
+        ids := '{}'; paths := '{}'; classes := '{}'; distances := '{}';
+        FOR cand IN EXECUTE nearest
+            USING query, skip_sha256, k, max_distance, query_class, imsearch_fold(query),
+                  l2_normalize(imsearch_fold(query)), depth, mode, exact
+        LOOP
+            ids := ids || cand.id; paths := paths || cand.path; classes := classes || cand.class;
+            distances := distances || cand.distance;
+            IF widens THEN
+                given := cand.given; reach := cand.reach; bias := cand.bias; spread := cand.spread;
+            END IF;
+        END LOOP;
+        -- a row the index did not give lies at least `reach` away by the fold, so at least reach + bias - margin x
+        -- spread by the exact distance, but for a fold error past `margin` standard deviations. Where the k-th
+        -- candidate is no farther than that, no such row is nearer; else the index is asked again, 4x as deep
+        EXIT WHEN NOT widens OR depth >= max_depth OR coalesce(array_length(ids, 1), 0) < k OR given < depth
+                  OR distances[k] <= reach + bias - margin * spread;
+        depth := least(4 * depth, max_depth);
+        PERFORM set_config('hnsw.ef_search', depth::text, true);
+    END LOOP;
+    RETURN QUERY
+        SELECT (row_number() OVER (ORDER BY n.d, n.i))::integer, n.i, n.p, n.c, n.d
+        FROM unnest(ids, paths, classes, distances) AS n(i, p, c, d)
+        WHERE max_distance IS NULL OR n.d <= max_distance ORDER BY 1;
+END
+$function$
