@@ -3,6 +3,8 @@
     .venv/bin/python bench/million.py                          # 100k rows, 6 classes (5 + a rare one)
     .venv/bin/python bench/million.py --rows 1000000 --classes 100
     .venv/bin/python bench/million.py --rows 1000000 --cache   # then again with shared_buffers to hold the indexes
+    .venv/bin/python bench/million.py --rows 1000000 --data ~/million     # keep the server and its database there
+    .venv/bin/python bench/million.py --rows 1000000 --data ~/million --measure-only   # measure it again
 
 Rows are made from real photos: ../shared's rooms photos (base) are embedded with the model (the stand-in checkpoint
 unless IMSEARCH_WEIGHTS names one), and each synthetic row mixes two photos of its class with noise, with a path,
@@ -37,7 +39,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pgvector.psycopg import register_vector
-from synthetic import drop_database, fresh_database
+from synthetic import database_url, drop_database, fresh_database
 
 from imsearch import Imsearch, search
 from imsearch.db import embedded
@@ -104,9 +106,10 @@ class Library:
         return (v + noise).astype(np.float16)
 
 
-def write_parquet(lib: Library, rows: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def write_parquet(lib: Library, rows: int, path: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """The rows as `imsearch export` writes them; returns their float16 vectors (as stored) and classes, in file
-    order."""
+    order. With no path the same rows are made (the same draws from the seeded generator) and nothing is written:
+    `--measure-only` needs the vectors of a library loaded before."""
     vectors = np.empty((rows, DIMS), dtype=np.float16)
     labels = np.empty(rows, dtype=object)
     schema = pa.schema([("path", pa.string()), ("class", pa.string()), ("sha256", pa.string()),
@@ -114,7 +117,7 @@ def write_parquet(lib: Library, rows: int, path: Path) -> tuple[np.ndarray, np.n
                         ("phash", pa.string()), ("embedding", pa.list_(pa.float32(), DIMS))],
                        metadata={b"imsearch:model": MODEL.encode()})
     n = 0
-    with pq.ParquetWriter(path, schema) as writer:
+    with pq.ParquetWriter(path, schema) if path else contextlib.nullcontext() as writer:
         for cls, size in lib.sizes(rows).items():
             for start in range(0, size, BATCH):
                 chunk = lib.draw(cls, min(BATCH, size - start))
@@ -122,7 +125,7 @@ def write_parquet(lib: Library, rows: int, path: Path) -> tuple[np.ndarray, np.n
                 vectors[n:n + m], labels[n:n + m] = chunk, cls
                 ids = range(n, n + m)
                 hashes = lib.rng.integers(0, 2**63, m)
-                writer.write_table(pa.table({
+                table = pa.table({
                     "path": [f"/library/{cls}/{i:07d}.jpg" for i in ids],
                     "class": [cls] * m,
                     "sha256": [hashlib.sha256(f"row {i}".encode()).hexdigest() for i in ids],
@@ -131,7 +134,9 @@ def write_parquet(lib: Library, rows: int, path: Path) -> tuple[np.ndarray, np.n
                     "bytes": lib.rng.integers(50_000, 5_000_000, m),
                     "phash": [format(int(h), "064b") for h in hashes],
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(chunk.astype(np.float32).ravel()), DIMS),
-                }, schema=schema))
+                }, schema=schema)
+                if writer:
+                    writer.write_table(table)
                 n += m
     return vectors, labels
 
@@ -204,9 +209,10 @@ def vector_index_bytes(conn: psycopg.Connection) -> tuple[int, int]:
 
 def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray, real: np.ndarray,
             queries: int, k: int, depths: list[int]) -> None:
-    """recall@k, p50 and p95 per mode, query kind and re-ranking depth (imsearch.rerank_depth); the query classes
-    are the first common class and the rare one (a real photo's class in modes same and other is taken as given,
-    whatever it shows)."""
+    """recall@k, p50 and p95 per mode, query kind and re-ranking depth (imsearch.rerank_depth), each depth once as
+    the only one (imsearch.rerank_max_depth at the same) and once widening as deep as imsearch's default lets; the
+    query classes are the first common class and the rare one (a real photo's class in modes same and other is taken
+    as given, whatever it shows)."""
     common = next(c for c in lib.members if c != RARE)
     cases = (("all", None), ("same", common), ("same", RARE), ("other", common), ("other", RARE))
     ids = dict(store.conn.execute("SELECT path, id FROM images").fetchall())
@@ -214,13 +220,14 @@ def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray,
                             for s in range(0, len(vectors), 100_000)])
     row_id = np.array([ids[f"/library/{c}/{i:07d}.jpg"] for i, c in enumerate(labels)])
     kinds = {"gen": lambda cls: lib.draw(cls or common, queries).astype(np.float32), "real": lambda cls: real}
-    print(f"{'mode':28} {'depth':>5} {'queries':>7} {'recall@5':>8} {'min':>5} {'p50 ms':>7} {'p95 ms':>7}")
+    print(f"{'mode':28} {'depth':>5} {'max':>5} {'queries':>7} {'recall@5':>8} {'min':>5} {'p50 ms':>7} {'p95 ms':>7}")
     for kind, make in kinds.items():
         for mode, cls in cases:
             qs = make(cls)
             wanted = [{int(row_id[i]) for i in top} for top in truth(vectors, norms, labels, qs, mode, cls, k)]
-            for depth in depths:
+            for depth, max_depth in [(d, m) for d in depths for m in (d, search.RERANK_MAX_DEPTH)]:
                 store.conn.execute("SELECT set_config('imsearch.rerank_depth', %s, false)", (str(depth),))
+                store.conn.execute("SELECT set_config('imsearch.rerank_max_depth', %s, false)", (str(max_depth),))
                 for q in qs[: min(10, len(qs))]:  # warm-up
                     search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
                 recalls, seconds = [], []
@@ -230,30 +237,39 @@ def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray,
                     seconds.append((time.perf_counter() - t) * 1000)
                     recalls.append(len({m.id for m in got} & want) / k)
                 label = f"{kind} {mode}" + (f" {cls}" if cls else "")
-                print(f"{label:28} {depth:5d} {len(qs):7d} {statistics.mean(recalls):8.3f} {min(recalls):5.2f} "
-                      f"{np.percentile(seconds, 50):7.1f} {np.percentile(seconds, 95):7.1f}", flush=True)
+                print(f"{label:28} {depth:5d} {max_depth:5d} {len(qs):7d} {statistics.mean(recalls):8.3f} "
+                      f"{min(recalls):5.2f} {np.percentile(seconds, 50):7.1f} {np.percentile(seconds, 95):7.1f}",
+                      flush=True)
             store.conn.execute("RESET imsearch.rerank_depth")
+            store.conn.execute("RESET imsearch.rerank_max_depth")
 
 
 def run(admin: str, args: argparse.Namespace, work: Path) -> None:
     photos, _, real = embed_photos(admin, work)
     lib = Library(photos, args.classes, seed=args.rows)
-    file = work / "library.parquet"
+    file = None if args.measure_only else work / "library.parquet"
     t = time.perf_counter()
     vectors, labels = write_parquet(lib, args.rows, file)
-    print(f"{args.rows:,} rows in {args.classes} classes + {RARE} ({RARE_SHARE:.1%}): Parquet written in "
-          f"{time.perf_counter() - t:.0f} s, {file.stat().st_size / 2**30:.1f} GiB", flush=True)
-    url = fresh_database(admin, "bench_million")
+    print(f"{args.rows:,} rows in {args.classes} classes + {RARE} ({RARE_SHARE:.1%}): "
+          + (f"Parquet written in {time.perf_counter() - t:.0f} s, {file.stat().st_size / 2**30:.1f} GiB"
+             if file else f"made again in {time.perf_counter() - t:.0f} s"), flush=True)
+    if args.measure_only:
+        url = database_url(admin, "bench_million")
+        with Imsearch(url) as app:
+            app.upgrade()
+    else:
+        url = fresh_database(admin, "bench_million")
     try:
-        with Imsearch(url) as app, PeakMemory() as memory:
-            t = time.perf_counter()
-            loaded = app.load([file])
-            load_s = time.perf_counter() - t
-        file.unlink()
-        with Store.open(url) as store:
-            size, count = vector_index_bytes(store.conn)
+        if file:
+            with Imsearch(url) as app, PeakMemory() as memory:
+                t = time.perf_counter()
+                loaded = app.load([file])
+                load_s = time.perf_counter() - t
+            file.unlink()
             print(f"load: {load_s:.0f} s in all (rows and index builds; {loaded}); "
                   f"server peak {memory.peak / 2**30:.1f} GiB")
+        with Store.open(url) as store:
+            size, count = vector_index_bytes(store.conn)
             print(f"vector indexes: {count}, {size / 2**20:,.0f} MiB, {size / args.rows / 1024:.2f} KiB a row; "
                   f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}", flush=True)
             measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths)
@@ -281,8 +297,13 @@ def main() -> None:
     ap.add_argument("--depths", type=lambda v: [int(d) for d in v.split(",")], default=[search.RERANK_DEPTH],
                     help="re-ranking depths to measure, comma-separated (imsearch.rerank_depth)")
     ap.add_argument("--cache", action="store_true", help="measure again with shared_buffers holding the indexes")
-    ap.add_argument("--keep", action="store_true", help="keep the bench database (with DATABASE_URL)")
+    ap.add_argument("--keep", action="store_true", help="keep the bench database (with DATABASE_URL or --data)")
+    ap.add_argument("--data", type=Path, help="the bench server's folder, kept with its database (default: a "
+                    "temporary one)")
+    ap.add_argument("--measure-only", action="store_true", help="measure the database a run with --data (or "
+                    "--keep) left, after `imsearch db upgrade`; the same --rows and --classes make the same rows")
     args = ap.parse_args()
+    args.keep = args.keep or args.measure_only or args.data is not None
     with tempfile.TemporaryDirectory(prefix="imsearch-million-") as tmp:
         work = Path(tmp)
         work.chmod(0o711)  # the embedded server's own system user passes through to its data folder
@@ -292,8 +313,9 @@ def main() -> None:
             run(admin, args, work)
             return
         with contextlib.ExitStack() as stack:
-            folder = work / "server"
-            folder.mkdir()
+            folder = args.data.expanduser().resolve() if args.data else work / "server"
+            folder.mkdir(exist_ok=True)
+            folder.chmod(0o711)
             server = embedded.EmbeddedServer(folder / "pgdata")
             stack.callback(server.stop)
             admin = server.start(tune=False)
