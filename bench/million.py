@@ -208,9 +208,9 @@ def vector_index_bytes(conn: psycopg.Connection) -> tuple[int, int]:
 
 
 def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray, real: np.ndarray,
-            queries: int, k: int, depths: list[int]) -> None:
+            queries: int, k: int, depths: list[int], max_depths: list[int]) -> None:
     """recall@k, p50 and p95 per mode, query kind and re-ranking depth (imsearch.rerank_depth), each depth once as
-    the only one (imsearch.rerank_max_depth at the same) and once widening as deep as imsearch's default lets; the
+    the only one (imsearch.rerank_max_depth at the same) and once widening to each of max_depths; the
     query classes are the first common class and the rare one (a real photo's class in modes same and other is taken
     as given, whatever it shows)."""
     common = next(c for c in lib.members if c != RARE)
@@ -225,7 +225,7 @@ def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray,
         for mode, cls in cases:
             qs = make(cls)
             wanted = [{int(row_id[i]) for i in top} for top in truth(vectors, norms, labels, qs, mode, cls, k)]
-            for depth, max_depth in [(d, m) for d in depths for m in (d, search.RERANK_MAX_DEPTH)]:
+            for depth, max_depth in [(d, m) for d in depths for m in sorted({d, *max_depths})]:
                 store.conn.execute("SELECT set_config('imsearch.rerank_depth', %s, false)", (str(depth),))
                 store.conn.execute("SELECT set_config('imsearch.rerank_max_depth', %s, false)", (str(max_depth),))
                 for q in qs[: min(10, len(qs))]:  # warm-up
@@ -257,6 +257,9 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
         url = database_url(admin, "bench_million")
         with Imsearch(url) as app:
             app.upgrade()
+        with Store.open(url) as store:  # this checkout's planner, measured without a new load
+            store.conn.execute(search.function_sql("imsearch_search"))
+            store.conn.commit()
     else:
         url = fresh_database(admin, "bench_million")
     try:
@@ -272,7 +275,7 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
             size, count = vector_index_bytes(store.conn)
             print(f"vector indexes: {count}, {size / 2**20:,.0f} MiB, {size / args.rows / 1024:.2f} KiB a row; "
                   f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}", flush=True)
-            measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths)
+            measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths)
         if args.cache:
             wanted = int(size * 1.25) // 2**20 + 256
             with psycopg.connect(admin, autocommit=True) as conn:
@@ -282,7 +285,7 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
                 store.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
                 store.conn.execute("SELECT pg_prewarm(indexrelid) FROM pg_index WHERE indrelid = 'images'::regclass")
                 print(f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}, indexes prewarmed")
-                measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths)
+                measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths)
     finally:
         if not args.keep:
             drop_database(admin, "bench_million")
@@ -296,6 +299,9 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--depths", type=lambda v: [int(d) for d in v.split(",")], default=[search.RERANK_DEPTH],
                     help="re-ranking depths to measure, comma-separated (imsearch.rerank_depth)")
+    ap.add_argument("--max-depths", type=lambda v: [int(d) for d in v.split(",")], default=[search.RERANK_MAX_DEPTH],
+                    help="how deep each depth may widen, comma-separated (imsearch.rerank_max_depth); each depth is "
+                         "also measured without widening")
     ap.add_argument("--cache", action="store_true", help="measure again with shared_buffers holding the indexes")
     ap.add_argument("--keep", action="store_true", help="keep the bench database (with DATABASE_URL or --data)")
     ap.add_argument("--data", type=Path, help="the bench server's folder, kept with its database (default: a "

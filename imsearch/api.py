@@ -183,6 +183,8 @@ class Imsearch:
         url = self.database_url()
         revision = upgrade(url, server_log(self.settings), lock_timeout=lock_timeout, progress=progress)
         with self._lock:
+            # the classes today's rule gives an index of their own (since schema 0015, up to half the library)
+            indexes.ensure_class_indexes(self.store, search.EXACT_MAX_ROWS)
             return Upgraded(redact(url), revision, indexes.cache_shortfall(self.store))
 
     def grant_reader(self, name: str, password: str | None = None) -> Reader:

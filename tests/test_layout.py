@@ -46,16 +46,17 @@ def library(database_url, exact_max_rows):
             for i, (label, v) in enumerate(zip(labels, np.concatenate([draw(c, 1) for c in labels]))):
                 copy.write_row((f"/lib/{label}/{i}.jpg", label, f"{i:064x}", "m", HalfVector(v)))
         store.conn.execute("ANALYZE images")
-        assert indexes.ensure_class_indexes(store, 20) == [RARE]  # the common classes hold 20 % each
+        assert indexes.ensure_class_indexes(store, 20) == sorted((*CLASSES, RARE))  # each at most half the rows
         yield store, draw
 
 
 def test_each_mode_searches_the_index_its_plan_names(library):
     store, draw = library
     q = draw(RARE, 1)[0]
-    expected = {("all", None): {"images_fold_hnsw"}, ("same", "kitchen"): {"images_fold_hnsw"},
-                ("same", RARE): {indexes.class_index_name(RARE)}, ("other", "kitchen"): {"images_fold_hnsw"},
-                ("other", RARE): {"images_fold_hnsw"}}
+    own = indexes.class_index_name
+    expected = {("all", None): {"images_fold_hnsw"}, ("same", "kitchen"): {own("kitchen")},
+                ("same", RARE): {own(RARE)}, ("other", "kitchen"): {own(c) for c in (*CLASSES, RARE) if c != "kitchen"},
+                ("other", RARE): {own(c) for c in CLASSES}}  # mode other: each other class through its own index
     for (mode, cls), used in expected.items():
         before = scans(store.conn)
         search.run(store, q, mode, k=5, cls=cls, skip_sha=None)

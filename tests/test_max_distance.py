@@ -156,12 +156,11 @@ def test_every_plan_of_nearest_drops_the_same_tail(shared, conn, exact_max_rows,
     check()  # 4 rows a class: exact
     exact_max_rows(0, conn, app.store.conn)
     check()  # no class index: the whole-table index, iteratively
-    monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", 1.0)  # each class holds 20% of the library
     assert ensure_class_indexes(app.store, 0)
     try:
-        check()  # mode same through the class's index
+        check()  # mode same through the class's index, mode other through the other classes' indexes
         conn.execute(f"DROP INDEX {search.WHOLE_INDEX}")
-        check()  # modes all and other exactly while the whole-table index is down
+        check()  # mode all exactly while the whole-table index is down
     finally:
         conn.execute("SELECT imsearch_index_all()")
         for (index,) in conn.execute("SELECT indexname FROM pg_indexes WHERE starts_with(indexname, %s)",

@@ -130,9 +130,13 @@ def scans_of(conn: psycopg.Connection, search, *args, full: bool = False) -> dic
 
 
 def every_class_indexed(monkeypatch) -> None:
-    """Let every class past the exact-scan size have an index of its own, whatever its share of the library (the
-    test library's classes each hold 20%, above CLASS_INDEX_MAX_SHARE)."""
+    """Let every class past the exact-scan size have an index of its own, whatever its share of the library."""
     monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", 1.0)
+
+
+def no_class_indexed(monkeypatch) -> None:
+    """Give no class an index of its own: the test library's classes each hold 20%, above this share."""
+    monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", 0.1)
 
 
 def ids(matches) -> list[int]:
@@ -169,7 +173,8 @@ def test_small_classes_are_scanned_exactly_and_large_ones_through_their_own_inde
     query = sorted(photos.glob("bedroom/*.jpg"))[0]
     assert scans_of(conn, app.find, query, "same") == {}  # the class's rows, exactly
     assert scans_of(conn, app.find, query, "other") == {}  # 16 rows, exactly
-    exact_max_rows(3, conn)  # now large: each holds 20% of the library, too much for an index of its own
+    exact_max_rows(3, conn)  # now large
+    no_class_indexed(monkeypatch)
     assert indexes.ensure_class_indexes(app.store, 3) == []
     # the whole-table index, iteratively; in mode same at 4 rows a class the server may rather take the btree on
     # class and a sort (test_ingest_gives_no_index_to_a_class_of_a_large_share takes that choice away)
@@ -177,10 +182,15 @@ def test_small_classes_are_scanned_exactly_and_large_ones_through_their_own_inde
     assert scans_of(conn, app.find, query, "other") == {WHOLE_INDEX: 1}
     for mode in ("same", "other"):
         assert ids(app.find(query, mode)[0].matches) == ids(app.find(query, mode, exact=True)[0].matches)
-    every_class_indexed(monkeypatch)
+    # each class holds 20% of the library: at most today's CLASS_INDEX_MAX_SHARE, so each gets one
+    monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", search_mod.CLASS_INDEX_MAX_SHARE)
     assert indexes.ensure_class_indexes(app.store, 3) == sorted(c for c, _ in app.classes())
     assert scans_of(conn, app.find, query, "same", full=True) == {class_index_name("bedroom"): 1}
-    assert scans_of(conn, app.find, query, "other") == {WHOLE_INDEX: 1}  # one iterative scan, not one per class
+    # the four other classes, each through its own index
+    others = {class_index_name(c): 1 for c, _ in app.classes() if c != "bedroom"}
+    assert scans_of(conn, app.find, query, "other", full=True) == others
+    for mode in ("same", "other"):
+        assert ids(app.find(query, mode)[0].matches) == ids(app.find(query, mode, exact=True)[0].matches)
     exact_max_rows(16, conn)  # the 16 rows outside bedroom are few again: exactly
     assert scans_of(conn, app.find, query, "other") == {}
     assert scans_of(conn, app.find, query, "same") == {}
@@ -196,8 +206,9 @@ def test_large_classes_of_a_small_share_get_their_own_index_and_mode_same_uses_i
     conn = app.store.conn
     for cls in counts:
         query = sorted(photos.glob(f"{cls}/*.jpg"))[0]
-        for mode, index in (("same", class_index_name(cls)), ("other", WHOLE_INDEX)):
-            assert scans_of(conn, app.find, query, mode, full=True) == {index: 1}, (cls, mode)
+        others = {class_index_name(c): 1 for c in counts if c != cls}
+        for mode, scans in (("same", {class_index_name(cls): 1}), ("other", others)):
+            assert scans_of(conn, app.find, query, mode, full=True) == scans, (cls, mode)
             [indexed] = app.find(query, mode)
             [exact] = app.find(query, mode, exact=True)
             assert [m.path for m in indexed.matches] == [m.path for m in exact.matches]
@@ -212,17 +223,31 @@ def test_large_classes_of_a_small_share_get_their_own_index_and_mode_same_uses_i
 
 
 def test_only_classes_of_a_small_share_of_the_library_want_an_index():
-    counts = {"big": 5_000, "mid": 1_250, "small": 1_001, "tiny": 1_000, "rest": 1_749}  # 10,000 rows
-    assert indexes.CLASS_INDEX_MAX_SHARE == search_mod.CLASS_INDEX_MAX_SHARE == 0.125
-    assert indexes.wanted_class_indexes(counts, 1_000) == ["mid", "small"]  # 12.5% and 10%; not 50% nor 17.5%
-    assert indexes.wanted_class_indexes(counts, 1_001) == ["mid"]
+    counts = {"most": 6_000, "rest": 2_999, "small": 1_001, "tiny": 1_000}  # 11,000 rows
+    assert indexes.CLASS_INDEX_MAX_SHARE == search_mod.CLASS_INDEX_MAX_SHARE == 0.5
+    assert indexes.wanted_class_indexes(counts, 1_000) == ["rest", "small"]  # 27% and 9%; not "most", over half
+    assert indexes.wanted_class_indexes(counts, 1_001) == ["rest"]
+    assert indexes.wanted_class_indexes({"all": 5_000}, 1_000) == []  # the whole-table index is the class's
     assert indexes.wanted_class_indexes({}, 0) == []
 
 
-def test_ingest_gives_no_index_to_a_class_of_a_large_share(app, photos, exact_max_rows):
+def test_db_upgrade_gives_a_class_the_index_the_share_rule_now_wants(app, photos, exact_max_rows, monkeypatch):
+    """Schema 0015 indexes classes of up to half the library (an eighth before): an upgraded library gets the
+    indexes its classes now want from `imsearch db upgrade`, not only from its next ingest."""
+    exact_max_rows(3)
+    no_class_indexed(monkeypatch)  # the rule before: classes of 20% got none
+    app.ingest(photos)
+    assert indexes.indexed_classes(app.store.conn, dict(app.classes())) == set()
+    monkeypatch.setattr(indexes, "CLASS_INDEX_MAX_SHARE", search_mod.CLASS_INDEX_MAX_SHARE)  # today's rule
+    app.upgrade()
+    assert indexes.indexed_classes(app.store.conn, dict(app.classes())) == {c for c, _ in app.classes()}
+
+
+def test_ingest_gives_no_index_to_a_class_of_a_large_share(app, photos, exact_max_rows, monkeypatch):
     """A class past the exact-scan size that holds more than CLASS_INDEX_MAX_SHARE of the library gets no index of
     its own: mode same searches the whole-table index with the filter, iteratively."""
     exact_max_rows(3)
+    no_class_indexed(monkeypatch)
     app.ingest(photos)  # 5 classes of 20% each
     conn = app.store.conn
     assert indexes.indexed_classes(conn, dict(app.classes())) == set()
@@ -237,13 +262,32 @@ def test_ingest_gives_no_index_to_a_class_of_a_large_share(app, photos, exact_ma
         assert ids(found.matches) == ids(app.find(query, "same", exact=True)[0].matches)
 
 
-def test_mode_other_is_one_scan_of_the_whole_table_index_and_equals_the_exact_answer(app, photos, exact_max_rows):
-    exact_max_rows(3)  # the 16 rows outside a class are past the exact-scan size
+@pytest.mark.parametrize("layout", ["class indexes", "whole-table index", "a small class", "a large class unindexed"])
+def test_mode_other_searches_each_other_class_or_the_whole_table_index_and_equals_the_exact_answer(
+        app, photos, exact_max_rows, monkeypatch, layout):
+    """Mode other with few other classes, each with its own index or small enough to scan exactly, is the union of
+    one search of each (migration 0015); where one of them is large and has no index, one iterative scan of the
+    whole-table index."""
+    exact_max_rows(3)  # the 16 rows outside a class are past the exact-scan size, and so is each class of 4
+    if layout == "whole-table index":
+        no_class_indexed(monkeypatch)
     app.ingest(photos)
     conn = app.store.conn
+    if layout in ("a small class", "a large class unindexed"):
+        conn.execute(f'DROP INDEX "{class_index_name("kitchen")}"')
+        conn.commit()
+    if layout == "a small class":
+        exact_max_rows(4, conn)  # kitchen's 4 rows are scanned exactly; the others keep their indexes
     for cls in sorted(c for c, _ in app.classes()):
+        others = {class_index_name(c): 1 for c, _ in app.classes() if c not in (cls, "kitchen")}
+        if layout == "class indexes":
+            scans = {class_index_name(c): 1 for c, _ in app.classes() if c != cls}
+        elif layout == "a small class" or cls == "kitchen" and layout == "a large class unindexed":
+            scans = others  # kitchen's rows exactly, or kitchen asking
+        else:
+            scans = {WHOLE_INDEX: 1}
         for query in sorted(photos.glob(f"{cls}/*.jpg"))[:2]:
-            assert scans_of(conn, app.find, query, "other") == {WHOLE_INDEX: 1}, query
+            assert scans_of(conn, app.find, query, "other", full=True) == scans, (query, layout)
             [indexed] = app.find(query, "other", k=16)
             [exact] = app.find(query, "other", k=16, exact=True)
             assert len(indexed.matches) == 16 and cls not in {m.cls for m in indexed.matches}
@@ -316,10 +360,11 @@ def test_a_same_class_query_is_never_served_by_another_class_index(app, photos, 
     assert ids(result.matches) == ids(app.find(query, "same", exact=True)[0].matches)
 
 
-def test_while_the_whole_table_index_is_down_every_mode_answers_exactly(app, photos, exact_max_rows):
+def test_while_the_whole_table_index_is_down_every_mode_answers_exactly(app, photos, exact_max_rows, monkeypatch):
     """A bulk load drops the whole-table index and builds it again after (imsearch_index_all): meanwhile every mode
     scans exactly, and once it is back they search it again."""
     exact_max_rows(3)  # past the exact-scan size, the filtered modes would search the whole-table index
+    no_class_indexed(monkeypatch)
     app.ingest(photos)
     conn = app.store.conn
     (definition,) = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (WHOLE_INDEX,)).fetchone()
@@ -406,7 +451,10 @@ def test_a_filter_within_the_exact_scan_size_reads_every_candidate_whatever_the_
                     assert scans_of(conn, nearest, q, mode, False) == {}, mode
                     assert nearest(q, mode, False) == nearest(q, mode, True), mode
                 assert scans_of(conn, nearest, q, "all", True) == {}
-            conn.execute("SET imsearch.exact_max_rows = 1999")  # one row short: the whole-table index
+            conn.execute("SET imsearch.exact_max_rows = 1999")  # one row short: each other class's 500 exactly
+            assert scans_of(conn, nearest, q, "other", False) == {}
+            assert nearest(q, "other", False) == nearest(q, "other", True)
+            conn.execute("SET imsearch.exact_max_rows = 499")  # classes past it, with no index: the whole-table one
             assert scans_of(conn, nearest, q, "other", False).keys() == {WHOLE_INDEX}
         finally:
             conn.execute("RESET imsearch.exact_max_rows")
@@ -440,8 +488,9 @@ def test_vector_and_hash_searches_are_written_in_the_search_package_alone():
 
 
 def test_the_planner_template_says_each_rule_once():
-    """One ranking, one check of the iterative scan, which only the two unfiltered index searches (mode all, and a
-    class's own index) turn off, and one place for each half of the rule naming a class's index: the builder
+    """One ranking, one check of the iterative scan, one place that turns it off (for every index plan but the
+    filtered scan of the whole-table index) and one that turns it on (widening past ef_search's 1,000), and one
+    place for each half of the rule naming a class's index: the builder
     (imsearch_index_class) and the look-up (imsearch_class_index), which test_python_and_sql_name_a_class_index_alike
     holds equal."""
     from importlib.resources import files
@@ -502,11 +551,19 @@ def test_a_query_far_from_every_row_is_asked_again_deeper_and_a_near_one_is_not(
         near = centres[7] + 0.05 * rng.random(2048, dtype=np.float32)
         far = rng.random(2048, dtype=np.float32)
         conn.execute("SET imsearch.rerank_depth = 100")
+        conn.execute("SET imsearch.rerank_max_depth = 1000")
         try:
             assert scans_of(conn, nearest, near) == {WHOLE_INDEX: 1}
             assert nearest(near) == exact(near)
             assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 3}  # 100, 400, then imsearch.rerank_max_depth
             assert nearest(far) == exact(far)
+            # past ef_search's 1,000 through an iterative scan, with a margin too wide to ever answer early: a
+            # fourth scan only where the third gave all 1,600 rows, and the fourth gives every row (3,000 of 6,400)
+            conn.execute("SET imsearch.rerank_max_depth = 6400")
+            conn.execute("SET imsearch.rerank_margin = 1000")
+            assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 4}
+            assert nearest(far) == exact(far)
+            conn.execute("RESET imsearch.rerank_margin")
             conn.execute("SET imsearch.rerank_max_depth = 400")
             assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 2}
             conn.execute("SET imsearch.rerank_max_depth = 100")  # no widening
@@ -514,3 +571,4 @@ def test_a_query_far_from_every_row_is_asked_again_deeper_and_a_near_one_is_not(
         finally:
             conn.execute("RESET imsearch.rerank_depth")
             conn.execute("RESET imsearch.rerank_max_depth")
+            conn.execute("RESET imsearch.rerank_margin")

@@ -51,15 +51,20 @@ RERANK_DEPTH = 200
 # candidate's fold distance, less RERANK_MARGIN standard deviations of the fold's error over the candidates), the
 # search asks again four times as deep, up to RERANK_MAX_DEPTH (migration 0015; imsearch.rerank_max_depth and
 # imsearch.rerank_margin in SQL). Near queries settle at the first depth; a photo far from every stored one goes
-# deeper.
-RERANK_MAX_DEPTH = 1000
+# deeper. Past pgvector's largest ef_search (1,000) an iterative scan gives the rest.
+RERANK_MAX_DEPTH = 4000
 RERANK_MARGIN = 4
 MAX_SCAN_TUPLES = 50_000
-# Both kinds of index are built as pgvector's defaults; a class index only for a class holding at most this share
-# of the library: a larger class fills enough of the whole-table graph that a filtered scan of it finds its rows.
+# Both kinds of index are built as pgvector's defaults; a class index for a class past EXACT_MAX_ROWS rows holding
+# at most this share of the library (a larger one fills most of the whole-table graph, which a filtered scan then
+# finds its rows in), so each row is in at most two graphs. At a million rows a class of a fifth searched through
+# the whole-table graph lost a seventh of its top five (docs/scaling.md).
 GRAPH_M = 16
 GRAPH_EF_CONSTRUCTION = 64
-CLASS_INDEX_MAX_SHARE = 0.125
+CLASS_INDEX_MAX_SHARE = 0.5
+# Mode other with at most this many other classes searches each one's index (or scans a small one exactly) and ranks
+# the union (migration 0015); with more, the whole-table index is scanned iteratively past the query's own class.
+OTHER_MAX_CLASSES = 8
 
 # The whole-table index (migration 0013), and the partial ones per class (`imsearch_index_class`): the class prefix
 # and the first 16 hex digits of the class's md5. Migration 0013 dropped the full-width indexes of 0003-0006, whose
@@ -134,7 +139,7 @@ def function_sql(name: str) -> str:
     first, second = fold_signs()
     values = {
         "RERANK_DEPTH": RERANK_DEPTH, "RERANK_MAX_DEPTH": RERANK_MAX_DEPTH, "RERANK_MARGIN": RERANK_MARGIN,
-        "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES,
+        "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES, "OTHER_MAX_CLASSES": OTHER_MAX_CLASSES,
         "NEIGHBOURS_DEPTH": NEIGHBOURS_DEPTH, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX, "WHOLE_INDEX": WHOLE_INDEX,
         "FOLD_DIMENSIONS": FOLD_DIMENSIONS, "FOLD_SECOND": FOLD_DIMENSIONS + 1,
         "FOLD_SIGNS_1": "[" + ",".join(map(str, first)) + "]", "FOLD_SIGNS_2": "[" + ",".join(map(str, second)) + "]",

@@ -27,21 +27,28 @@ DECLARE
     exact_max bigint := coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, 1000);
     depth integer := coalesce(nullif(current_setting('imsearch.rerank_depth', true), '')::integer, 200);
     max_depth integer := coalesce(nullif(current_setting('imsearch.rerank_max_depth', true), '')::integer,
-                                  1000);
+                                  4000);
     margin double precision := coalesce(nullif(current_setting('imsearch.rerank_margin', true), '')::float8,
                                         4);
     filter text := CASE mode WHEN 'same' THEN ' AND i.class = $5' WHEN 'other' THEN ' AND i.class <> $5' ELSE '' END;
     scan_exactly boolean := exact;
-    order_by text;
-    fold_distance text;
+    -- one search of the candidates: a class's own index (format: the class, the branch's number), or a small class
+    -- exactly
+    class_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
+        '1 + (l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7) AS fold, %2$s AS branch '
+        'FROM images i WHERE i.class = %1$L AND i.sha256 IS DISTINCT FROM $2 '
+        'ORDER BY l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7 LIMIT $8';
+    exact_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, NULL::float8 AS fold, '
+        '%2$s AS branch FROM images i WHERE i.class = %1$L AND i.sha256 IS DISTINCT FROM $2 '
+        'ORDER BY i.embedding <=> $1 LIMIT $8';
+    others text[];
+    branches text[];
+    filtered_scan boolean := false;
     nearest text;
     candidates bigint;
     cand record;
     widens boolean := false;
-    given bigint;
-    reach double precision;
-    bias double precision;
-    spread double precision;
+    bound double precision;
     ids bigint[];
     paths text[];
     classes text[];
@@ -78,7 +85,8 @@ BEGIN
                    'ORDER BY 4, 1 LIMIT $3';
     ELSE
         depth := least(greatest(depth, 4 * k), 1000);
-        max_depth := least(greatest(max_depth, depth), 1000);
+        -- past pgvector's largest ef_search (1,000) an index gives more only through an iterative scan
+        max_depth := least(greatest(max_depth, depth), CASE WHEN iterative THEN 50000 ELSE 1000 END);
         PERFORM set_config('hnsw.ef_search', depth::text, true);
 
         -- a filter that keeps at most exact_max rows is scanned exactly through the btree on class (counted no further)
@@ -89,21 +97,46 @@ BEGIN
             SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
             scan_exactly := candidates <= exact_max;
         END IF;
+        IF NOT scan_exactly AND mode = 'other' THEN
+            -- the other classes, one step each through the btree on class, where there are at most
+            -- 8: each searched through its own index, or exactly where it is small
+            others := ARRAY(WITH RECURSIVE c(v) AS (
+                                SELECT (SELECT min(i.class) FROM images i)
+                                UNION ALL
+                                SELECT (SELECT min(i.class) FROM images i WHERE i.class > c.v) FROM c WHERE c.v IS NOT NULL)
+                            SELECT c.v FROM c WHERE c.v IS NOT NULL AND c.v <> query_class
+                            LIMIT 8 + 1);
+            IF cardinality(others) <= 8 THEN
+                FOR n IN 1 .. cardinality(others) LOOP
+                    IF imsearch_class_index('images_fold_hnsw_c_', others[n]) IS NOT NULL THEN
+                        branches := branches || format(class_branch, others[n], n);
+                    ELSIF (SELECT count(*) FROM (SELECT FROM images i WHERE i.class = others[n] LIMIT exact_max + 1) c)
+                          <= exact_max THEN
+                        branches := branches || format(exact_branch, others[n], n);
+                    ELSE
+                        branches := NULL;
+                        EXIT;
+                    END IF;
+                END LOOP;
+            END IF;
+        END IF;
         IF scan_exactly THEN
             NULL;
         ELSIF mode = 'same' AND imsearch_class_index('images_fold_hnsw_c_', query_class) IS NOT NULL THEN
-            -- a class of a small share of the library has its own index, searched like an unfiltered one
-            order_by := 'l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7';
-            fold_distance := '1 + (' || order_by || ')';
-            PERFORM set_config('hnsw.iterative_scan', 'off', true);
+            -- a class with its own index, searched like an unfiltered one
+            branches := ARRAY[format(class_branch, query_class, 0)];
+        ELSIF branches IS NOT NULL THEN
+            -- mode other as the union of the other classes' searches: an iterative scan of the whole-table graph
+            -- would first cross the query's own class, where its nearest rows are
+            NULL;
         ELSIF to_regclass('public.images_fold_hnsw') IS NOT NULL AND (mode = 'all' OR iterative) THEN
-            -- the whole-table index; with a filter (a large class, or every class but the query's) scanned iteratively
-            -- (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
-            order_by := 'imsearch_fold(i.embedding)::halfvec(1024) <=> $6';
-            fold_distance := order_by;
-            IF mode = 'all' THEN
-                PERFORM set_config('hnsw.iterative_scan', 'off', true);
-            END IF;
+            -- the whole-table index; with a filter (a large class, or many classes but the query's) scanned
+            -- iteratively (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
+            branches := ARRAY['SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
+                              'imsearch_fold(i.embedding)::halfvec(1024) <=> $6 AS fold, 0 AS branch '
+                              'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter
+                              || ' ORDER BY imsearch_fold(i.embedding)::halfvec(1024) <=> $6 LIMIT $8'];
+            filtered_scan := mode <> 'all';
         ELSE
             scan_exactly := true;
         END IF;
@@ -112,6 +145,11 @@ BEGIN
             -- an index gives the candidates in order: else the planner reads the btree on class and sorts every row of
             -- the class by its fold (the ranking of the candidates still sorts, the one sort left to take)
             PERFORM set_config('enable_sort', 'off', true);
+            -- only a filtered scan of the whole-table index iterates (until `depth` rows pass the filter); the widening
+            -- below turns it on past ef_search's 1,000
+            IF NOT filtered_scan THEN
+                PERFORM set_config('hnsw.iterative_scan', 'off', true);
+            END IF;
         END IF;
         IF scan_exactly THEN
             -- every candidate read and sorted: through the btree on class or the table, whichever costs less (with
@@ -121,14 +159,15 @@ BEGIN
             nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
                        'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
         ELSE
-            -- the index's nearest `depth` by the fold, the nearest k of them by the exact distance, and over all of
-            -- them: how many the index gave, the farthest one's fold distance, and the mean and spread of the exact
-            -- distance less the fold's
-            nearest := 'SELECT c.id, c.path, c.class, c.distance, count(*) OVER () AS given, max(c.fold) OVER () AS reach, '
-                       'avg(c.distance - c.fold) OVER () AS bias, stddev_pop(c.distance - c.fold) OVER () AS spread FROM ('
-                       'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, ' || fold_distance || ' AS fold '
-                       'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY ' || order_by
-                       || ' LIMIT $8) c ORDER BY 4, 1 LIMIT $3';
+            -- each branch's nearest `depth` (by the fold through an index, or exactly), the nearest k of them all by
+            -- the exact distance, and how near a row no branch gave could be (`bound`, the loop below)
+            nearest := 'SELECT c.id, c.path, c.class, c.distance, min(CASE WHEN c.given < $8 THEN NULL '
+                       'WHEN c.fold IS NULL THEN c.farthest ELSE c.reach + c.bias - $11 * c.spread END) OVER () AS bound '
+                       'FROM (SELECT b.*, count(*) OVER w AS given, max(b.fold) OVER w AS reach, '
+                       'max(b.distance) OVER w AS farthest, avg(b.distance - b.fold) OVER () AS bias, '
+                       'stddev_pop(b.distance - b.fold) OVER () AS spread '
+                       'FROM ((' || array_to_string(branches, ') UNION ALL (') || ')) b '
+                       'WINDOW w AS (PARTITION BY b.branch)) c ORDER BY 4, 1 LIMIT $3';
             widens := true;
         END IF;
     END IF;
@@ -136,21 +175,27 @@ BEGIN
         ids := '{}'; paths := '{}'; classes := '{}'; distances := '{}';
         FOR cand IN EXECUTE nearest
             USING query, skip_sha256, k, max_distance, query_class, imsearch_fold(query),
-                  l2_normalize(imsearch_fold(query)), depth, mode, exact
+                  l2_normalize(imsearch_fold(query)), depth, mode, exact, margin
         LOOP
             ids := ids || cand.id; paths := paths || cand.path; classes := classes || cand.class;
             distances := distances || cand.distance;
             IF widens THEN
-                given := cand.given; reach := cand.reach; bias := cand.bias; spread := cand.spread;
+                bound := cand.bound;
             END IF;
         END LOOP;
-        -- a row the index did not give lies at least `reach` away by the fold, so at least reach + bias - margin x
-        -- spread by the exact distance, but for a fold error past `margin` standard deviations. Where the k-th
-        -- candidate is no farther than that, no such row is nearer; else the index is asked again, 4x as deep
-        EXIT WHEN NOT widens OR depth >= max_depth OR coalesce(array_length(ids, 1), 0) < k OR given < depth
-                  OR distances[k] <= reach + bias - margin * spread;
+        -- a row an index branch did not give lies at least `reach` away by the fold, so at least reach + bias -
+        -- margin x spread by the exact distance (the fold's error over the candidates: its mean and standard
+        -- deviation), but for an error past `margin` standard deviations; a row an exact branch did not give lies
+        -- beyond its farthest; a branch that gave fewer than `depth` has no rows beyond. Where the k-th candidate is
+        -- no farther than the nearest of these bounds, no row beyond is nearer; else the index is asked again, 4x as
+        -- deep
+        EXIT WHEN NOT widens OR depth >= max_depth OR coalesce(array_length(ids, 1), 0) < k OR bound IS NULL
+                  OR distances[k] <= bound;
         depth := least(4 * depth, max_depth);
-        PERFORM set_config('hnsw.ef_search', depth::text, true);
+        PERFORM set_config('hnsw.ef_search', least(depth, 1000)::text, true);
+        IF depth > 1000 THEN
+            PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+        END IF;
     END LOOP;
     RETURN QUERY
         SELECT (row_number() OVER (ORDER BY n.d, n.i))::integer, n.i, n.p, n.c, n.d
