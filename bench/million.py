@@ -207,14 +207,23 @@ def vector_index_bytes(conn: psycopg.Connection) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+def index_scans(conn: psycopg.Connection) -> int:
+    """The HNSW index scans of imsearch's vector indexes so far (this session's counts flushed first)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    return int(conn.execute("SELECT coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes "
+                            "WHERE starts_with(indexrelname, %s)", (search.WHOLE_INDEX,)).fetchone()[0])
+
+
 def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray, real: np.ndarray,
-            queries: int, k: int, depths: list[int], max_depths: list[int]) -> None:
+            queries: int, k: int, depths: list[int], max_depths: list[int], modes: list[str]) -> None:
     """recall@k, p50 and p95 per mode, query kind and re-ranking depth (imsearch.rerank_depth), each depth once as
     the only one (imsearch.rerank_max_depth at the same) and once widening to each of max_depths; the
     query classes are the first common class and the rare one (a real photo's class in modes same and other is taken
-    as given, whatever it shows)."""
+    as given, whatever it shows). Under each row: how many HNSW index scans the queries took (a widening asks the
+    index again; mode other's union scans one index a class), as scans x queries (their recall)."""
     common = next(c for c in lib.members if c != RARE)
-    cases = (("all", None), ("same", common), ("same", RARE), ("other", common), ("other", RARE))
+    cases = [(m, c) for m, c in (("all", None), ("same", common), ("same", RARE), ("other", common), ("other", RARE))
+             if m in modes]
     ids = dict(store.conn.execute("SELECT path, id FROM images").fetchall())
     norms = np.concatenate([np.linalg.norm(vectors[s:s + 100_000].astype(np.float32), axis=1)
                             for s in range(0, len(vectors), 100_000)])
@@ -230,16 +239,21 @@ def measure(store: Store, lib: Library, vectors: np.ndarray, labels: np.ndarray,
                 store.conn.execute("SELECT set_config('imsearch.rerank_max_depth', %s, false)", (str(max_depth),))
                 for q in qs[: min(10, len(qs))]:  # warm-up
                     search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
-                recalls, seconds = [], []
+                recalls, seconds, scans = [], [], []
                 for q, want in zip(qs, wanted):
+                    before = index_scans(store.conn)
                     t = time.perf_counter()
                     got = search.run(store.conn, q, mode, k=k, cls=cls, skip_sha=None)
                     seconds.append((time.perf_counter() - t) * 1000)
+                    scans.append(index_scans(store.conn) - before)
                     recalls.append(len({m.id for m in got} & want) / k)
                 label = f"{kind} {mode}" + (f" {cls}" if cls else "")
                 print(f"{label:28} {depth:5d} {max_depth:5d} {len(qs):7d} {statistics.mean(recalls):8.3f} "
                       f"{min(recalls):5.2f} {np.percentile(seconds, 50):7.1f} {np.percentile(seconds, 95):7.1f}",
                       flush=True)
+                print(f"{'':28} scans " + "  ".join(
+                    f"{n}x{scans.count(n)} ({statistics.mean(r for r, c in zip(recalls, scans) if c == n):.3f})"
+                    for n in sorted(set(scans))), flush=True)
             store.conn.execute("RESET imsearch.rerank_depth")
             store.conn.execute("RESET imsearch.rerank_max_depth")
 
@@ -275,7 +289,7 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
             size, count = vector_index_bytes(store.conn)
             print(f"vector indexes: {count}, {size / 2**20:,.0f} MiB, {size / args.rows / 1024:.2f} KiB a row; "
                   f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}", flush=True)
-            measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths)
+            measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths, args.modes)
         if args.cache:
             wanted = int(size * 1.25) // 2**20 + 256
             with psycopg.connect(admin, autocommit=True) as conn:
@@ -285,7 +299,7 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
                 store.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
                 store.conn.execute("SELECT pg_prewarm(indexrelid) FROM pg_index WHERE indrelid = 'images'::regclass")
                 print(f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}, indexes prewarmed")
-                measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths)
+                measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths, args.modes)
     finally:
         if not args.keep:
             drop_database(admin, "bench_million")
@@ -302,6 +316,8 @@ def main() -> None:
     ap.add_argument("--max-depths", type=lambda v: [int(d) for d in v.split(",")], default=[search.RERANK_MAX_DEPTH],
                     help="how deep each depth may widen, comma-separated (imsearch.rerank_max_depth); each depth is "
                          "also measured without widening")
+    ap.add_argument("--modes", type=lambda v: v.split(","), default=["all", "same", "other"],
+                    help="the modes to measure, comma-separated")
     ap.add_argument("--cache", action="store_true", help="measure again with shared_buffers holding the indexes")
     ap.add_argument("--keep", action="store_true", help="keep the bench database (with DATABASE_URL or --data)")
     ap.add_argument("--data", type=Path, help="the bench server's folder, kept with its database (default: a "
