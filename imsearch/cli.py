@@ -701,8 +701,8 @@ def db_shard_remove(ctx: click.Context, url: str, as_json: bool) -> None:
 @click.option("--drop", is_flag=True, hidden=True, help="Accepted and ignored: there is nothing to drop.")
 def db_index_other(drop: bool) -> None:
     """Kept so that scripts calling it keep working: there is nothing left to build."""
-    click.echo("nothing to do: since schema 0013 mode other searches the whole-table index, which holds every row; "
-               "`imsearch db check-recall` measures it")
+    click.echo("nothing to do: mode other searches indexes that hold every row already (each other class's own, or "
+               "the whole-table index); `imsearch db check-recall` measures it")
 
 
 @db.command("backfill-hashes")
