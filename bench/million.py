@@ -289,7 +289,8 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
             size, count = vector_index_bytes(store.conn)
             print(f"vector indexes: {count}, {size / 2**20:,.0f} MiB, {size / args.rows / 1024:.2f} KiB a row; "
                   f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}", flush=True)
-            measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths, args.modes)
+            measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths,
+                    args.modes)
         if args.cache:
             wanted = int(size * 1.25) // 2**20 + 256
             with psycopg.connect(admin, autocommit=True) as conn:
@@ -299,7 +300,8 @@ def run(admin: str, args: argparse.Namespace, work: Path) -> None:
                 store.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
                 store.conn.execute("SELECT pg_prewarm(indexrelid) FROM pg_index WHERE indrelid = 'images'::regclass")
                 print(f"shared_buffers {store.conn.execute('SHOW shared_buffers').fetchone()[0]}, indexes prewarmed")
-                measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths, args.modes)
+                measure(store, lib, vectors, labels, real, args.queries, args.k, args.depths, args.max_depths,
+                    args.modes)
     finally:
         if not args.keep:
             drop_database(admin, "bench_million")

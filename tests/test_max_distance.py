@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from imsearch import ImsearchError, search
 from imsearch.audit.calibration import DUPLICATE, NotCalibrated
 from imsearch.cli import cli
-from imsearch.db import indexes
 from imsearch.db.indexes import ensure_class_indexes
 from imsearch.db.migrate import migrations_folder
 from imsearch.db.sqlaccess import grant_reader

@@ -16,14 +16,13 @@ from PIL import Image
 
 from imsearch import ImsearchError
 from imsearch.cli import cli
-from imsearch.db import indexes
 from imsearch.db.indexes import ensure_class_indexes
 from imsearch.db.sqlaccess import (
     READER_FUNCTIONS,
     READER_VIEWS,
     grant_reader,
 )
-from imsearch.search import CLASS_INDEX_PREFIX, WHOLE_INDEX
+from imsearch.search import CLASS_INDEX_PREFIX
 from tests.conftest import shared_library
 
 _roles = itertools.count()
