@@ -46,6 +46,9 @@ DECLARE
     filtered_scan boolean := false;
     nearest text;
     candidates bigint;
+    -- the query's fold, and its unit length (the class indexes' inner product), computed once for every pass
+    folded halfvec;
+    unit halfvec;
     cand record;
     widens boolean := false;
     bound double precision;
@@ -171,11 +174,12 @@ BEGIN
             widens := true;
         END IF;
     END IF;
+    folded := imsearch_fold(query);
+    unit := l2_normalize(folded);
     LOOP
         ids := '{}'; paths := '{}'; classes := '{}'; distances := '{}';
         FOR cand IN EXECUTE nearest
-            USING query, skip_sha256, k, max_distance, query_class, imsearch_fold(query),
-                  l2_normalize(imsearch_fold(query)), depth, mode, exact, margin
+            USING query, skip_sha256, k, max_distance, query_class, folded, unit, depth, mode, exact, margin
         LOOP
             ids := ids || cand.id; paths := paths || cand.path; classes := classes || cand.class;
             distances := distances || cand.distance;
