@@ -136,7 +136,8 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
              (command.upgrade, "0012", "0012"), (command.upgrade, "0013", "0013"),
              (command.downgrade, "0012", "0012"), (command.upgrade, "0013", "0013"),
              (command.upgrade, "0015", "0015"), (command.downgrade, "0014", "0014"),
-             (command.upgrade, "0015", "0015")]
+             (command.upgrade, "0015", "0015"), (command.upgrade, "0016", "0016"),
+             (command.downgrade, "0015", "0015"), (command.upgrade, "0016", "0016")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:
@@ -281,6 +282,48 @@ def test_0013_keeps_every_row_and_every_exact_answer_and_downgrades(database_url
         search.index_name(c).replace("fold", "embedding") for c in ("a", "b", "c")}
 
 
+def test_0016_builds_the_whole_table_graph_denser_beside_the_old_one_and_keeps_every_answer(database_url):
+    """The whole-table graph goes from pgvector's default links to m 32: built beside the old graph, which serves
+    searches meanwhile, then put in its place under the name imsearch_search plans by; exact answers stay."""
+    from alembic import command
+
+    from imsearch import search
+    from imsearch.settings import sqlalchemy_url
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_folder()))
+    cfg.attributes["url"] = sqlalchemy_url(database_url)
+    command.upgrade(cfg, "0015")
+    vectors = _synthetic_rows(database_url, 1_200, ("a", "b", "rare"))
+
+    def graphs() -> dict[str, str]:
+        with psycopg.connect(database_url) as conn:
+            return dict(conn.execute(
+                "SELECT c.relname, array_to_string(c.reloptions, ',') FROM pg_index x "
+                "JOIN pg_class c ON c.oid = x.indexrelid JOIN pg_am a ON a.oid = c.relam "
+                "WHERE x.indrelid = 'images'::regclass AND a.amname = 'hnsw' AND c.relname NOT LIKE '%phash%'"))
+
+    def answers(exact: bool) -> list[list[int]]:
+        from pgvector.psycopg import register_vector
+
+        with psycopg.connect(database_url) as conn:
+            register_vector(conn)
+            return [[m.id for m in search.run(conn, q, mode, k=5, cls="a", skip_sha=None, exact=exact)]
+                    for q in vectors[:4] + 0.05 for mode in ("all", "other")]
+
+    assert graphs() == {search.WHOLE_INDEX: "m=16,ef_construction=64"}
+    before = answers(exact=True)
+    command.upgrade(cfg, "0016")
+    assert graphs() == {search.WHOLE_INDEX: "m=32,ef_construction=128"}
+    assert answers(exact=True) == before and answers(exact=False) == before
+    command.downgrade(cfg, "0015")
+    assert graphs() == {search.WHOLE_INDEX: "m=32,ef_construction=128"}  # it serves 0015 as well
+    with psycopg.connect(database_url) as conn:  # a graph built from now on is the default one again
+        conn.execute(f"DROP INDEX {search.WHOLE_INDEX}")
+        conn.execute("SELECT imsearch_index_all()")
+    assert graphs() == {search.WHOLE_INDEX: "m=16,ef_construction=64"}
+
+
 def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(database_url, monkeypatch):
     """Rebuilding the vector indexes takes minutes at a million rows: other commands say what to run."""
     from alembic import command
@@ -296,7 +339,7 @@ def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(data
     command.upgrade(cfg, "0012")
     _synthetic_rows(database_url, 300, ("a", "b", "rare"))
     monkeypatch.setattr(migrate, "LONG_MIGRATION_ROWS", 200)
-    with pytest.raises(SchemaOutdated, match=r"schema revision 0012, this imsearch needs 0015, which rebuilds the "
+    with pytest.raises(SchemaOutdated, match=rf"schema revision 0012, this imsearch needs {SCHEMA_REVISION}, which rebuilds the "
                                              r"vector indexes of more than 200 stored images .*"
                                              r"run `imsearch db upgrade`"):
         ensure_schema(database_url, upgrade_older=True)

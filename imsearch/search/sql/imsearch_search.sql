@@ -26,12 +26,13 @@ CREATE OR REPLACE FUNCTION public.imsearch_index_all()
  LANGUAGE plpgsql
  SET search_path TO 'public', 'pg_temp'
 AS $function$
--- the whole-table index (migration 0013): every row's fold by cosine distance. A bulk load drops it while its rows
--- go in and calls this after; it leaves an index that exists as it is
+-- the whole-table index (migration 0013): every row's fold by cosine distance, in a graph twice as dense as
+-- pgvector's default (migration 0016). A bulk load drops it while its rows go in and calls this after; it leaves an
+-- index that exists as it is
 BEGIN
     EXECUTE 'CREATE INDEX IF NOT EXISTS @WHOLE_INDEX@ ON images '
             'USING hnsw ((imsearch_fold(embedding)::halfvec(@FOLD_DIMENSIONS@)) halfvec_cosine_ops) '
-            'WITH (m = @GRAPH_M@, ef_construction = @GRAPH_EF_CONSTRUCTION@)';
+            'WITH (m = @WHOLE_GRAPH_M@, ef_construction = @WHOLE_GRAPH_EF_CONSTRUCTION@)';
     RETURN '@WHOLE_INDEX@';
 END
 $function$
