@@ -339,7 +339,8 @@ def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(data
     command.upgrade(cfg, "0012")
     _synthetic_rows(database_url, 300, ("a", "b", "rare"))
     monkeypatch.setattr(migrate, "LONG_MIGRATION_ROWS", 200)
-    with pytest.raises(SchemaOutdated, match=rf"schema revision 0012, this imsearch needs {SCHEMA_REVISION}, which rebuilds the "
+    with pytest.raises(SchemaOutdated, match=rf"schema revision 0012, this imsearch needs {SCHEMA_REVISION}, which "
+                                             r"rebuilds the "
                                              r"vector indexes of more than 200 stored images .*"
                                              r"run `imsearch db upgrade`"):
         ensure_schema(database_url, upgrade_older=True)
