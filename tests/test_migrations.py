@@ -137,7 +137,8 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
              (command.downgrade, "0012", "0012"), (command.upgrade, "0013", "0013"),
              (command.upgrade, "0015", "0015"), (command.downgrade, "0014", "0014"),
              (command.upgrade, "0015", "0015"), (command.upgrade, "0016", "0016"),
-             (command.downgrade, "0015", "0015"), (command.upgrade, "0016", "0016")]
+             (command.downgrade, "0015", "0015"), (command.upgrade, "0017", "0017"),
+             (command.downgrade, "0016", "0016"), (command.upgrade, "0017", "0017")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:

@@ -523,6 +523,55 @@ def test_python_and_sql_name_a_class_index_alike(database_url):
                                 (CLASS_INDEX_PREFIX, cls)).fetchone() == (built,)
 
 
+def test_only_the_branches_whose_bound_fails_are_asked_again_deeper(database_url, monkeypatch, exact_max_rows):
+    """A union (here mode other, migration 0017) widens each branch on its own: a class whose rows all lie beyond
+    the k-th candidate is asked at the first depth in every pass, while a class of rows almost equally near the
+    query goes deeper; the answer is the exact one. pg_stat_user_indexes counts the rows each index gave."""
+    from pgvector.psycopg import register_vector
+
+    rng = np.random.default_rng(5)
+    near = rng.random((2000, 2048), dtype=np.float32)  # a random query is about as near to each of these
+    far = np.zeros((2000, 2048), dtype=np.float32)
+    far[:, :64] = 1 + rng.random((2000, 64), dtype=np.float32)  # a tight group off to one side
+    query_class = rng.random((10, 2048), dtype=np.float32)
+    with Store.open(database_url) as store:
+        conn = store.conn
+        exact_max_rows(20, conn)
+        every_class_indexed(monkeypatch)
+        register_vector(conn)
+        with conn.cursor() as cur, cur.copy("COPY images (path, class, sha256, model, embedding) FROM STDIN") as copy:
+            for i, (cls, v) in enumerate([("near", v) for v in near] + [("far", v) for v in far]
+                                         + [("query", v) for v in query_class]):
+                copy.write_row((f"/lib/{cls}/{i}.jpg", cls, f"{i:064x}", "test", HalfVector(v)))
+        conn.execute("ANALYZE images")
+        assert indexes.ensure_class_indexes(store, 20) == ["far", "near"]
+
+        def read() -> dict[str, tuple[int, int]]:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            return {r[0]: (r[1], r[2]) for r in conn.execute(
+                "SELECT indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes "
+                "WHERE starts_with(indexrelname, %s)", (CLASS_INDEX_PREFIX,))}
+
+        q = rng.random(2048, dtype=np.float32)
+        conn.execute("SET imsearch.rerank_depth = 50")
+        conn.execute("SET imsearch.rerank_max_depth = 800")
+        try:
+            before = read()
+            got = [m.id for m in search_mod.run(conn, q, "other", k=5, cls="query", skip_sha=None)]
+            after = read()
+            (far_scans, far_rows), (near_scans, near_rows) = (
+                tuple(a - b for a, b in zip(after[class_index_name(c)], before.get(class_index_name(c), (0, 0))))
+                for c in ("far", "near"))
+            assert near_scans == far_scans >= 2  # every pass asks both
+            assert far_rows == 50 * far_scans  # at the first depth each time
+            assert near_rows == sum(min(50 * 4**i, 800) for i in range(near_scans))  # 50, 200, 800
+            assert got == [m.id for m in search_mod.run(conn, q, "other", k=5, cls="query", skip_sha=None,
+                                                        exact=True)]
+        finally:
+            conn.execute("RESET imsearch.rerank_depth")
+            conn.execute("RESET imsearch.rerank_max_depth")
+
+
 def test_a_query_far_from_every_row_is_asked_again_deeper_and_a_near_one_is_not(database_url):
     """Widening (migration 0015): where the k-th re-ranked candidate is not nearer than a row beyond the candidates
     could be, imsearch_search asks the index again four times as deep, up to imsearch.rerank_max_depth. Rows in tight

@@ -88,9 +88,9 @@ def ensure_class_indexes(store: Store, min_rows: int) -> list[str]:
     return missing
 
 
-def size_build_memory(conn: psycopg.Connection[Any], rows: int, *, per_row: int = GRAPH_BYTES_PER_ROW) -> None:
+def size_build_memory(conn: psycopg.Connection[Any], rows: int, *, per_row: int | None = None) -> None:
     """Give this session's index builds enough maintenance_work_mem for a graph of `rows` rows of `per_row` bytes
-    (WHOLE_GRAPH_BYTES_PER_ROW for the whole-table graph): IMSEARCH_BUILD_MEMORY
+    (GRAPH_BYTES_PER_ROW unless said, WHOLE_GRAPH_BYTES_PER_ROW for the whole-table graph): IMSEARCH_BUILD_MEMORY
     when it is set, else the graph's size up to a quarter of this machine's memory, where the server's own setting
     is smaller (PostgreSQL's default, 64 MB, holds about 25,000 rows). A graph that does not fit goes on building on
     disk, many times slower; that is said once (docs/scaling.md)."""
@@ -101,7 +101,7 @@ def size_build_memory(conn: psycopg.Connection[Any], rows: int, *, per_row: int 
         except psycopg.errors.InvalidParameterValue:
             raise ImsearchError(f"IMSEARCH_BUILD_MEMORY={memory!r} is not a memory size (e.g. 2GB)") from None
     have = scalar(conn, "SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")
-    wanted = int(rows * per_row * 1.1)
+    wanted = int(rows * (per_row or GRAPH_BYTES_PER_ROW) * 1.1)
     if not memory and wanted > have:
         have = max(have, min(wanted, (quarter_of_memory_mb() or 64) * 2**20))
         conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (f"{have // 2**20}MB",))

@@ -66,9 +66,13 @@ GRAPH_EF_CONSTRUCTION = 64
 WHOLE_GRAPH_M = 32
 WHOLE_GRAPH_EF_CONSTRUCTION = 128
 CLASS_INDEX_MAX_SHARE = 0.5
-# Mode other with at most this many other classes searches each one's index (or scans a small one exactly) and ranks
-# the union (migration 0015); with more, the whole-table index is scanned iteratively past the query's own class.
-OTHER_MAX_CLASSES = 8
+# Mode other with at most this many other classes (migration 0015), and mode all with at most this many classes in
+# a library past UNION_MIN_ROWS rows (migration 0017), search each class's index (or scan a small one exactly) and
+# rank the union; with more, the whole-table index (mode other: scanned iteratively past the query's own class). At
+# 100k rows the whole-table graph found 0.996 of far queries' top five, at a million 0.91-0.98, where a class's own
+# graph found 0.99 (docs/scaling.md). imsearch.union_max_classes and imsearch.union_min_rows in SQL.
+UNION_MAX_CLASSES = 8
+UNION_MIN_ROWS = 250_000
 
 # The whole-table index (migration 0013), and the partial ones per class (`imsearch_index_class`): the class prefix
 # and the first 16 hex digits of the class's md5. Migration 0013 dropped the full-width indexes of 0003-0006, whose
@@ -143,7 +147,8 @@ def function_sql(name: str) -> str:
     first, second = fold_signs()
     values = {
         "RERANK_DEPTH": RERANK_DEPTH, "RERANK_MAX_DEPTH": RERANK_MAX_DEPTH, "RERANK_MARGIN": RERANK_MARGIN,
-        "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES, "OTHER_MAX_CLASSES": OTHER_MAX_CLASSES,
+        "EXACT_MAX_ROWS": EXACT_MAX_ROWS, "MAX_SCAN_TUPLES": MAX_SCAN_TUPLES, "UNION_MAX_CLASSES": UNION_MAX_CLASSES,
+        "UNION_MIN_ROWS": UNION_MIN_ROWS,
         "NEIGHBOURS_DEPTH": NEIGHBOURS_DEPTH, "CLASS_INDEX_PREFIX": CLASS_INDEX_PREFIX, "WHOLE_INDEX": WHOLE_INDEX,
         "FOLD_DIMENSIONS": FOLD_DIMENSIONS, "FOLD_SECOND": FOLD_DIMENSIONS + 1,
         "FOLD_SIGNS_1": "[" + ",".join(map(str, first)) + "]", "FOLD_SIGNS_2": "[" + ",".join(map(str, second)) + "]",

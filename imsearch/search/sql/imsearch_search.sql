@@ -86,19 +86,30 @@ DECLARE
                                   @RERANK_MAX_DEPTH@);
     margin double precision := coalesce(nullif(current_setting('imsearch.rerank_margin', true), '')::float8,
                                         @RERANK_MARGIN@);
+    -- the most classes modes all and other search one by one (0: never, the whole-table graph instead), and the
+    -- rows past which mode all does (the table's estimate, pg_class.reltuples)
+    union_max integer := coalesce(nullif(current_setting('imsearch.union_max_classes', true), '')::integer,
+                                  @UNION_MAX_CLASSES@);
+    union_min_rows bigint := coalesce(nullif(current_setting('imsearch.union_min_rows', true), '')::bigint,
+                                      @UNION_MIN_ROWS@);
     filter text := CASE mode WHEN 'same' THEN ' AND i.class = $5' WHEN 'other' THEN ' AND i.class <> $5' ELSE '' END;
     scan_exactly boolean := exact;
-    -- one search of the candidates: a class's own index (format: the class, the branch's number), or a small class
-    -- exactly
+    -- one search of the candidates, as deep as its entry in $8: a class's own index (format: the class, the
+    -- branch's number), or the rows of a small class (or of none) exactly (format: their condition, the number)
     class_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
         '1 + (l2_normalize(imsearch_fold(i.embedding))::halfvec(@FOLD_DIMENSIONS@) <#> $7) AS fold, %2$s AS branch '
         'FROM images i WHERE i.class = %1$L AND i.sha256 IS DISTINCT FROM $2 '
-        'ORDER BY l2_normalize(imsearch_fold(i.embedding))::halfvec(@FOLD_DIMENSIONS@) <#> $7 LIMIT $8';
+        'ORDER BY l2_normalize(imsearch_fold(i.embedding))::halfvec(@FOLD_DIMENSIONS@) <#> $7 LIMIT $8[%2$s]';
     exact_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, NULL::float8 AS fold, '
-        '%2$s AS branch FROM images i WHERE i.class = %1$L AND i.sha256 IS DISTINCT FROM $2 '
-        'ORDER BY i.embedding <=> $1 LIMIT $8';
+        '%2$s AS branch FROM images i WHERE %1$s AND i.sha256 IS DISTINCT FROM $2 '
+        'ORDER BY i.embedding <=> $1 LIMIT $8[%2$s]';
     others text[];
     branches text[];
+    -- each branch's depth, and after a pass the bound of each branch (numbers, bounds) that gave candidates
+    depths integer[];
+    nums integer[];
+    bounds double precision[];
+    deeper boolean;
     filtered_scan boolean := false;
     nearest text;
     candidates bigint;
@@ -107,7 +118,6 @@ DECLARE
     unit halfvec;
     cand record;
     widens boolean := false;
-    bound double precision;
     ids bigint[];
     paths text[];
     classes text[];
@@ -156,45 +166,59 @@ BEGIN
             SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
             scan_exactly := candidates <= exact_max;
         END IF;
-        IF NOT scan_exactly AND mode = 'other' THEN
-            -- the other classes, one step each through the btree on class, where there are at most
-            -- @OTHER_MAX_CLASSES@: each searched through its own index, or exactly where it is small
+        IF NOT scan_exactly AND union_max > 0 AND (mode = 'other' OR mode = 'all' AND
+           (SELECT c.reltuples FROM pg_class c WHERE c.oid = 'public.images'::regclass) > union_min_rows) THEN
+            -- the classes (mode other: but the query's), one step each through the btree on class, where there are at
+            -- most union_max: each searched through its own index, or exactly where it is small; in mode all (in a
+            -- library past union_min_rows, where the whole-table graph strands far queries) the rows of no class too,
+            -- exactly where they are few. A class too large for that and without an index of its own (one of over
+            -- half the library) leaves the search to the whole-table graph
             others := ARRAY(WITH RECURSIVE c(v) AS (
                                 SELECT (SELECT min(i.class) FROM images i)
                                 UNION ALL
                                 SELECT (SELECT min(i.class) FROM images i WHERE i.class > c.v) FROM c WHERE c.v IS NOT NULL)
-                            SELECT c.v FROM c WHERE c.v IS NOT NULL AND c.v <> query_class
-                            LIMIT @OTHER_MAX_CLASSES@ + 1);
-            IF cardinality(others) <= @OTHER_MAX_CLASSES@ THEN
+                            SELECT c.v FROM c WHERE c.v IS NOT NULL AND (mode = 'all' OR c.v <> query_class)
+                            LIMIT union_max + 1);
+            IF cardinality(others) <= union_max THEN
                 FOR n IN 1 .. cardinality(others) LOOP
                     IF imsearch_class_index('@CLASS_INDEX_PREFIX@', others[n]) IS NOT NULL THEN
                         branches := branches || format(class_branch, others[n], n);
                     ELSIF (SELECT count(*) FROM (SELECT FROM images i WHERE i.class = others[n] LIMIT exact_max + 1) c)
                           <= exact_max THEN
-                        branches := branches || format(exact_branch, others[n], n);
+                        branches := branches || format(exact_branch, format('i.class = %L', others[n]), n);
                     ELSE
                         branches := NULL;
                         EXIT;
                     END IF;
                 END LOOP;
+                IF mode = 'all' AND (cardinality(branches) = cardinality(others))
+                   AND EXISTS (SELECT FROM images i WHERE i.class IS NULL) THEN
+                    IF (SELECT count(*) FROM (SELECT FROM images i WHERE i.class IS NULL LIMIT exact_max + 1) c)
+                       <= exact_max THEN
+                        branches := branches || format(exact_branch, 'i.class IS NULL', cardinality(others) + 1);
+                    ELSE
+                        branches := NULL;
+                    END IF;
+                END IF;
             END IF;
         END IF;
         IF scan_exactly THEN
             NULL;
         ELSIF mode = 'same' AND imsearch_class_index('@CLASS_INDEX_PREFIX@', query_class) IS NOT NULL THEN
             -- a class with its own index, searched like an unfiltered one
-            branches := ARRAY[format(class_branch, query_class, 0)];
+            branches := ARRAY[format(class_branch, query_class, 1)];
         ELSIF branches IS NOT NULL THEN
-            -- mode other as the union of the other classes' searches: an iterative scan of the whole-table graph
-            -- would first cross the query's own class, where its nearest rows are
+            -- modes all and other as the union of the classes' searches: each class's graph is smaller, so a photo
+            -- far from every row is not stranded in it as in the whole-table one, and in mode other an iterative
+            -- scan of the whole-table graph would first cross the query's own class, where its nearest rows are
             NULL;
         ELSIF to_regclass('public.@WHOLE_INDEX@') IS NOT NULL AND (mode = 'all' OR iterative) THEN
             -- the whole-table index; with a filter (a large class, or many classes but the query's) scanned
             -- iteratively (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
             branches := ARRAY['SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
-                              'imsearch_fold(i.embedding)::halfvec(@FOLD_DIMENSIONS@) <=> $6 AS fold, 0 AS branch '
+                              'imsearch_fold(i.embedding)::halfvec(@FOLD_DIMENSIONS@) <=> $6 AS fold, 1 AS branch '
                               'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter
-                              || ' ORDER BY imsearch_fold(i.embedding)::halfvec(@FOLD_DIMENSIONS@) <=> $6 LIMIT $8'];
+                              || ' ORDER BY imsearch_fold(i.embedding)::halfvec(@FOLD_DIMENSIONS@) <=> $6 LIMIT $8[1]'];
             filtered_scan := mode <> 'all';
         ELSE
             scan_exactly := true;
@@ -218,16 +242,22 @@ BEGIN
             nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
                        'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
         ELSE
-            -- each branch's nearest `depth` (by the fold through an index, or exactly), the nearest k of them all by
-            -- the exact distance, and how near a row no branch gave could be (`bound`, the loop below)
-            nearest := 'SELECT c.id, c.path, c.class, c.distance, min(CASE WHEN c.given < $8 THEN NULL '
-                       'WHEN c.fold IS NULL THEN c.farthest ELSE c.reach + c.bias - $11 * c.spread END) OVER () AS bound '
-                       'FROM (SELECT b.*, count(*) OVER w AS given, max(b.fold) OVER w AS reach, '
+            -- each branch's nearest (by the fold through an index, or exactly), the nearest k of them all by the exact
+            -- distance, and for each branch how near a row it did not give could be (`bounds`, the loop below)
+            nearest := 'WITH c AS (SELECT b.*, count(*) OVER w AS given, max(b.fold) OVER w AS reach, '
                        'max(b.distance) OVER w AS farthest, avg(b.distance - b.fold) OVER () AS bias, '
                        'stddev_pop(b.distance - b.fold) OVER () AS spread '
                        'FROM ((' || array_to_string(branches, ') UNION ALL (') || ')) b '
-                       'WINDOW w AS (PARTITION BY b.branch)) c ORDER BY 4, 1 LIMIT $3';
+                       'WINDOW w AS (PARTITION BY b.branch)), '
+                       's AS (SELECT c.branch, min(CASE WHEN c.given < $8[c.branch] THEN NULL '
+                       'WHEN c.fold IS NULL THEN c.farthest ELSE c.reach + c.bias - $11 * c.spread END) AS bound '
+                       'FROM c GROUP BY c.branch) '
+                       'SELECT c.id, c.path, c.class, c.distance, '
+                       '(SELECT array_agg(s.branch ORDER BY s.branch) FROM s) AS nums, '
+                       '(SELECT array_agg(s.bound ORDER BY s.branch) FROM s) AS bounds '
+                       'FROM c ORDER BY 4, 1 LIMIT $3';
             widens := true;
+            depths := array_fill(depth, ARRAY[cardinality(branches)]);
         END IF;
     END IF;
     folded := imsearch_fold(query);
@@ -235,23 +265,30 @@ BEGIN
     LOOP
         ids := '{}'; paths := '{}'; classes := '{}'; distances := '{}';
         FOR cand IN EXECUTE nearest
-            USING query, skip_sha256, k, max_distance, query_class, folded, unit, depth, mode, exact, margin
+            USING query, skip_sha256, k, max_distance, query_class, folded, unit, depths, mode, exact, margin
         LOOP
             ids := ids || cand.id; paths := paths || cand.path; classes := classes || cand.class;
             distances := distances || cand.distance;
             IF widens THEN
-                bound := cand.bound;
+                nums := cand.nums; bounds := cand.bounds;
             END IF;
         END LOOP;
         -- a row an index branch did not give lies at least `reach` away by the fold, so at least reach + bias -
         -- margin x spread by the exact distance (the fold's error over the candidates: its mean and standard
         -- deviation), but for an error past `margin` standard deviations; a row an exact branch did not give lies
-        -- beyond its farthest; a branch that gave fewer than `depth` has no rows beyond. Where the k-th candidate is
-        -- no farther than the nearest of these bounds, no row beyond is nearer; else the index is asked again, 4x as
-        -- deep
-        EXIT WHEN NOT widens OR depth >= max_depth OR coalesce(array_length(ids, 1), 0) < k OR bound IS NULL
-                  OR distances[k] <= bound;
-        depth := least(4 * depth, max_depth);
+        -- beyond its farthest; a branch that gave fewer than it was asked for has no rows beyond. Where the k-th
+        -- candidate is no farther than a branch's bound, no row beyond it in that branch is nearer; each branch
+        -- whose bound is nearer is asked again, 4x as deep, the others as before
+        EXIT WHEN NOT widens OR coalesce(array_length(ids, 1), 0) < k;
+        deeper := false;
+        FOR n IN 1 .. coalesce(cardinality(nums), 0) LOOP
+            IF bounds[n] < distances[k] AND depths[nums[n]] < max_depth THEN
+                depths[nums[n]] := least(4 * depths[nums[n]], max_depth);
+                deeper := true;
+            END IF;
+        END LOOP;
+        EXIT WHEN NOT deeper;
+        depth := (SELECT max(d) FROM unnest(depths) d);
         PERFORM set_config('hnsw.ef_search', least(depth, 1000)::text, true);
         IF depth > 1000 THEN
             PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
@@ -317,9 +354,10 @@ AS $function$
 -- and the planner settings of its SET clause (a query pushed down through postgres_fdw would plan with the shard's
 -- defaults), all at once through dblink's asynchronous calls; the nearest k of their answers are the library's
 -- (imsearch_search ranks them).
--- The settings imsearch reads from a session (imsearch.rerank_depth, rerank_max_depth, rerank_margin and
--- exact_max_rows) are passed on. A shard that cannot answer fails the search, naming it; with imsearch.partial = on
--- it is left out with a WARNING that names it, and the answer is marked partial by that warning
+-- The settings imsearch reads from a session (imsearch.rerank_depth, rerank_max_depth, rerank_margin,
+-- exact_max_rows, union_max_classes and union_min_rows) are passed on. A shard that cannot answer fails the search,
+-- naming it; with imsearch.partial = on it is left out with a WARNING that names it, and the answer is marked
+-- partial by that warning
 #variable_conflict use_column
 DECLARE
     partial boolean := coalesce(nullif(current_setting('imsearch.partial', true), ''), 'off')::boolean;
@@ -340,7 +378,8 @@ BEGIN
         'SELECT s.id, s.path, s.class, s.distance '
         'FROM (SELECT EXISTS (SELECT FROM public.images WHERE class = %1$L) AS has, '
         'set_config(''imsearch.rerank_depth'', %8$L, true), set_config(''imsearch.exact_max_rows'', %9$L, true), '
-        'set_config(''imsearch.rerank_max_depth'', %10$L, true), set_config(''imsearch.rerank_margin'', %11$L, true)) h, '
+        'set_config(''imsearch.rerank_max_depth'', %10$L, true), set_config(''imsearch.rerank_margin'', %11$L, true), '
+        'set_config(''imsearch.union_max_classes'', %12$L, true), set_config(''imsearch.union_min_rows'', %13$L, true)) h, '
         'LATERAL public.imsearch_search(%2$L::public.halfvec, %3$s, '
         'CASE WHEN %4$L = ''other'' AND NOT h.has THEN ''all'' ELSE %4$L END, %1$L, %5$L, %6$L::float8, %7$L::boolean) s '
         'WHERE %4$L <> ''same'' OR h.has',
@@ -348,7 +387,9 @@ BEGIN
         coalesce(current_setting('imsearch.rerank_depth', true), ''),
         coalesce(current_setting('imsearch.exact_max_rows', true), ''),
         coalesce(current_setting('imsearch.rerank_max_depth', true), ''),
-        coalesce(current_setting('imsearch.rerank_margin', true), ''));
+        coalesce(current_setting('imsearch.rerank_margin', true), ''),
+        coalesce(current_setting('imsearch.union_max_classes', true), ''),
+        coalesce(current_setting('imsearch.union_min_rows', true), ''));
     FOR shard IN
         SELECT s.srvname, coalesce((SELECT string_agg(o, ' ') FROM unnest(s.srvoptions) o
                                     WHERE split_part(o, '=', 1) IN ('host', 'port', 'dbname')), '') AS address

@@ -1,0 +1,246 @@
+CREATE OR REPLACE FUNCTION public.imsearch_search(query halfvec, k integer DEFAULT 5, mode text DEFAULT 'all'::text, query_class text DEFAULT NULL::text, skip_sha256 text DEFAULT NULL::text, max_distance double precision DEFAULT NULL::double precision, exact boolean DEFAULT false)
+ RETURNS TABLE(rank integer, id bigint, path text, class text, distance double precision)
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_custom_plan'
+ SET enable_indexscan TO 'on'
+ SET enable_sort TO 'on'
+ SET "hnsw.ef_search" TO '200'
+ SET "hnsw.iterative_scan" TO 'relaxed_order'
+ SET "hnsw.max_scan_tuples" TO '50000'
+ SET enable_seqscan TO 'off'
+AS $function$
+-- imsearch's one search planner: imsearch find, the web page, evaluate and imsearch_nearest all come through here.
+-- The vector indexes hold the embedding's fold (imsearch_fold, migration 0013): an index gives the nearest `depth`
+-- candidates by the fold's distance, and one statement ranks them by the exact distance from the stored halfvec.
+-- Where the candidates cannot rule out a nearer row beyond them, the search asks again deeper (migration 0015, the
+-- loop below). A 2048-d halfvec is stored out of line (TOAST), so the table looks small to the planner, which would
+-- rather scan it and sort than use an index: sequential scans stay off unless exact.
+#variable_conflict use_column
+DECLARE
+    -- whether this server has iterative index scans: the SET clause above names them only where imsearch found
+    -- pgvector >= 0.8 when it created the function (imsearch.search.for_server)
+    iterative boolean := current_setting('hnsw.iterative_scan', true) IS NOT DISTINCT FROM 'relaxed_order';
+    -- a session may move the exact-scan size, the first and the deepest re-ranking depth, and the margin of the
+    -- widening in standard deviations of the fold's error: SET imsearch.NAME = N
+    exact_max bigint := coalesce(nullif(current_setting('imsearch.exact_max_rows', true), '')::bigint, 1000);
+    depth integer := coalesce(nullif(current_setting('imsearch.rerank_depth', true), '')::integer, 200);
+    max_depth integer := coalesce(nullif(current_setting('imsearch.rerank_max_depth', true), '')::integer,
+                                  4000);
+    margin double precision := coalesce(nullif(current_setting('imsearch.rerank_margin', true), '')::float8,
+                                        4);
+    -- the most classes modes all and other search one by one (0: never, the whole-table graph instead), and the
+    -- rows past which mode all does (the table's estimate, pg_class.reltuples)
+    union_max integer := coalesce(nullif(current_setting('imsearch.union_max_classes', true), '')::integer,
+                                  8);
+    union_min_rows bigint := coalesce(nullif(current_setting('imsearch.union_min_rows', true), '')::bigint,
+                                      250000);
+    filter text := CASE mode WHEN 'same' THEN ' AND i.class = $5' WHEN 'other' THEN ' AND i.class <> $5' ELSE '' END;
+    scan_exactly boolean := exact;
+    -- one search of the candidates, as deep as its entry in $8: a class's own index (format: the class, the
+    -- branch's number), or the rows of a small class (or of none) exactly (format: their condition, the number)
+    class_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
+        '1 + (l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7) AS fold, %2$s AS branch '
+        'FROM images i WHERE i.class = %1$L AND i.sha256 IS DISTINCT FROM $2 '
+        'ORDER BY l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7 LIMIT $8[%2$s]';
+    exact_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, NULL::float8 AS fold, '
+        '%2$s AS branch FROM images i WHERE %1$s AND i.sha256 IS DISTINCT FROM $2 '
+        'ORDER BY i.embedding <=> $1 LIMIT $8[%2$s]';
+    others text[];
+    branches text[];
+    -- each branch's depth, and after a pass the bound of each branch (numbers, bounds) that gave candidates
+    depths integer[];
+    nums integer[];
+    bounds double precision[];
+    deeper boolean;
+    filtered_scan boolean := false;
+    nearest text;
+    candidates bigint;
+    -- the query's fold, and its unit length (the class indexes' inner product), computed once for every pass
+    folded halfvec;
+    unit halfvec;
+    cand record;
+    widens boolean := false;
+    ids bigint[];
+    paths text[];
+    classes text[];
+    distances double precision[];
+BEGIN
+    IF k IS NULL OR k < 1 OR k > 1000 THEN
+        RAISE EXCEPTION 'k must be between 1 and 1000, not %', k USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mode IS NULL OR mode NOT IN ('all', 'same', 'other') THEN
+        RAISE EXCEPTION 'unknown mode %; use one of all, same, other', quote_nullable(mode)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- NULL: no limit. NaN sorts above every number, so NaN >= 2 holds; said on its own for a clearer condition
+    IF max_distance = 'NaN' OR max_distance < 0 OR max_distance >= 2 THEN
+        RAISE EXCEPTION 'max_distance must be a cosine distance, at least 0 and below 2, or NULL, not %',
+            max_distance USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF query IS NULL OR vector_dims(query) <> 2048 THEN
+        RAISE EXCEPTION 'query must be a halfvec of 2048 dimensions, not %',
+            coalesce(vector_dims(query)::text || ' dimensions', 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mode <> 'all' THEN
+        IF query_class IS NULL THEN
+            RAISE EXCEPTION 'mode % needs the query''s class', mode USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT EXISTS (SELECT FROM images i WHERE i.class = query_class) THEN
+            RAISE EXCEPTION 'class % is not stored', quote_literal(query_class) USING ERRCODE = 'IM001';
+        END IF;
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = 'public.images'::regclass) = 'p' THEN
+        -- a sharded library (imsearch db shard add): every shard plans and answers for its own rows, the nearest k
+        -- of their answers ranked here
+        nearest := 'SELECT s.id, s.path, s.class, s.distance FROM imsearch_shard_search($1, $3, $9, $5, $2, $4, $10) s '
+                   'ORDER BY 4, 1 LIMIT $3';
+    ELSE
+        depth := least(greatest(depth, 4 * k), 1000);
+        -- past pgvector's largest ef_search (1,000) an index gives more only through an iterative scan
+        max_depth := least(greatest(max_depth, depth), CASE WHEN iterative THEN 50000 ELSE 1000 END);
+        PERFORM set_config('hnsw.ef_search', depth::text, true);
+
+        -- a filter that keeps at most exact_max rows is scanned exactly through the btree on class (counted no further)
+        IF NOT exact AND mode = 'same' THEN
+            SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class = query_class LIMIT exact_max + 1) c;
+            scan_exactly := candidates <= exact_max;
+        ELSIF NOT exact AND mode = 'other' THEN
+            SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
+            scan_exactly := candidates <= exact_max;
+        END IF;
+        IF NOT scan_exactly AND union_max > 0 AND (mode = 'other' OR mode = 'all' AND
+           (SELECT c.reltuples FROM pg_class c WHERE c.oid = 'public.images'::regclass) > union_min_rows) THEN
+            -- the classes (mode other: but the query's), one step each through the btree on class, where there are at
+            -- most union_max: each searched through its own index, or exactly where it is small; in mode all (in a
+            -- library past union_min_rows, where the whole-table graph strands far queries) the rows of no class too,
+            -- exactly where they are few. A class too large for that and without an index of its own (one of over
+            -- half the library) leaves the search to the whole-table graph
+            others := ARRAY(WITH RECURSIVE c(v) AS (
+                                SELECT (SELECT min(i.class) FROM images i)
+                                UNION ALL
+                                SELECT (SELECT min(i.class) FROM images i WHERE i.class > c.v) FROM c WHERE c.v IS NOT NULL)
+                            SELECT c.v FROM c WHERE c.v IS NOT NULL AND (mode = 'all' OR c.v <> query_class)
+                            LIMIT union_max + 1);
+            IF cardinality(others) <= union_max THEN
+                FOR n IN 1 .. cardinality(others) LOOP
+                    IF imsearch_class_index('images_fold_hnsw_c_', others[n]) IS NOT NULL THEN
+                        branches := branches || format(class_branch, others[n], n);
+                    ELSIF (SELECT count(*) FROM (SELECT FROM images i WHERE i.class = others[n] LIMIT exact_max + 1) c)
+                          <= exact_max THEN
+                        branches := branches || format(exact_branch, format('i.class = %L', others[n]), n);
+                    ELSE
+                        branches := NULL;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                IF mode = 'all' AND (cardinality(branches) = cardinality(others))
+                   AND EXISTS (SELECT FROM images i WHERE i.class IS NULL) THEN
+                    IF (SELECT count(*) FROM (SELECT FROM images i WHERE i.class IS NULL LIMIT exact_max + 1) c)
+                       <= exact_max THEN
+                        branches := branches || format(exact_branch, 'i.class IS NULL', cardinality(others) + 1);
+                    ELSE
+                        branches := NULL;
+                    END IF;
+                END IF;
+            END IF;
+        END IF;
+        IF scan_exactly THEN
+            NULL;
+        ELSIF mode = 'same' AND imsearch_class_index('images_fold_hnsw_c_', query_class) IS NOT NULL THEN
+            -- a class with its own index, searched like an unfiltered one
+            branches := ARRAY[format(class_branch, query_class, 1)];
+        ELSIF branches IS NOT NULL THEN
+            -- modes all and other as the union of the classes' searches: each class's graph is smaller, so a photo
+            -- far from every row is not stranded in it as in the whole-table one, and in mode other an iterative
+            -- scan of the whole-table graph would first cross the query's own class, where its nearest rows are
+            NULL;
+        ELSIF to_regclass('public.images_fold_hnsw') IS NOT NULL AND (mode = 'all' OR iterative) THEN
+            -- the whole-table index; with a filter (a large class, or many classes but the query's) scanned
+            -- iteratively (pgvector >= 0.8) until `depth` rows pass it. While a bulk load has the index down: exactly
+            branches := ARRAY['SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
+                              'imsearch_fold(i.embedding)::halfvec(1024) <=> $6 AS fold, 1 AS branch '
+                              'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter
+                              || ' ORDER BY imsearch_fold(i.embedding)::halfvec(1024) <=> $6 LIMIT $8[1]'];
+            filtered_scan := mode <> 'all';
+        ELSE
+            scan_exactly := true;
+        END IF;
+
+        IF NOT scan_exactly THEN
+            -- an index gives the candidates in order: else the planner reads the btree on class and sorts every row of
+            -- the class by its fold (the ranking of the candidates still sorts, the one sort left to take)
+            PERFORM set_config('enable_sort', 'off', true);
+            -- only a filtered scan of the whole-table index iterates (until `depth` rows pass the filter); the widening
+            -- below turns it on past ef_search's 1,000
+            IF NOT filtered_scan THEN
+                PERFORM set_config('hnsw.iterative_scan', 'off', true);
+            END IF;
+        END IF;
+        IF scan_exactly THEN
+            -- every candidate read and sorted: through the btree on class or the table, whichever costs less (with
+            -- both kinds of scan off, PostgreSQL would take the cheaper disabled one: an HNSW index)
+            PERFORM set_config('enable_indexscan', 'off', true);
+            PERFORM set_config('enable_seqscan', 'on', true);
+            nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
+                       'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
+        ELSE
+            -- each branch's nearest (by the fold through an index, or exactly), the nearest k of them all by the exact
+            -- distance, and for each branch how near a row it did not give could be (`bounds`, the loop below)
+            nearest := 'WITH c AS (SELECT b.*, count(*) OVER w AS given, max(b.fold) OVER w AS reach, '
+                       'max(b.distance) OVER w AS farthest, avg(b.distance - b.fold) OVER () AS bias, '
+                       'stddev_pop(b.distance - b.fold) OVER () AS spread '
+                       'FROM ((' || array_to_string(branches, ') UNION ALL (') || ')) b '
+                       'WINDOW w AS (PARTITION BY b.branch)), '
+                       's AS (SELECT c.branch, min(CASE WHEN c.given < $8[c.branch] THEN NULL '
+                       'WHEN c.fold IS NULL THEN c.farthest ELSE c.reach + c.bias - $11 * c.spread END) AS bound '
+                       'FROM c GROUP BY c.branch) '
+                       'SELECT c.id, c.path, c.class, c.distance, '
+                       '(SELECT array_agg(s.branch ORDER BY s.branch) FROM s) AS nums, '
+                       '(SELECT array_agg(s.bound ORDER BY s.branch) FROM s) AS bounds '
+                       'FROM c ORDER BY 4, 1 LIMIT $3';
+            widens := true;
+            depths := array_fill(depth, ARRAY[cardinality(branches)]);
+        END IF;
+    END IF;
+    folded := imsearch_fold(query);
+    unit := l2_normalize(folded);
+    LOOP
+        ids := '{}'; paths := '{}'; classes := '{}'; distances := '{}';
+        FOR cand IN EXECUTE nearest
+            USING query, skip_sha256, k, max_distance, query_class, folded, unit, depths, mode, exact, margin
+        LOOP
+            ids := ids || cand.id; paths := paths || cand.path; classes := classes || cand.class;
+            distances := distances || cand.distance;
+            IF widens THEN
+                nums := cand.nums; bounds := cand.bounds;
+            END IF;
+        END LOOP;
+        -- a row an index branch did not give lies at least `reach` away by the fold, so at least reach + bias -
+        -- margin x spread by the exact distance (the fold's error over the candidates: its mean and standard
+        -- deviation), but for an error past `margin` standard deviations; a row an exact branch did not give lies
+        -- beyond its farthest; a branch that gave fewer than it was asked for has no rows beyond. Where the k-th
+        -- candidate is no farther than a branch's bound, no row beyond it in that branch is nearer; each branch
+        -- whose bound is nearer is asked again, 4x as deep, the others as before
+        EXIT WHEN NOT widens OR coalesce(array_length(ids, 1), 0) < k;
+        deeper := false;
+        FOR n IN 1 .. coalesce(cardinality(nums), 0) LOOP
+            IF bounds[n] < distances[k] AND depths[nums[n]] < max_depth THEN
+                depths[nums[n]] := least(4 * depths[nums[n]], max_depth);
+                deeper := true;
+            END IF;
+        END LOOP;
+        EXIT WHEN NOT deeper;
+        depth := (SELECT max(d) FROM unnest(depths) d);
+        PERFORM set_config('hnsw.ef_search', least(depth, 1000)::text, true);
+        IF depth > 1000 THEN
+            PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+        END IF;
+    END LOOP;
+    RETURN QUERY
+        SELECT (row_number() OVER (ORDER BY n.d, n.i))::integer, n.i, n.p, n.c, n.d
+        FROM unnest(ids, paths, classes, distances) AS n(i, p, c, d)
+        WHERE max_distance IS NULL OR n.d <= max_distance ORDER BY 1;
+END
+$function$
