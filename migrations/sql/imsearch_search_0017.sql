@@ -38,22 +38,18 @@ DECLARE
                                       250000);
     filter text := CASE mode WHEN 'same' THEN ' AND i.class = $5' WHEN 'other' THEN ' AND i.class <> $5' ELSE '' END;
     scan_exactly boolean := exact;
-    -- one search of the candidates, as deep as its entry in $8: a class's own index (format: the class, the
-    -- branch's number), or the rows of a small class (or of none) exactly (format: their condition, the number)
+    -- one search of the candidates: a class's own index (format: the class, the branch's number), or the rows of a
+    -- small class (or of none) exactly (format: their condition, the number)
     class_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
         '1 + (l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7) AS fold, %2$s AS branch '
         'FROM images i WHERE i.class = %1$L AND i.sha256 IS DISTINCT FROM $2 '
-        'ORDER BY l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7 LIMIT $8[%2$s]';
+        'ORDER BY l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7 LIMIT $8';
     exact_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, NULL::float8 AS fold, '
         '%2$s AS branch FROM images i WHERE %1$s AND i.sha256 IS DISTINCT FROM $2 '
-        'ORDER BY i.embedding <=> $1 LIMIT $8[%2$s]';
+        'ORDER BY i.embedding <=> $1 LIMIT $8';
     others text[];
     branches text[];
-    -- each branch's depth, and after a pass the bound of each branch (numbers, bounds) that gave candidates
-    depths integer[];
-    nums integer[];
-    bounds double precision[];
-    deeper boolean;
+    bound double precision;
     filtered_scan boolean := false;
     nearest text;
     candidates bigint;
@@ -162,7 +158,7 @@ BEGIN
             branches := ARRAY['SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
                               'imsearch_fold(i.embedding)::halfvec(1024) <=> $6 AS fold, 1 AS branch '
                               'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter
-                              || ' ORDER BY imsearch_fold(i.embedding)::halfvec(1024) <=> $6 LIMIT $8[1]'];
+                              || ' ORDER BY imsearch_fold(i.embedding)::halfvec(1024) <=> $6 LIMIT $8'];
             filtered_scan := mode <> 'all';
         ELSE
             scan_exactly := true;
@@ -186,22 +182,16 @@ BEGIN
             nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
                        'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
         ELSE
-            -- each branch's nearest (by the fold through an index, or exactly), the nearest k of them all by the exact
-            -- distance, and for each branch how near a row it did not give could be (`bounds`, the loop below)
-            nearest := 'WITH c AS (SELECT b.*, count(*) OVER w AS given, max(b.fold) OVER w AS reach, '
+            -- each branch's nearest `depth` (by the fold through an index, or exactly), the nearest k of them all by
+            -- the exact distance, and how near a row no branch gave could be (`bound`, the loop below)
+            nearest := 'SELECT c.id, c.path, c.class, c.distance, min(CASE WHEN c.given < $8 THEN NULL '
+                       'WHEN c.fold IS NULL THEN c.farthest ELSE c.reach + c.bias - $11 * c.spread END) OVER () AS bound '
+                       'FROM (SELECT b.*, count(*) OVER w AS given, max(b.fold) OVER w AS reach, '
                        'max(b.distance) OVER w AS farthest, avg(b.distance - b.fold) OVER () AS bias, '
                        'stddev_pop(b.distance - b.fold) OVER () AS spread '
                        'FROM ((' || array_to_string(branches, ') UNION ALL (') || ')) b '
-                       'WINDOW w AS (PARTITION BY b.branch)), '
-                       's AS (SELECT c.branch, min(CASE WHEN c.given < $8[c.branch] THEN NULL '
-                       'WHEN c.fold IS NULL THEN c.farthest ELSE c.reach + c.bias - $11 * c.spread END) AS bound '
-                       'FROM c GROUP BY c.branch) '
-                       'SELECT c.id, c.path, c.class, c.distance, '
-                       '(SELECT array_agg(s.branch ORDER BY s.branch) FROM s) AS nums, '
-                       '(SELECT array_agg(s.bound ORDER BY s.branch) FROM s) AS bounds '
-                       'FROM c ORDER BY 4, 1 LIMIT $3';
+                       'WINDOW w AS (PARTITION BY b.branch)) c ORDER BY 4, 1 LIMIT $3';
             widens := true;
-            depths := array_fill(depth, ARRAY[cardinality(branches)]);
         END IF;
     END IF;
     folded := imsearch_fold(query);
@@ -209,30 +199,24 @@ BEGIN
     LOOP
         ids := '{}'; paths := '{}'; classes := '{}'; distances := '{}';
         FOR cand IN EXECUTE nearest
-            USING query, skip_sha256, k, max_distance, query_class, folded, unit, depths, mode, exact, margin
+            USING query, skip_sha256, k, max_distance, query_class, folded, unit, depth, mode, exact, margin
         LOOP
             ids := ids || cand.id; paths := paths || cand.path; classes := classes || cand.class;
             distances := distances || cand.distance;
             IF widens THEN
-                nums := cand.nums; bounds := cand.bounds;
+                bound := cand.bound;
             END IF;
         END LOOP;
         -- a row an index branch did not give lies at least `reach` away by the fold, so at least reach + bias -
         -- margin x spread by the exact distance (the fold's error over the candidates: its mean and standard
         -- deviation), but for an error past `margin` standard deviations; a row an exact branch did not give lies
-        -- beyond its farthest; a branch that gave fewer than it was asked for has no rows beyond. Where the k-th
-        -- candidate is no farther than a branch's bound, no row beyond it in that branch is nearer; each branch
-        -- whose bound is nearer is asked again, 4x as deep, the others as before
-        EXIT WHEN NOT widens OR coalesce(array_length(ids, 1), 0) < k;
-        deeper := false;
-        FOR n IN 1 .. coalesce(cardinality(nums), 0) LOOP
-            IF bounds[n] < distances[k] AND depths[nums[n]] < max_depth THEN
-                depths[nums[n]] := least(4 * depths[nums[n]], max_depth);
-                deeper := true;
-            END IF;
-        END LOOP;
-        EXIT WHEN NOT deeper;
-        depth := (SELECT max(d) FROM unnest(depths) d);
+        -- beyond its farthest; a branch that gave fewer than `depth` has no rows beyond. Where the k-th candidate is
+        -- no farther than the nearest of these bounds, no row beyond is nearer; else every branch is asked again, 4x
+        -- as deep (one whose own bound holds too: the bound assumes the graph gave the fold's nearest rows, and at a
+        -- million rows asking only the failing branches again found 0.964 of mode other's top five, not 0.984)
+        EXIT WHEN NOT widens OR depth >= max_depth OR coalesce(array_length(ids, 1), 0) < k OR bound IS NULL
+                  OR distances[k] <= bound;
+        depth := least(4 * depth, max_depth);
         PERFORM set_config('hnsw.ef_search', least(depth, 1000)::text, true);
         IF depth > 1000 THEN
             PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
