@@ -76,46 +76,41 @@ def test_the_rare_class_gets_its_exact_top_five_in_modes_same_and_other(library)
     assert found / wanted >= 0.99
 
 
-def test_mode_all_past_union_min_rows_searches_each_class_own_index_and_the_classless_rows_exactly(library):
-    """Mode all in a library past imsearch.union_min_rows (migration 0017) ranks the union of each class's own
-    graph, where the whole-table graph of a large library strands far queries; rows of no class are scanned exactly
-    while they are few, and past that, or with more classes than imsearch.union_max_classes, the whole-table graph
-    serves again. Every layout gives the exact top five."""
+def test_past_union_min_rows_the_classes_the_whole_table_graph_answers_with_are_searched_in_their_own(library):
+    """In a library past imsearch.union_min_rows (migration 0017), a search through the whole-table graph (mode all,
+    and mode other with more other classes than imsearch.union_max_classes) asks the graphs of the classes its
+    answer names too, at most union_max_classes of them, and ranks the union: at a million rows the whole-table graph
+    finds a far query's classes more often than its rows. Every layout gives the exact top five."""
     store, draw = library
     conn = store.conn
-    own = indexes.class_index_name
+    own = {indexes.class_index_name(c) for c in (*CLASSES, RARE)}
     queries = np.concatenate([draw(c, 2) for c in (*CLASSES, RARE)])
 
-    def used_and_found(q: np.ndarray) -> tuple[set[str], int]:
-        before = scans(conn)
-        got = [m.id for m in search.run(store, q, "all", k=5, cls=None, skip_sha=None)]
-        after = scans(conn)
-        exact = [m.id for m in search.run(store, q, "all", k=5, cls=None, skip_sha=None, exact=True)]
-        return {n for n, c in after.items() if c > before.get(n, 0)}, len(set(got) & set(exact))
+    def layout(mode: str) -> tuple[list[set[str]], float]:
+        used, found = [], 0
+        for q in queries:
+            before = scans(conn)
+            got = [m.id for m in search.run(store, q, mode, k=5, cls="kitchen", skip_sha=None)]
+            after = scans(conn)
+            exact = [m.id for m in search.run(store, q, mode, k=5, cls="kitchen", skip_sha=None, exact=True)]
+            used.append({n for n, c in after.items() if c > before.get(n, 0)})
+            found += len(set(got) & set(exact))
+        return used, found / (5 * len(queries))
 
-    def layout() -> tuple[set[str], float]:
-        runs = [used_and_found(q) for q in queries]
-        assert all(used == runs[0][0] for used, _ in runs)
-        return runs[0][0], sum(found for _, found in runs) / (5 * len(queries))
-
-    assert layout() == ({search.WHOLE_INDEX}, 1.0)  # 6,000 rows: below the default 250,000
+    used, recall = layout("all")
+    assert recall == 1.0 and all(u == {search.WHOLE_INDEX} for u in used)  # 6,000 rows: below 250,000
     conn.execute("SET imsearch.union_min_rows = 1000")
-    every_class = {own(c) for c in (*CLASSES, RARE)}
-    assert layout() == (every_class, 1.0)
-    register_vector(conn)
-    with conn.cursor() as cur, cur.copy("COPY images (path, class, sha256, model, embedding) FROM STDIN") as copy:
-        for i, v in enumerate(draw("kitchen", 25)):
-            copy.write_row((f"/loose/{i}.jpg", None, f"{i + ROWS:064x}", "m", HalfVector(v)))
-    conn.execute("DELETE FROM images WHERE path >= '/loose/20.jpg' AND class IS NULL")
-    assert layout() == (every_class, 1.0)  # 20 rows of no class, scanned exactly beside the classes' graphs
-    conn.execute("INSERT INTO images (path, class, sha256, model, embedding) "
-                 "SELECT '/loose/more' || path, NULL, md5(path) || md5(path), model, embedding "
-                 "FROM images WHERE class IS NULL")
-    assert layout() == ({search.WHOLE_INDEX}, 1.0)  # 40: too many to scan exactly
-    conn.execute("DELETE FROM images WHERE class IS NULL")
-    conn.execute("SET imsearch.union_max_classes = 5")
-    assert layout() == ({search.WHOLE_INDEX}, 1.0)
-    conn.execute("SET imsearch.union_max_classes = 0")  # no union in mode other either
-    before = scans(conn)
-    search.run(store, queries[0], "other", k=5, cls="kitchen", skip_sha=None)
-    assert {n for n, c in scans(conn).items() if c > before.get(n, 0)} == {search.WHOLE_INDEX}
+    used, recall = layout("all")
+    assert recall == 1.0
+    assert all(search.WHOLE_INDEX in u and 1 <= len(u - {search.WHOLE_INDEX}) and u - {search.WHOLE_INDEX} <= own
+               for u in used)
+    # mode other with more other classes than union_max_classes: the whole-table graph, then at most 3 classes
+    conn.execute("SET imsearch.union_max_classes = 3")
+    used, recall = layout("other")
+    assert recall == 1.0
+    assert all(search.WHOLE_INDEX in u and 1 <= len(u - {search.WHOLE_INDEX}) <= 3 for u in used)
+    assert all(indexes.class_index_name("kitchen") not in u for u in used)
+    conn.execute("SET imsearch.union_max_classes = 0")  # none: the whole-table graph alone, in both modes
+    for mode in ("all", "other"):
+        used, recall = layout(mode)
+        assert recall == 1.0 and all(u == {search.WHOLE_INDEX} for u in used)

@@ -66,11 +66,12 @@ GRAPH_EF_CONSTRUCTION = 64
 WHOLE_GRAPH_M = 32
 WHOLE_GRAPH_EF_CONSTRUCTION = 128
 CLASS_INDEX_MAX_SHARE = 0.5
-# Mode other with at most this many other classes (migration 0015), and mode all with at most this many classes in
-# a library past UNION_MIN_ROWS rows (migration 0017), search each class's index (or scan a small one exactly) and
-# rank the union; with more, the whole-table index (mode other: scanned iteratively past the query's own class). At
-# 100k rows the whole-table graph found 0.996 of far queries' top five, at a million 0.91-0.98, where a class's own
-# graph found 0.99 (docs/scaling.md). imsearch.union_max_classes and imsearch.union_min_rows in SQL.
+# Mode other with at most this many other classes searches each one's index (or scans a small one exactly) and ranks
+# the union (migration 0015); with more, the whole-table index is scanned iteratively past the query's own class. In
+# a library past UNION_MIN_ROWS rows, the classes of the whole-table graph's answer (modes all and other), at most this
+# many, are searched again through their own graphs and the union ranked (migration 0017): at a million rows the
+# whole-table graph strands far queries between classes where a class's own graph does not (docs/scaling.md).
+# imsearch.union_max_classes and imsearch.union_min_rows in SQL.
 UNION_MAX_CLASSES = 8
 UNION_MIN_ROWS = 250_000
 

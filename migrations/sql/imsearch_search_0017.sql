@@ -30,22 +30,22 @@ DECLARE
                                   4000);
     margin double precision := coalesce(nullif(current_setting('imsearch.rerank_margin', true), '')::float8,
                                         4);
-    -- the most classes modes all and other search one by one (0: never, the whole-table graph instead), and the
-    -- rows past which mode all does (the table's estimate, pg_class.reltuples)
+    -- the most classes mode other searches one by one, and that the whole-table graph's answer sends to their own
+    -- graphs (0: none), and the rows past which it does that (the table's estimate, pg_class.reltuples)
     union_max integer := coalesce(nullif(current_setting('imsearch.union_max_classes', true), '')::integer,
                                   8);
     union_min_rows bigint := coalesce(nullif(current_setting('imsearch.union_min_rows', true), '')::bigint,
                                       250000);
     filter text := CASE mode WHEN 'same' THEN ' AND i.class = $5' WHEN 'other' THEN ' AND i.class <> $5' ELSE '' END;
     scan_exactly boolean := exact;
-    -- one search of the candidates: a class's own index (format: the class, the branch's number), or the rows of a
-    -- small class (or of none) exactly (format: their condition, the number)
+    -- one search of the candidates: a class's own index (format: the class, the branch's number), or a small class
+    -- exactly
     class_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, '
         '1 + (l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7) AS fold, %2$s AS branch '
         'FROM images i WHERE i.class = %1$L AND i.sha256 IS DISTINCT FROM $2 '
         'ORDER BY l2_normalize(imsearch_fold(i.embedding))::halfvec(1024) <#> $7 LIMIT $8';
     exact_branch text := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance, NULL::float8 AS fold, '
-        '%2$s AS branch FROM images i WHERE %1$s AND i.sha256 IS DISTINCT FROM $2 '
+        '%2$s AS branch FROM images i WHERE i.class = %1$L AND i.sha256 IS DISTINCT FROM $2 '
         'ORDER BY i.embedding <=> $1 LIMIT $8';
     others text[];
     branches text[];
@@ -58,6 +58,9 @@ DECLARE
     unit halfvec;
     cand record;
     widens boolean := false;
+    -- whether the classes of the first pass's answer are still to be searched through their own graphs
+    refines boolean := false;
+    near_classes text[];
     ids bigint[];
     paths text[];
     classes text[];
@@ -106,18 +109,14 @@ BEGIN
             SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
             scan_exactly := candidates <= exact_max;
         END IF;
-        IF NOT scan_exactly AND union_max > 0 AND (mode = 'other' OR mode = 'all' AND
-           (SELECT c.reltuples FROM pg_class c WHERE c.oid = 'public.images'::regclass) > union_min_rows) THEN
-            -- the classes (mode other: but the query's), one step each through the btree on class, where there are at
-            -- most union_max: each searched through its own index, or exactly where it is small; in mode all (in a
-            -- library past union_min_rows, where the whole-table graph strands far queries) the rows of no class too,
-            -- exactly where they are few. A class too large for that and without an index of its own (one of over
-            -- half the library) leaves the search to the whole-table graph
+        IF NOT scan_exactly AND mode = 'other' THEN
+            -- the other classes, one step each through the btree on class, where there are at most union_max: each
+            -- searched through its own index, or exactly where it is small
             others := ARRAY(WITH RECURSIVE c(v) AS (
                                 SELECT (SELECT min(i.class) FROM images i)
                                 UNION ALL
                                 SELECT (SELECT min(i.class) FROM images i WHERE i.class > c.v) FROM c WHERE c.v IS NOT NULL)
-                            SELECT c.v FROM c WHERE c.v IS NOT NULL AND (mode = 'all' OR c.v <> query_class)
+                            SELECT c.v FROM c WHERE c.v IS NOT NULL AND c.v <> query_class
                             LIMIT union_max + 1);
             IF cardinality(others) <= union_max THEN
                 FOR n IN 1 .. cardinality(others) LOOP
@@ -125,21 +124,12 @@ BEGIN
                         branches := branches || format(class_branch, others[n], n);
                     ELSIF (SELECT count(*) FROM (SELECT FROM images i WHERE i.class = others[n] LIMIT exact_max + 1) c)
                           <= exact_max THEN
-                        branches := branches || format(exact_branch, format('i.class = %L', others[n]), n);
+                        branches := branches || format(exact_branch, others[n], n);
                     ELSE
                         branches := NULL;
                         EXIT;
                     END IF;
                 END LOOP;
-                IF mode = 'all' AND (cardinality(branches) = cardinality(others))
-                   AND EXISTS (SELECT FROM images i WHERE i.class IS NULL) THEN
-                    IF (SELECT count(*) FROM (SELECT FROM images i WHERE i.class IS NULL LIMIT exact_max + 1) c)
-                       <= exact_max THEN
-                        branches := branches || format(exact_branch, 'i.class IS NULL', cardinality(others) + 1);
-                    ELSE
-                        branches := NULL;
-                    END IF;
-                END IF;
             END IF;
         END IF;
         IF scan_exactly THEN
@@ -148,9 +138,8 @@ BEGIN
             -- a class with its own index, searched like an unfiltered one
             branches := ARRAY[format(class_branch, query_class, 1)];
         ELSIF branches IS NOT NULL THEN
-            -- modes all and other as the union of the classes' searches: each class's graph is smaller, so a photo
-            -- far from every row is not stranded in it as in the whole-table one, and in mode other an iterative
-            -- scan of the whole-table graph would first cross the query's own class, where its nearest rows are
+            -- mode other as the union of the other classes' searches: an iterative scan of the whole-table graph
+            -- would first cross the query's own class, where its nearest rows are
             NULL;
         ELSIF to_regclass('public.images_fold_hnsw') IS NOT NULL AND (mode = 'all' OR iterative) THEN
             -- the whole-table index; with a filter (a large class, or many classes but the query's) scanned
@@ -160,6 +149,8 @@ BEGIN
                               'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter
                               || ' ORDER BY imsearch_fold(i.embedding)::halfvec(1024) <=> $6 LIMIT $8'];
             filtered_scan := mode <> 'all';
+            refines := mode <> 'same' AND union_max > 0
+                       AND (SELECT c.reltuples FROM pg_class c WHERE c.oid = 'public.images'::regclass) > union_min_rows;
         ELSE
             scan_exactly := true;
         END IF;
@@ -182,21 +173,25 @@ BEGIN
             nearest := 'SELECT i.id, i.path, i.class, i.embedding <=> $1 AS distance FROM images i '
                        'WHERE i.sha256 IS DISTINCT FROM $2' || filter || ' ORDER BY 4 LIMIT $3';
         ELSE
-            -- each branch's nearest `depth` (by the fold through an index, or exactly), the nearest k of them all by
-            -- the exact distance, and how near a row no branch gave could be (`bound`, the loop below)
-            nearest := 'SELECT c.id, c.path, c.class, c.distance, min(CASE WHEN c.given < $8 THEN NULL '
-                       'WHEN c.fold IS NULL THEN c.farthest ELSE c.reach + c.bias - $11 * c.spread END) OVER () AS bound '
-                       'FROM (SELECT b.*, count(*) OVER w AS given, max(b.fold) OVER w AS reach, '
-                       'max(b.distance) OVER w AS farthest, avg(b.distance - b.fold) OVER () AS bias, '
-                       'stddev_pop(b.distance - b.fold) OVER () AS spread '
-                       'FROM ((' || array_to_string(branches, ') UNION ALL (') || ')) b '
-                       'WINDOW w AS (PARTITION BY b.branch)) c ORDER BY 4, 1 LIMIT $3';
             widens := true;
         END IF;
     END IF;
     folded := imsearch_fold(query);
     unit := l2_normalize(folded);
     LOOP
+        IF widens THEN
+            -- each branch's nearest `depth` (by the fold through an index, or exactly), the nearest k of them all by
+            -- the exact distance (a row two branches gave, once), and how near a row no branch gave could be
+            -- (`bound`, below)
+            nearest := 'SELECT d.id, d.path, d.class, d.distance, d.bound FROM (SELECT DISTINCT ON (c.id) c.id, '
+                       'c.path, c.class, c.distance, min(CASE WHEN c.given < $8 THEN NULL WHEN c.fold IS NULL '
+                       'THEN c.farthest ELSE c.reach + c.bias - $11 * c.spread END) OVER () AS bound '
+                       'FROM (SELECT b.*, count(*) OVER w AS given, max(b.fold) OVER w AS reach, '
+                       'max(b.distance) OVER w AS farthest, avg(b.distance - b.fold) OVER () AS bias, '
+                       'stddev_pop(b.distance - b.fold) OVER () AS spread '
+                       'FROM ((' || array_to_string(branches, ') UNION ALL (') || ')) b '
+                       'WINDOW w AS (PARTITION BY b.branch)) c ORDER BY c.id) d ORDER BY 4, 1 LIMIT $3';
+        END IF;
         ids := '{}'; paths := '{}'; classes := '{}'; distances := '{}';
         FOR cand IN EXECUTE nearest
             USING query, skip_sha256, k, max_distance, query_class, folded, unit, depth, mode, exact, margin
@@ -207,6 +202,18 @@ BEGIN
                 bound := cand.bound;
             END IF;
         END LOOP;
+        IF refines THEN
+            -- in a library past union_min_rows the whole-table graph (modes all and other) leads a photo far from every
+            -- row to the right classes more often than to the right rows in them: the classes of its answer that have
+            -- a graph of their own (at most union_max) are searched through it too, and the union ranked again
+            refines := false;
+            near_classes := ARRAY(SELECT DISTINCT c FROM unnest(classes) c
+                                  WHERE imsearch_class_index('images_fold_hnsw_c_', c) IS NOT NULL LIMIT union_max);
+            FOR n IN 1 .. cardinality(near_classes) LOOP
+                branches := branches || format(class_branch, near_classes[n], n + 1);
+            END LOOP;
+            CONTINUE WHEN cardinality(near_classes) > 0;
+        END IF;
         -- a row an index branch did not give lies at least `reach` away by the fold, so at least reach + bias -
         -- margin x spread by the exact distance (the fold's error over the candidates: its mean and standard
         -- deviation), but for an error past `margin` standard deviations; a row an exact branch did not give lies
