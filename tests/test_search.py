@@ -523,10 +523,12 @@ def test_python_and_sql_name_a_class_index_alike(database_url):
                                 (CLASS_INDEX_PREFIX, cls)).fetchone() == (built,)
 
 
-def test_only_the_branches_whose_bound_fails_are_asked_again_deeper(database_url, monkeypatch, exact_max_rows):
-    """A union (here mode other, migration 0017) widens each branch on its own: a class whose rows all lie beyond
-    the k-th candidate is asked at the first depth in every pass, while a class of rows almost equally near the
-    query goes deeper; the answer is the exact one. pg_stat_user_indexes counts the rows each index gave."""
+def test_every_branch_of_a_union_is_asked_again_deeper(database_url, monkeypatch, exact_max_rows):
+    """A union (here mode other) widens every branch when one's bound fails, even a class whose rows all lie beyond
+    the k-th candidate: the bound assumes the graph gave the fold's nearest rows, and at a million rows asking only
+    the failing branches again found 0.964 of mode other's top five, not 0.984 (docs/scaling.md). The answer is the
+    exact one.
+    pg_stat_user_indexes counts the rows each index gave."""
     from pgvector.psycopg import register_vector
 
     rng = np.random.default_rng(5)
@@ -563,8 +565,7 @@ def test_only_the_branches_whose_bound_fails_are_asked_again_deeper(database_url
                 tuple(a - b for a, b in zip(after[class_index_name(c)], before.get(class_index_name(c), (0, 0))))
                 for c in ("far", "near"))
             assert near_scans == far_scans >= 2  # every pass asks both
-            assert far_rows == 50 * far_scans  # at the first depth each time
-            assert near_rows == sum(min(50 * 4**i, 800) for i in range(near_scans))  # 50, 200, 800
+            assert near_rows == far_rows == sum(min(50 * 4**i, 800) for i in range(near_scans))  # 50, 200, 800
             assert got == [m.id for m in search_mod.run(conn, q, "other", k=5, cls="query", skip_sha=None,
                                                         exact=True)]
         finally:
