@@ -76,11 +76,11 @@ def test_the_rare_class_gets_its_exact_top_five_in_modes_same_and_other(library)
     assert found / wanted >= 0.99
 
 
-def test_past_union_min_rows_the_classes_the_whole_table_graph_answers_with_are_searched_in_their_own(library):
-    """In a library past imsearch.union_min_rows (migration 0017), a search through the whole-table graph (mode all,
-    and mode other with more other classes than imsearch.union_max_classes) asks the graphs of the classes its
-    answer names too, at most union_max_classes of them, and ranks the union: at a million rows the whole-table graph
-    finds a far query's classes more often than its rows. Every layout gives the exact top five."""
+def test_past_union_min_rows_mode_all_searches_the_graphs_of_the_classes_its_answer_names(library):
+    """In a library past imsearch.union_min_rows (migration 0017), mode all asks the graphs of the classes the
+    whole-table graph's answer names too, at most imsearch.union_max_classes of them, and ranks the union: at a
+    million rows the whole-table graph finds a far query's classes more often than its rows. Mode other keeps its
+    own plan. Every layout gives the exact top five."""
     store, draw = library
     conn = store.conn
     own = {indexes.class_index_name(c) for c in (*CLASSES, RARE)}
@@ -104,13 +104,12 @@ def test_past_union_min_rows_the_classes_the_whole_table_graph_answers_with_are_
     assert recall == 1.0
     assert all(search.WHOLE_INDEX in u and 1 <= len(u - {search.WHOLE_INDEX}) and u - {search.WHOLE_INDEX} <= own
                for u in used)
-    # mode other with more other classes than union_max_classes: the whole-table graph, then at most 3 classes
-    conn.execute("SET imsearch.union_max_classes = 3")
+    conn.execute("SET imsearch.union_max_classes = 1")
+    used, recall = layout("all")
+    assert recall == 1.0 and all(len(u - {search.WHOLE_INDEX}) == 1 for u in used)
+    # mode other with more other classes than union_max_classes: the whole-table graph alone
     used, recall = layout("other")
-    assert recall == 1.0
-    assert all(search.WHOLE_INDEX in u and 1 <= len(u - {search.WHOLE_INDEX}) <= 3 for u in used)
-    assert all(indexes.class_index_name("kitchen") not in u for u in used)
-    conn.execute("SET imsearch.union_max_classes = 0")  # none: the whole-table graph alone, in both modes
-    for mode in ("all", "other"):
-        used, recall = layout(mode)
-        assert recall == 1.0 and all(u == {search.WHOLE_INDEX} for u in used)
+    assert recall == 1.0 and all(u == {search.WHOLE_INDEX} for u in used)
+    conn.execute("SET imsearch.union_max_classes = 0")  # none
+    used, recall = layout("all")
+    assert recall == 1.0 and all(u == {search.WHOLE_INDEX} for u in used)

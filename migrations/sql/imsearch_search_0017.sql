@@ -30,8 +30,8 @@ DECLARE
                                   4000);
     margin double precision := coalesce(nullif(current_setting('imsearch.rerank_margin', true), '')::float8,
                                         4);
-    -- the most classes mode other searches one by one, and that the whole-table graph's answer sends to their own
-    -- graphs (0: none), and the rows past which it does that (the table's estimate, pg_class.reltuples)
+    -- the most classes mode other searches one by one, and that mode all's answer from the whole-table graph sends
+    -- to their own graphs (0: none), and the rows past which it does that (the table's estimate, pg_class.reltuples)
     union_max integer := coalesce(nullif(current_setting('imsearch.union_max_classes', true), '')::integer,
                                   8);
     union_min_rows bigint := coalesce(nullif(current_setting('imsearch.union_min_rows', true), '')::bigint,
@@ -149,7 +149,7 @@ BEGIN
                               'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter
                               || ' ORDER BY imsearch_fold(i.embedding)::halfvec(1024) <=> $6 LIMIT $8'];
             filtered_scan := mode <> 'all';
-            refines := mode <> 'same' AND union_max > 0
+            refines := mode = 'all' AND union_max > 0
                        AND (SELECT c.reltuples FROM pg_class c WHERE c.oid = 'public.images'::regclass) > union_min_rows;
         ELSE
             scan_exactly := true;
@@ -203,9 +203,10 @@ BEGIN
             END IF;
         END LOOP;
         IF refines THEN
-            -- in a library past union_min_rows the whole-table graph (modes all and other) leads a photo far from every
-            -- row to the right classes more often than to the right rows in them: the classes of its answer that have
-            -- a graph of their own (at most union_max) are searched through it too, and the union ranked again
+            -- in a library past union_min_rows the whole-table graph leads a photo far from every row to the right
+            -- classes more often than to the right rows in them: in mode all the classes of its answer that have a
+            -- graph of their own (at most union_max) are searched through it too, and the union ranked again (at a
+            -- million rows in six classes 0.990 of real photos' top five, 0.978 without; in 100 no better)
             refines := false;
             near_classes := ARRAY(SELECT DISTINCT c FROM unnest(classes) c
                                   WHERE imsearch_class_index('images_fold_hnsw_c_', c) IS NOT NULL LIMIT union_max);
