@@ -216,7 +216,7 @@ def long_migration(conn: psycopg.Connection[Any], revision: str | None) -> str |
     if rows <= LONG_MIGRATION_ROWS:
         return None
     return (f"schema revision {revision}, this imsearch needs {SCHEMA_REVISION}, which rebuilds the vector indexes "
-            f"of more than {LONG_MIGRATION_ROWS:,} stored images (minutes; searches answer meanwhile): "
+            f"of more than {LONG_MIGRATION_ROWS:,} stored images (minutes): "
             "run `imsearch db upgrade`")
 
 
