@@ -525,10 +525,9 @@ def test_python_and_sql_name_a_class_index_alike(database_url):
 
 def test_every_branch_of_a_union_is_asked_again_deeper(database_url, monkeypatch, exact_max_rows):
     """A union (here mode other) widens every branch when one's bound fails, even a class whose rows all lie beyond
-    the k-th candidate: the bound assumes the graph gave the fold's nearest rows, and at a million rows asking only
-    the failing branches again found 0.964 of mode other's top five, not 0.984 (docs/scaling.md). The answer is the
-    exact one.
-    pg_stat_user_indexes counts the rows each index gave."""
+    the k-th candidate: the bound assumes the graph gave the fold's nearest rows, which a deeper search of a settled
+    branch makes up for (docs/scaling.md). The answer is the exact one. pg_stat_user_indexes counts the rows each
+    index gave."""
     from pgvector.psycopg import register_vector
 
     rng = np.random.default_rng(5)

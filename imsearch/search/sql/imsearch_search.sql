@@ -282,8 +282,8 @@ BEGIN
         -- deviation), but for an error past `margin` standard deviations; a row an exact branch did not give lies
         -- beyond its farthest; a branch that gave fewer than `depth` has no rows beyond. Where the k-th candidate is
         -- no farther than the nearest of these bounds, no row beyond is nearer; else every branch is asked again, 4x
-        -- as deep (one whose own bound holds too: the bound assumes the graph gave the fold's nearest rows, and at a
-        -- million rows asking only the failing branches again found 0.964 of mode other's top five, not 0.984)
+        -- as deep (one whose own bound holds too: the bound assumes the graph gave the fold's nearest rows, which a
+        -- deeper search of a settled branch makes up for; docs/scaling.md has what asking only the failing ones found)
         EXIT WHEN NOT widens OR depth >= max_depth OR coalesce(array_length(ids, 1), 0) < k OR bound IS NULL
                   OR distances[k] <= bound;
         depth := least(4 * depth, max_depth);
