@@ -165,15 +165,20 @@ BEGIN
             SELECT count(*) INTO candidates FROM (SELECT FROM images i WHERE i.class <> query_class LIMIT exact_max + 1) c;
             scan_exactly := candidates <= exact_max;
         END IF;
-        IF NOT scan_exactly AND mode = 'other' THEN
-            -- the other classes, one step each through the btree on class, where there are at most union_max: each
-            -- searched through its own index, or exactly where it is small
+        IF NOT scan_exactly AND union_max > 0 AND (mode = 'other' OR mode = 'all'
+           AND (SELECT c.reltuples FROM pg_class c WHERE c.oid = 'public.images'::regclass) > union_min_rows) THEN
+            -- the stored classes, one step each through the btree on class, as far as it takes to know whether there
+            -- are more than union_max (besides the query's own in mode other)
             others := ARRAY(WITH RECURSIVE c(v) AS (
                                 SELECT (SELECT min(i.class) FROM images i)
                                 UNION ALL
                                 SELECT (SELECT min(i.class) FROM images i WHERE i.class > c.v) FROM c WHERE c.v IS NOT NULL)
-                            SELECT c.v FROM c WHERE c.v IS NOT NULL AND c.v <> query_class
-                            LIMIT union_max + 1);
+                            SELECT c.v FROM c WHERE c.v IS NOT NULL LIMIT union_max + 2);
+        END IF;
+        IF mode = 'other' THEN
+            others := array_remove(others, query_class);
+            -- the other classes, where there are at most union_max: each searched through its own index, or exactly
+            -- where it is small
             IF cardinality(others) <= union_max THEN
                 FOR n IN 1 .. cardinality(others) LOOP
                     IF imsearch_class_index('@CLASS_INDEX_PREFIX@', others[n]) IS NOT NULL THEN
@@ -205,13 +210,9 @@ BEGIN
                               'FROM images i WHERE i.sha256 IS DISTINCT FROM $2' || filter
                               || ' ORDER BY imsearch_fold(i.embedding)::halfvec(@FOLD_DIMENSIONS@) <=> $6 LIMIT $8'];
             filtered_scan := mode <> 'all';
-            refines := mode = 'all' AND union_max > 0
-                       AND (SELECT c.reltuples FROM pg_class c WHERE c.oid = 'public.images'::regclass) > union_min_rows
-                       AND (WITH RECURSIVE c(v) AS (
-                                SELECT (SELECT min(i.class) FROM images i)
-                                UNION ALL
-                                SELECT (SELECT min(i.class) FROM images i WHERE i.class > c.v) FROM c WHERE c.v IS NOT NULL)
-                            SELECT count(*) FROM (SELECT FROM c WHERE c.v IS NOT NULL LIMIT union_max + 1) n) <= union_max;
+            -- the classes its answer names, searched through their own graphs too (the loop below), in a library past
+            -- union_min_rows rows of at most union_max classes (`others` is then every class)
+            refines := mode = 'all' AND coalesce(cardinality(others) <= union_max, false);
         ELSE
             scan_exactly := true;
         END IF;
