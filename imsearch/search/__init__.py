@@ -5,13 +5,19 @@ a WHERE clause. Each vector is indexed about once (migration 0013, docs/scaling.
 over a 1,024-d fold of the embedding (imsearch_fold), and a partial one per class that holds a small share of the
 library. An index gives the nearest RERANK_DEPTH candidates by the fold, which the exact distance ranks:
 
-- mode all: the whole-table index;
+- mode all: the whole-table index; past UNION_MIN_ROWS rows in at most UNION_MAX_CLASSES classes, then the own
+  indexes of the classes its answer names too, the union re-ranked (migration 0017);
 - a filter that keeps at most EXACT_MAX_ROWS rows (a small class, or mode other beside a huge class): an exact
   scan through the btree on `class`;
 - mode same, a class with its own index: that index, searched like an unfiltered one;
-- mode same for a large class without one, and mode other: the whole-table index scanned iteratively (pgvector
-  >= 0.8) until RERANK_DEPTH rows pass the filter; exactly on older pgvector, and while a bulk load has the index
-  down.
+- mode other with at most UNION_MAX_CLASSES other classes: one search of each (its index, or exactly where it is
+  small), the union re-ranked (migration 0015);
+- mode same for a large class without one, and mode other with more classes: the whole-table index scanned
+  iteratively (pgvector >= 0.8) until RERANK_DEPTH rows pass the filter; exactly on older pgvector, and while a
+  bulk load has the index down.
+
+Where the candidates cannot rule out a nearer row beyond them, the search asks again deeper, up to
+RERANK_MAX_DEPTH (migration 0015).
 
 find, the web page, evaluate and the audit call `run`, which calls imsearch_search; the SQL functions
 imsearch_nearest and imsearch_class_correspondence call it too. The template's second entry, imsearch_neighbours,
