@@ -138,7 +138,9 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
              (command.upgrade, "0015", "0015"), (command.downgrade, "0014", "0014"),
              (command.upgrade, "0015", "0015"), (command.upgrade, "0016", "0016"),
              (command.downgrade, "0015", "0015"), (command.upgrade, "0017", "0017"),
-             (command.downgrade, "0016", "0016"), (command.upgrade, "0017", "0017")]
+             (command.downgrade, "0016", "0016"), (command.upgrade, "0017", "0017"),
+             (command.upgrade, "0018", "0018"), (command.downgrade, "0017", "0017"),
+             (command.upgrade, "0018", "0018")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:
@@ -323,6 +325,58 @@ def test_0016_builds_the_whole_table_graph_denser_beside_the_old_one_and_keeps_e
         conn.execute(f"DROP INDEX {search.WHOLE_INDEX}")
         conn.execute("SELECT imsearch_index_all()")
     assert graphs() == {search.WHOLE_INDEX: "m=16,ef_construction=64"}
+
+
+def test_0018_builds_each_class_graph_denser_beside_the_old_one_and_keeps_every_answer(database_url):
+    """Each class graph goes from pgvector's default links to m 32 as the whole-table one did in 0016: built beside
+    the old graph, then put in its place under the name imsearch_search plans by; exact answers stay."""
+    from alembic import command
+
+    from imsearch import search
+    from imsearch.settings import sqlalchemy_url
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_folder()))
+    cfg.attributes["url"] = sqlalchemy_url(database_url)
+    command.upgrade(cfg, "0017")
+    vectors = _synthetic_rows(database_url, 3_300, ("a", "b", "c", "rare"))
+    with psycopg.connect(database_url) as conn:  # as an ingest of 0017 builds them
+        for cls in ("a", "b", "c"):
+            conn.execute("SELECT imsearch_index_class(%s)", (cls,))
+
+    def graphs() -> dict[str, str]:
+        with psycopg.connect(database_url) as conn:
+            return dict(conn.execute(
+                "SELECT c.relname, array_to_string(c.reloptions, ',') FROM pg_index x "
+                "JOIN pg_class c ON c.oid = x.indexrelid JOIN pg_am a ON a.oid = c.relam "
+                "WHERE x.indrelid = 'images'::regclass AND a.amname = 'hnsw' AND starts_with(c.relname, %s)",
+                (search.CLASS_INDEX_PREFIX,)))
+
+    def answers(exact: bool) -> list[list[int]]:
+        from pgvector.psycopg import register_vector
+
+        with psycopg.connect(database_url) as conn:
+            register_vector(conn)
+            return [[m.id for m in search.run(conn, q, mode, k=5, cls=cls, skip_sha=None, exact=exact)]
+                    for q in vectors[:3] + 0.05 for mode in ("same", "other") for cls in ("a", "rare")]
+
+    names = {search.index_name(c) for c in ("a", "b", "c")}
+    assert graphs() == dict.fromkeys(names, "m=16,ef_construction=64")
+    before = answers(exact=True)
+    command.upgrade(cfg, "0018")
+    assert graphs() == dict.fromkeys(names, "m=32,ef_construction=128")
+    with psycopg.connect(database_url) as conn:  # each still holds its own class's rows alone
+        for cls in ("a", "b", "c"):
+            predicate = conn.execute("SELECT pg_get_expr(x.indpred, x.indrelid) FROM pg_index x "
+                                     "WHERE x.indexrelid = %s::regclass", (search.index_name(cls),)).fetchone()[0]
+            assert predicate == f"(class = '{cls}'::text)"
+    assert answers(exact=True) == before and answers(exact=False) == before
+    command.downgrade(cfg, "0017")
+    assert graphs() == dict.fromkeys(names, "m=32,ef_construction=128")  # they serve 0017 as well
+    with psycopg.connect(database_url) as conn:  # a graph built from now on is the default one again
+        conn.execute(f"DROP INDEX {search.index_name('a')}")
+        conn.execute("SELECT imsearch_index_class('a')")
+    assert graphs()[search.index_name("a")] == "m=16,ef_construction=64"
 
 
 def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(database_url, monkeypatch):

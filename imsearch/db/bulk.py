@@ -21,7 +21,7 @@ from sqlalchemy.schema import CreateIndex
 from ..search import WHOLE_INDEX
 from .connect import scalar
 from .errors import translated, translating
-from .indexes import WHOLE_GRAPH_BYTES_PER_ROW, size_build_memory
+from .indexes import size_build_memory
 from .schema import images
 from .shards import sharded
 
@@ -62,7 +62,7 @@ def restore_vector_indexes(conn: psycopg.Connection[Any], definitions: Sequence[
     load killed before its restore leaves: the perceptual-hash index (imsearch.db.schema) and the whole-table vector
     index (imsearch_index_all, migration 0013); with the memory the graphs need (indexes.size_build_memory). Class
     indexes come back as after an ingest. Returns the definitions built (one that exists again already is left)."""
-    size_build_memory(conn, scalar(conn, "SELECT count(*) FROM images"), per_row=WHOLE_GRAPH_BYTES_PER_ROW)
+    size_build_memory(conn, scalar(conn, "SELECT count(*) FROM images"))
     built = []
     for definition in definitions:
         try:

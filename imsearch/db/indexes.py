@@ -23,10 +23,9 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 # An HNSW build keeps its graph in maintenance_work_mem while it fits, and goes on many times slower on disk after
-# (docs/scaling.md). A fold's graph takes about 2.8 kB a row at m = 16 (a class index) and 3.3 kB at m = 32 (the
-# whole-table one): pgvector 0.8's notice of where 32 MB ran out, 12,136 and 10,241 rows.
-GRAPH_BYTES_PER_ROW = 2_800
-WHOLE_GRAPH_BYTES_PER_ROW = 3_300
+# (docs/scaling.md). A fold's graph at m = 32 (every graph's since migration 0018) takes about 3.3 kB a row:
+# pgvector 0.8's notice of where 32 MB ran out, 10,241 rows (12,136 at pgvector's default m = 16).
+GRAPH_BYTES_PER_ROW = 3_300
 
 
 def _size(n: int) -> str:
@@ -90,10 +89,10 @@ def ensure_class_indexes(store: Store, min_rows: int) -> list[str]:
 
 def size_build_memory(conn: psycopg.Connection[Any], rows: int, *, per_row: int | None = None) -> None:
     """Give this session's index builds enough maintenance_work_mem for a graph of `rows` rows of `per_row` bytes
-    (GRAPH_BYTES_PER_ROW unless said, WHOLE_GRAPH_BYTES_PER_ROW for the whole-table graph): IMSEARCH_BUILD_MEMORY
-    when it is set, else the graph's size up to a quarter of this machine's memory, where the server's own setting
-    is smaller (PostgreSQL's default, 64 MB, holds about 25,000 rows). A graph that does not fit goes on building on
-    disk, many times slower; that is said once (docs/scaling.md)."""
+    (GRAPH_BYTES_PER_ROW unless said): IMSEARCH_BUILD_MEMORY when it is set, else the graph's size up to a quarter
+    of this machine's memory, where the server's own setting is smaller (PostgreSQL's default, 64 MB, holds about
+    20,000 rows). A graph that does not fit goes on building on disk, many times slower; that is said once
+    (docs/scaling.md)."""
     memory = build_memory()
     if memory:
         try:

@@ -21,7 +21,7 @@ from .serverlog import crash_in_log
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0017"
+SCHEMA_REVISION = "0018"
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
 MIGRATION_LOCK = 7_284_519_311
 LOCK_POLL = 0.2  # seconds between tries
@@ -33,7 +33,7 @@ SAY_AFTER_IMSEARCH = 15.0
 APPLICATION_NAME = "imsearch migration"
 # Migrations that rebuild the vector indexes read every stored vector: past this many rows only `imsearch db upgrade`
 # runs them (with a progress bar), where other commands would silently stall for minutes.
-REBUILDS = ("0013", "0016")
+REBUILDS = ("0013", "0016", "0018")
 LONG_MIGRATION_ROWS = 20_000
 # Index builds in progress, as PostgreSQL reports them to any session (pgvector counts tuples as it adds them).
 BUILDS = """

@@ -32,7 +32,7 @@ AS $function$
 BEGIN
     EXECUTE 'CREATE INDEX IF NOT EXISTS @WHOLE_INDEX@ ON images '
             'USING hnsw ((imsearch_fold(embedding)::halfvec(@FOLD_DIMENSIONS@)) halfvec_cosine_ops) '
-            'WITH (m = @WHOLE_GRAPH_M@, ef_construction = @WHOLE_GRAPH_EF_CONSTRUCTION@)';
+            'WITH (m = @GRAPH_M@, ef_construction = @GRAPH_EF_CONSTRUCTION@)';
     RETURN '@WHOLE_INDEX@';
 END
 $function$
@@ -43,7 +43,8 @@ CREATE OR REPLACE FUNCTION public.imsearch_index_class(cls text)
 AS $function$
 -- a class's own partial index (imsearch builds one for a class past @EXACT_MAX_ROWS@ rows that holds a small share of
 -- the library): the unit-length fold by inner product, which orders rows as the fold's cosine distance does but is
--- an expression only these indexes hold, so the planner cannot take the whole-table index with a filter for it
+-- an expression only these indexes hold, so the planner cannot take the whole-table index with a filter for it; a
+-- graph as dense as the whole-table one (migration 0018)
 DECLARE
     name text := '@CLASS_INDEX_PREFIX@' || left(md5(cls), 16);
 BEGIN
