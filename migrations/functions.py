@@ -1,8 +1,9 @@
-"""What the migrations that replace SQL functions share: create one from its frozen text (migrations/sql), and
-carry EXECUTE from one function to another."""
+"""What the migrations share: create a SQL function from its frozen text (migrations/sql), carry EXECUTE from one
+function to another, and size the memory of the index builds that rebuild a graph."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import op
@@ -43,3 +44,17 @@ def grant(signature: str, roles: list[str], comment: str) -> None:
     for role in roles:
         op.execute(f"GRANT EXECUTE ON FUNCTION {signature} TO {role}")
     op.execute(f"COMMENT ON FUNCTION {signature} IS '{comment.replace(chr(39), chr(39) * 2)}'")
+
+
+def size_build_memory(rows: int, per_row: int | None = None) -> None:
+    """The maintenance_work_mem a graph of `rows` rows needs (imsearch.db.indexes), for this session's builds: a
+    server left at PostgreSQL's 64 MB would build a large library's graph on disk, many times slower."""
+    from imsearch.db.indexes import size_build_memory as size
+    from imsearch.errors import ImsearchError
+
+    raw = op.get_bind().connection.driver_connection
+    try:
+        with raw.transaction():  # a savepoint: a refused setting leaves the migration's transaction usable
+            size(raw, rows, per_row=per_row)
+    except ImsearchError as exc:  # a bad IMSEARCH_BUILD_MEMORY: the commands that build say so; migrate anyway
+        logging.getLogger("alembic").warning("%s; building with the server's maintenance_work_mem", exc)

@@ -29,11 +29,10 @@ Create Date: 2026-12-09
 
 from __future__ import annotations
 
-import logging
-
 import sqlalchemy as sa
 from alembic import op
 from imsearch_migrations.functions import create, grant
+from imsearch_migrations.functions import size_build_memory as build_memory
 
 revision = "0013"
 down_revision = "0012"
@@ -76,18 +75,8 @@ def index_classes(share: float | None) -> None:
 
 
 def size_build_memory() -> None:
-    """The maintenance_work_mem the graphs need (imsearch.db.indexes), for this session's builds: a server left at
-    PostgreSQL's 64 MB would build a large library's graph on disk, many times slower."""
-    from imsearch.db.indexes import size_build_memory as size
-    from imsearch.errors import ImsearchError
-
-    raw = op.get_bind().connection.driver_connection
-    rows = raw.execute("SELECT count(*) FROM images").fetchone()[0]
-    try:
-        with raw.transaction():  # a savepoint: a refused setting leaves the migration's transaction usable
-            size(raw, rows)
-    except ImsearchError as exc:  # a bad IMSEARCH_BUILD_MEMORY: the commands that build say so; migrate anyway
-        logging.getLogger("alembic").warning("%s; building with the server's maintenance_work_mem", exc)
+    """The maintenance_work_mem the graphs of every stored row need, for this session's builds."""
+    build_memory(op.get_bind().exec_driver_sql("SELECT count(*) FROM images").scalar())
 
 
 def upgrade() -> None:

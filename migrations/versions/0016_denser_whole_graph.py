@@ -21,10 +21,8 @@ Create Date: 2026-12-07
 
 from __future__ import annotations
 
-import logging
-
 from alembic import op
-from imsearch_migrations.functions import create
+from imsearch_migrations.functions import create, size_build_memory
 
 revision = "0016"
 down_revision = "0015"
@@ -41,26 +39,12 @@ FROM pg_class c WHERE c.oid = to_regclass('public.images_fold_hnsw')
 """
 
 
-def size_build_memory() -> None:
-    """The maintenance_work_mem the denser graph needs, for this session's build (as migration 0013 does)."""
-    from imsearch.db.indexes import size_build_memory as size
-    from imsearch.errors import ImsearchError
-
-    raw = op.get_bind().connection.driver_connection
-    rows = raw.execute("SELECT count(*) FROM images").fetchone()[0]
-    try:
-        with raw.transaction():
-            size(raw, rows, per_row=BYTES_PER_ROW)
-    except ImsearchError as exc:
-        logging.getLogger("alembic").warning("%s; building with the server's maintenance_work_mem", exc)
-
-
 def upgrade() -> None:
     create("imsearch_index_all_0016.sql")
     m = op.get_bind().exec_driver_sql(OPTIONS).scalar()
     if m is None or m >= M:  # no whole-table graph here (a load has it down, a sharded coordinator), or dense already
         return
-    size_build_memory()
+    size_build_memory(op.get_bind().exec_driver_sql("SELECT count(*) FROM images").scalar(), BYTES_PER_ROW)
     op.execute("CREATE INDEX images_fold_hnsw_dense ON images "
                "USING hnsw ((imsearch_fold(embedding)::halfvec(1024)) halfvec_cosine_ops) "
                f"WITH (m = {M}, ef_construction = {EF_CONSTRUCTION})")

@@ -21,10 +21,8 @@ Create Date: 2026-12-07
 
 from __future__ import annotations
 
-import logging
-
 from alembic import op
-from imsearch_migrations.functions import create
+from imsearch_migrations.functions import create, size_build_memory
 
 revision = "0018"
 down_revision = "0017"
@@ -46,19 +44,6 @@ ORDER BY c.relname
 """
 
 
-def size_build_memory(rows: int) -> None:
-    """The maintenance_work_mem a denser graph of `rows` rows needs, for this session's build (as 0016 does)."""
-    from imsearch.db.indexes import size_build_memory as size
-    from imsearch.errors import ImsearchError
-
-    raw = op.get_bind().connection.driver_connection
-    try:
-        with raw.transaction():
-            size(raw, rows, per_row=BYTES_PER_ROW)
-    except ImsearchError as exc:
-        logging.getLogger("alembic").warning("%s; building with the server's maintenance_work_mem", exc)
-
-
 def upgrade() -> None:
     create("imsearch_index_class_0018.sql")
     raw = op.get_bind().connection.driver_connection
@@ -67,7 +52,7 @@ def upgrade() -> None:
         definition = raw.execute("SELECT pg_get_indexdef(%s::regclass)", (name,)).fetchone()[0]
         predicate = definition[definition.index(" WHERE "):]
         rows = raw.execute(f"SELECT count(*) FROM images{predicate}").fetchone()[0]
-        size_build_memory(rows)
+        size_build_memory(rows, BYTES_PER_ROW)
         op.execute(f"CREATE INDEX {name}_dense ON images "
                    "USING hnsw ((l2_normalize(imsearch_fold(embedding))::halfvec(1024)) halfvec_ip_ops) "
                    f"WITH (m = {M}, ef_construction = {EF_CONSTRUCTION}){predicate}")
