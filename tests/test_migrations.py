@@ -140,7 +140,8 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
              (command.downgrade, "0015", "0015"), (command.upgrade, "0017", "0017"),
              (command.downgrade, "0016", "0016"), (command.upgrade, "0017", "0017"),
              (command.upgrade, "0018", "0018"), (command.downgrade, "0017", "0017"),
-             (command.upgrade, "0018", "0018")]
+             (command.upgrade, "0018", "0018"), (command.upgrade, "0019", "0019"),
+             (command.downgrade, "0018", "0018"), (command.upgrade, "0019", "0019")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:
