@@ -24,6 +24,7 @@ import numpy as np
 import psycopg
 from million import Library, embed_photos, truth, write_parquet
 from pgvector import HalfVector
+from pgvector.psycopg import register_vector
 from synthetic import database_url
 
 from imsearch import search
@@ -54,6 +55,7 @@ def main() -> None:
         norms = np.concatenate([np.linalg.norm(vectors[s:s + 100_000].astype(np.float32), axis=1)
                                 for s in range(0, args.rows, 100_000)])
         conn = stack.enter_context(psycopg.connect(database_url(admin, "bench_million"), autocommit=True))
+        register_vector(conn)
         row_of = {p: int(p.rsplit("/", 1)[1][:-4]) for (p,) in conn.execute("SELECT path FROM images")}
         conn.execute("SET maintenance_work_mem = '2GB'")
         t = time.perf_counter()
