@@ -614,6 +614,9 @@ def test_a_query_far_from_every_row_is_asked_again_deeper_and_a_near_one_is_not(
             conn.execute("SET imsearch.rerank_margin = 1000")
             assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 4}
             assert nearest(far) == exact(far)
+            # by default the widening stops at ef_search's 1,000 (migration 0019): 100, 400, 1,000
+            conn.execute("RESET imsearch.rerank_max_depth")
+            assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 3}
             conn.execute("RESET imsearch.rerank_margin")
             conn.execute("SET imsearch.rerank_max_depth = 400")
             assert scans_of(conn, nearest, far) == {WHOLE_INDEX: 2}

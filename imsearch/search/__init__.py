@@ -57,8 +57,9 @@ RERANK_DEPTH = 200
 # candidate's fold distance, less RERANK_MARGIN standard deviations of the fold's error over the candidates), the
 # search asks again four times as deep, up to RERANK_MAX_DEPTH (migration 0015; imsearch.rerank_max_depth and
 # imsearch.rerank_margin in SQL). Near queries settle at the first depth; a photo far from every stored one goes
-# deeper. The widening stops at pgvector's largest ef_search, 1,000 (migration 0019; 4,000 before, through an
-# iterative scan, found no more at a million rows and took half as long again); a session may set it deeper.
+# deeper. The widening stops at pgvector's largest ef_search, 1,000 (migration 0019): 4,000 before, through an
+# iterative scan, found no more at a million rows in six classes and took half as long again (in 101 classes, a
+# little more in mode other, both far from 0.99; docs/scaling.md). A session may set it deeper.
 RERANK_MAX_DEPTH = 1000
 RERANK_MARGIN = 4
 MAX_SCAN_TUPLES = 50_000
