@@ -110,3 +110,39 @@ def test_past_union_min_rows_mode_all_searches_the_graphs_of_the_classes_its_ans
     for mode in ("all", "other"):
         used, recall = layout(mode)
         assert recall == 1.0 and all(u == {search.WHOLE_INDEX} for u in used)
+
+
+def test_past_union_max_classes_modes_all_and_other_search_every_group_graph(library):
+    """A library of more classes than imsearch.union_max_classes past union_min_rows gets the group graphs
+    (migration 0020), and modes all and other then search all of them, the query's own group in mode other
+    filtered past its class, instead of the whole-table graph; every answer is the exact one."""
+    store, draw = library
+    conn = store.conn
+    counts = dict(store.classes())
+    assert indexes.ensure_group_indexes(store, counts) == []  # 6,000 rows in 6 classes: no groups
+    groups = [search.group_index_name(n) for n in range(search.GROUPS)]
+    assert indexes.ensure_group_indexes(store, counts, min_rows=1000, max_classes=4) == groups
+    assert indexes.ensure_group_indexes(store, counts, min_rows=1000, max_classes=4) == []  # built once
+    held = dict(conn.execute("SELECT imsearch_class_group(class), count(*) FROM images GROUP BY 1").fetchall())
+    assert held == {g: sum(n for c, n in counts.items() if search.class_group(c) == g) for g in held}
+    conn.execute("SET imsearch.union_min_rows = 1000")
+    conn.execute("SET imsearch.union_max_classes = 4")
+    queries = np.concatenate([draw(c, 2) for c in (*CLASSES, RARE)])
+    for mode, cls in (("all", None), ("other", "kitchen"), ("other", RARE)):
+        found = 0
+        for q in queries:
+            before = scans(conn)
+            got = search.run(store, q, mode, k=5, cls=cls, skip_sha=None)
+            after = scans(conn)
+            assert {n for n, c in after.items() if c > before.get(n, 0)} == set(groups), mode
+            exact = search.run(store, q, mode, k=5, cls=cls, skip_sha=None, exact=True)
+            assert cls not in {m.cls for m in got}
+            found += len({m.id for m in got} & {m.id for m in exact})
+        assert found == 5 * len(queries), (mode, cls)
+    # as many classes as union_max_classes: mode other is the union of the class graphs again
+    conn.execute("SET imsearch.union_max_classes = 8")
+    before = scans(conn)
+    search.run(store, queries[0], "other", k=5, cls="kitchen", skip_sha=None)
+    after = scans(conn)
+    assert {n for n, c in after.items() if c > before.get(n, 0)} == {
+        indexes.class_index_name(c) for c in (*CLASSES, RARE) if c != "kitchen"}

@@ -88,7 +88,7 @@ def test_0006_folds_the_other_class_indexes_and_drops_the_full_width_ones(databa
 
 FUNCTIONS = ("imsearch_search", "imsearch_nearest", "imsearch_class_correspondence", "imsearch_neighbours",
              "imsearch_class_index", "imsearch_duplicate_pairs", "imsearch_fold", "imsearch_index_all",
-             "imsearch_index_class")
+             "imsearch_index_class", "imsearch_class_group", "imsearch_index_group")
 # Functions whose texts before this revision are written out in their migrations' Python (0002, 0003, 0008).
 FROZEN_SINCE = {"imsearch_duplicate_pairs": "0008", "imsearch_index_class": "0013"}
 
@@ -141,7 +141,9 @@ def test_each_revision_runs_its_frozen_function_text_up_and_down(database_url):
              (command.downgrade, "0016", "0016"), (command.upgrade, "0017", "0017"),
              (command.upgrade, "0018", "0018"), (command.downgrade, "0017", "0017"),
              (command.upgrade, "0018", "0018"), (command.upgrade, "0019", "0019"),
-             (command.downgrade, "0018", "0018"), (command.upgrade, "0019", "0019")]
+             (command.downgrade, "0018", "0018"), (command.upgrade, "0019", "0019"),
+             (command.upgrade, "0020", "0020"), (command.downgrade, "0019", "0019"),
+             (command.upgrade, "0020", "0020")]
     for step, revision, texts in steps:
         step(cfg, revision)
         for name in FUNCTIONS:
@@ -378,6 +380,43 @@ def test_0018_builds_each_class_graph_denser_beside_the_old_one_and_keeps_every_
         conn.execute(f"DROP INDEX {search.index_name('a')}")
         conn.execute("SELECT imsearch_index_class('a')")
     assert graphs()[search.index_name("a")] == "m=16,ef_construction=64"
+
+
+def test_0020_downgrade_drops_the_group_graphs_and_keeps_every_answer(database_url):
+    """Migration 0020 builds no graph; a group graph imsearch built after it goes on downgrade with the functions
+    that define it (0019's planner never asks it), and the rows and their exact answers stay."""
+    from alembic import command
+    from pgvector.psycopg import register_vector
+
+    from imsearch import search
+    from imsearch.settings import sqlalchemy_url
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_folder()))
+    cfg.attributes["url"] = sqlalchemy_url(database_url)
+    command.upgrade(cfg, "0020")
+    vectors = _synthetic_rows(database_url, 1_200, ("a", "b", "rare"))
+
+    def state() -> tuple[list[str], list[str], list[list[int]]]:
+        with psycopg.connect(database_url) as conn:
+            register_vector(conn)
+            return ([r[0] for r in conn.execute("SELECT relname FROM pg_class WHERE relname LIKE %s ORDER BY 1",
+                                                (search.GROUP_INDEX_PREFIX + "%",))],
+                    [r[0] for r in conn.execute("SELECT proname FROM pg_proc WHERE proname LIKE '%group%' "
+                                                "ORDER BY 1")],
+                    [[m.id for m in search.run(conn, q, mode, k=5, cls="a", skip_sha=None, exact=True)]
+                     for q in vectors[:4] + 0.05 for mode in ("all", "other")])
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for group in range(search.GROUPS):
+            conn.execute("SELECT imsearch_index_group(%s)", (group,))
+    groups, functions, answers = state()
+    assert groups == sorted(search.group_index_name(n) for n in range(search.GROUPS))
+    assert functions == ["imsearch_class_group", "imsearch_index_group"]
+    command.downgrade(cfg, "0019")
+    assert state() == ([], [], answers)
+    command.upgrade(cfg, "0020")
+    assert state()[1:] == (functions, answers)
 
 
 def test_a_large_library_migrates_only_through_db_upgrade_with_its_progress(database_url, monkeypatch):

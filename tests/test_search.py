@@ -500,10 +500,10 @@ def test_the_planner_template_says_each_rule_once():
     assert template.count("row_number()") == 1
     assert template.count("set_config('hnsw.iterative_scan'") == 2
     assert template.count("current_setting('hnsw.iterative_scan'") == 1
-    assert sum(f.read_text().count("md5(") for f in folder.iterdir() if f.name.endswith(".sql")) == 2
+    assert sum(f.read_text().count("md5(") for f in folder.iterdir() if f.name.endswith(".sql")) == 3
     functions = re.split(r"(?m)^(?=CREATE OR REPLACE FUNCTION )", template)
     assert sorted(re.match(r"CREATE OR REPLACE FUNCTION public\.(\w+)\(", f)[1] for f in functions if "md5(" in f) \
-        == ["imsearch_class_index", "imsearch_index_class"]
+        == ["imsearch_class_group", "imsearch_class_index", "imsearch_index_class"]
 
 
 def test_python_and_sql_name_a_class_index_alike(database_url):
@@ -521,6 +521,27 @@ def test_python_and_sql_name_a_class_index_alike(database_url):
             assert built.startswith(CLASS_INDEX_PREFIX) and len(built) == len(CLASS_INDEX_PREFIX) + 16
             assert conn.execute("SELECT imsearch_class_index(%s, %s)::text",
                                 (CLASS_INDEX_PREFIX, cls)).fetchone() == (built,)
+
+
+def test_python_and_sql_put_a_class_in_the_same_group_graph(database_url):
+    """imsearch_class_group (the group graphs' predicate and the planner's rule, migration 0020) and
+    search.class_group (the builds' sizes) agree, for any class name and for rows of no class; the builder takes
+    only a group that exists."""
+    from imsearch.db.migrate import upgrade
+    from imsearch.search import GROUPS, class_group, group_index_name
+
+    upgrade(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        names = ["kitchen", "Küche", "living room", 'a "quoted" class', "x" * 200,
+                 *(f"class_{i:03d}" for i in range(40))]
+        for cls in names:
+            assert conn.execute("SELECT imsearch_class_group(%s)", (cls,)).fetchone() == (class_group(cls),)
+        assert conn.execute("SELECT imsearch_class_group(NULL)").fetchone() == (class_group(None),) == (0,)
+        assert {class_group(c) for c in names} == set(range(GROUPS))
+        assert conn.execute("SELECT imsearch_index_group(3)").fetchone() == (group_index_name(3),)
+        for bad in (-1, GROUPS, None):
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="a group is a number"):
+                conn.execute("SELECT imsearch_index_group(%s::integer)", (bad,))
 
 
 def test_every_branch_of_a_union_is_asked_again_deeper(database_url, monkeypatch, exact_max_rows):

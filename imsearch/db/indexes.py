@@ -1,6 +1,6 @@
 """The vector indexes imsearch builds beside the migrations' own: a partial one per class that holds a small share of
-the library (migration 0013); their names, builds, sizes, the buffer cache they need, and the recall of every mode
-through them against an exact scan."""
+the library (migration 0013), and the group graphs of a large library of many classes (migration 0020); their names,
+builds, sizes, the buffer cache they need, and the recall of every mode through them against an exact scan."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import psycopg
 from .. import search
 from ..errors import ImsearchError
 from ..modes import MODES
-from ..search import CLASS_INDEX_MAX_SHARE, CLASS_INDEX_PREFIX
+from ..search import (
+    CLASS_INDEX_MAX_SHARE,
+    CLASS_INDEX_PREFIX,
+    GROUP_INDEX_PREFIX,
+    GROUPS,
+    UNION_MAX_CLASSES,
+    UNION_MIN_ROWS,
+)
 from ..settings import build_memory, quarter_of_memory_mb
 from .connect import Where, connection, scalar
 from .shards import shard_urls
@@ -84,7 +91,31 @@ def ensure_class_indexes(store: Store, min_rows: int) -> list[str]:
     for cls in missing:
         log.info("building the HNSW index of class %r (%d rows)", cls, counts[cls])
         _build(store, "SELECT imsearch_index_class(%s)", cls, counts[cls])
+    ensure_group_indexes(store, counts)
     return missing
+
+
+def ensure_group_indexes(store: Store, counts: dict[str, int], *, min_rows: int = UNION_MIN_ROWS,
+                         max_classes: int = UNION_MAX_CLASSES) -> list[str]:
+    """Build the GROUPS group graphs (imsearch_index_group, migration 0020) of a library past min_rows rows in more
+    than max_classes classes (`counts`: rows by class), where the whole-table graph strands queries among tight
+    classes; returns the graphs built now. Each group's rows are its classes' (search.class_group), so a new class
+    goes into its group's graph as its rows come; built, a graph stays."""
+    if sum(counts.values()) <= min_rows or len(counts) <= max_classes:
+        return []
+    have = {r[0] for r in store.conn.execute(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'images' AND starts_with(indexname, %s)",
+        (GROUP_INDEX_PREFIX,))}
+    built = []
+    for group in range(GROUPS):
+        name = search.group_index_name(group)
+        if name in have:
+            continue
+        rows = sum(n for cls, n in counts.items() if search.class_group(cls) == group)
+        log.info("building the HNSW index of group %d (%d rows)", group, rows)
+        _build(store, "SELECT imsearch_index_group(%s)", group, rows)
+        built.append(name)
+    return built
 
 
 def size_build_memory(conn: psycopg.Connection[Any], rows: int, *, per_row: int | None = None) -> None:
@@ -110,11 +141,11 @@ def size_build_memory(conn: psycopg.Connection[Any], rows: int, *, per_row: int 
                     rows, wanted // 2**20 + 1, have // 2**20)
 
 
-def _build(store: Store, sql: str, cls: str, rows: int) -> None:
-    """Build one class index with the memory its graph needs (size_build_memory)."""
+def _build(store: Store, sql: str, which: str | int, rows: int) -> None:
+    """Build one class or group index with the memory its graph needs (size_build_memory)."""
     size_build_memory(store.conn, rows)
     try:
-        store.conn.execute(sql, (cls,))
+        store.conn.execute(sql, (which,))
     except psycopg.OperationalError as exc:
         raise store.lost(exc, "building an index in") from None
 

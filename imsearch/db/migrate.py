@@ -21,7 +21,7 @@ from .serverlog import crash_in_log
 log = logging.getLogger(__name__)
 
 # The Alembic head this code expects (tests check it equals migrations/versions' head).
-SCHEMA_REVISION = "0019"
+SCHEMA_REVISION = "0020"
 # Any number fixed for imsearch: concurrent first runs wait for each other instead of racing on CREATE TABLE.
 MIGRATION_LOCK = 7_284_519_311
 LOCK_POLL = 0.2  # seconds between tries
