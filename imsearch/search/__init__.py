@@ -88,9 +88,9 @@ UNION_MIN_ROWS = 250_000
 # A library of more than UNION_MAX_CLASSES classes past UNION_MIN_ROWS rows gets GROUPS group graphs (migration
 # 0020): each holds the rows of the classes a hash of the name puts in it, so every row is in one of them, and modes
 # all and other search them all. In 101 tight classes at a million rows the whole-table graph stranded queries
-# among the wrong classes (0.980 of generated queries' top five in mode all, 0.956 of real photos'; mode other
-# 0.820) where the union of eight group graphs of about 125,000 rows found 1.000, 0.998 and 1.000, at four times
-# the time (docs/scaling.md).
+# among the wrong classes (0.980 of generated queries' top five in mode all, 0.954 of real photos'; mode other
+# 0.824) where the union of eight group graphs of about 125,000 rows, asked 1,000 deep, found 1.000, 0.998 and
+# 1.000, at about a second a query (docs/scaling.md).
 GROUPS = 8
 
 # The whole-table index (migration 0013), and the partial ones per class (`imsearch_index_class`): the class prefix

@@ -141,7 +141,7 @@ BEGIN
             -- more classes than union_max, where the library has its group graphs (migration 0020): modes all and
             -- other are the union of one search of each, the query's own group in mode other scanned iteratively
             -- past its class. In tight classes the whole-table graph strands a query among the wrong ones (at a
-            -- million rows in 101 classes 0.956 of real photos' top five, the groups 0.998; docs/scaling.md)
+            -- million rows in 101 classes 0.954 of real photos' top five, the groups 0.998; docs/scaling.md)
             FOR n IN 0 .. 8 - 1 LOOP
                 IF to_regclass(format('public.%I', 'images_fold_hnsw_g' || n)) IS NULL THEN
                     branches := NULL;

@@ -1,10 +1,10 @@
 """Group graphs: in a library of many classes, modes all and other search eight graphs, each of some classes.
 
 At a million rows in 101 tight classes the whole-table graph stranded queries among the wrong classes: even asked
-1,000 deep it found 0.980 of generated queries' top five in mode all and 0.956 of real photos' (the fold's own
-first 1,000 hold 1.000 and 0.998 of them), and 0.820 in mode other, whose iterative scan must first cross the
-query's own class. Eight graphs, each of the classes a hash of the name puts in it (imsearch_class_group), asked
-together found 1.000, 0.998 and 1.000 (docs/scaling.md, "Schema 0020").
+1,000 deep it found 0.980 of generated queries' top five in mode all and 0.954 of real photos', and 0.824 in mode
+other, whose iterative scan must first cross the query's own class. Eight graphs, each of the classes a hash of the
+name puts in it (imsearch_class_group), asked together 1,000 deep found 1.000, 0.998 and 1.000, at about a second
+a query (docs/scaling.md, "Schema 0020").
 
 This migration adds imsearch_class_group, imsearch_index_group (the builder, which only the owner may run) and the
 planner that uses the group graphs where a library has more than imsearch.union_max_classes classes and all eight
