@@ -44,13 +44,17 @@ def class_index_name(cls: str) -> str:
     return search.index_name(cls)
 
 
+def index_names(conn: psycopg.Connection[Any], prefix: str) -> set[str]:
+    """The names of the indexes on images that begin with `prefix`."""
+    rows = conn.execute(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'images' AND starts_with(indexname, %s)", (prefix,)
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
 def indexed_classes(conn: psycopg.Connection[Any], classes: Iterable[str]) -> set[str]:
     """Which of these classes have their own partial HNSW index."""
-    rows = conn.execute(
-        "SELECT indexname FROM pg_indexes WHERE tablename = 'images' AND starts_with(indexname, %s)",
-        (CLASS_INDEX_PREFIX,),
-    ).fetchall()
-    names = {r[0] for r in rows}
+    names = index_names(conn, CLASS_INDEX_PREFIX)
     return {c for c in classes if class_index_name(c) in names}
 
 
@@ -103,9 +107,7 @@ def ensure_group_indexes(store: Store, counts: dict[str, int], *, min_rows: int 
     goes into its group's graph as its rows come; built, a graph stays."""
     if sum(counts.values()) <= min_rows or len(counts) <= max_classes:
         return []
-    have = {r[0] for r in store.conn.execute(
-        "SELECT indexname FROM pg_indexes WHERE tablename = 'images' AND starts_with(indexname, %s)",
-        (GROUP_INDEX_PREFIX,))}
+    have = index_names(store.conn, GROUP_INDEX_PREFIX)
     built = []
     for group in range(GROUPS):
         name = search.group_index_name(group)
